@@ -1,0 +1,102 @@
+//! Everything the hook takes from its environment, read in this one module:
+//! where the machines list and load directory are, `NIX_SSHOPTS`, and our own
+//! `BUILD_HOOK_*` knobs (timeouts, connection sharing, back-off).
+
+use remote_lib::health::Backoff;
+use remote_lib::hook_protocol::Settings;
+use remote_lib::local_store::LocalStore;
+use remote_lib::machines;
+use std::path::PathBuf;
+
+/// Tunables, with their defaults.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub ssh_program: String,
+    pub nix_store: String,
+    pub connect_timeout: u32,
+    pub server_alive_interval: u32,
+    pub server_alive_count_max: u32,
+    /// Seconds an idle shared connection stays open; 0 disables sharing.
+    pub control_persist: u32,
+    /// A builder that connected within this many seconds is accepted before
+    /// connecting.
+    pub healthy_window: u64,
+    pub backoff: Backoff,
+    pub sshopts: String,
+    pub current_load: Option<PathBuf>,
+    pub remote_systems: Option<String>,
+    pub conf_dir: PathBuf,
+    pub state_dir: Option<PathBuf>,
+}
+
+fn var(k: &str) -> Option<String> {
+    std::env::var(k).ok().filter(|v| !v.is_empty())
+}
+
+fn num<T: std::str::FromStr>(k: &str, default: T) -> Result<T, String> {
+    match var(k) {
+        None => Ok(default),
+        Some(v) => v.trim().parse().map_err(|_| format!("environment variable {k}='{v}' is not a whole number; unset it or give e.g. {k}=10")),
+    }
+}
+
+impl Config {
+    /// Reads the environment. A malformed knob is an error that names it.
+    pub fn from_env() -> Result<Config, String> {
+        Ok(Config {
+            ssh_program: var("BUILD_HOOK_SSH").unwrap_or_else(|| "ssh".into()),
+            nix_store: var("BUILD_HOOK_NIX_STORE").unwrap_or_else(|| "nix-store".into()),
+            connect_timeout: num("BUILD_HOOK_CONNECT_TIMEOUT", 10)?,
+            server_alive_interval: num("BUILD_HOOK_SERVER_ALIVE_INTERVAL", 15)?,
+            server_alive_count_max: num("BUILD_HOOK_SERVER_ALIVE_COUNT", 4)?,
+            control_persist: num("BUILD_HOOK_CONTROL_PERSIST", 120)?,
+            healthy_window: num("BUILD_HOOK_HEALTHY_WINDOW", 600)?,
+            backoff: Backoff { base_secs: num("BUILD_HOOK_BACKOFF_BASE", 5)?, cap_secs: num("BUILD_HOOK_BACKOFF_CAP", 300)? },
+            sshopts: var("NIX_SSHOPTS").unwrap_or_default(),
+            current_load: var("NIX_CURRENT_LOAD").map(PathBuf::from),
+            remote_systems: var("NIX_REMOTE_SYSTEMS"),
+            conf_dir: var("NIX_CONF_DIR").map(PathBuf::from).unwrap_or_else(|| "/etc/nix".into()),
+            state_dir: var("NIX_STATE_DIR").map(PathBuf::from),
+        })
+    }
+
+    /// The load directory: `NIX_CURRENT_LOAD`, else `<state dir>/current-load`.
+    pub fn load_dir(&self, store: &LocalStore) -> PathBuf {
+        if let Some(p) = &self.current_load {
+            return p.clone();
+        }
+        match (&self.state_dir, store.store_uri.is_some()) {
+            (Some(s), false) => s.join("current-load"),
+            _ => store.state_dir().join("current-load"),
+        }
+    }
+
+    /// The machines text and the name to report it under.
+    pub fn builders(&self, settings: &Settings) -> (String, String) {
+        if let Some(b) = settings.get("builders") {
+            if let Some(rs) = &self.remote_systems {
+                // Nix ≤2.23 turned NIX_REMOTE_SYSTEMS=a:b into "@a @b", one missing file.
+                let parts: Vec<String> = rs.split(':').filter(|p| !p.is_empty()).map(|p| format!("@{p}")).collect();
+                if b == parts.join(" ") || b == parts.join("\n") {
+                    return (machines::remote_systems_to_builders(rs), "NIX_REMOTE_SYSTEMS".into());
+                }
+            }
+            return (b.to_string(), "the 'builders' setting".into());
+        }
+        // Lix 2.92+ sends only overridden settings: fall back as Nix would.
+        if let Some(rs) = &self.remote_systems {
+            return (machines::remote_systems_to_builders(rs), "NIX_REMOTE_SYSTEMS".into());
+        }
+        let conf = self.conf_dir.join("nix.conf");
+        if let Ok(text) = std::fs::read_to_string(&conf) {
+            for line in text.lines() {
+                if let Some((k, v)) = line.split_once('=') {
+                    if k.trim() == "builders" {
+                        return (v.trim().to_string(), conf.display().to_string());
+                    }
+                }
+            }
+        }
+        (format!("@{}", self.conf_dir.join("machines").display()), "the default machines file".into())
+    }
+}

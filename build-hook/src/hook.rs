@@ -1,0 +1,442 @@
+//! One hook process: choose a machine for each `try`, accept (before
+//! connecting when the builder is known healthy), then run the accepted job:
+//! upload missing inputs, build, bring the outputs back. Fails over to another
+//! builder when the chosen one cannot be reached.
+
+use crate::config::Config;
+use crate::out::{self, Activity};
+use crate::signals;
+use remote_lib::copy;
+use remote_lib::health::{self, HealthStore};
+use remote_lib::hook_protocol::{Accepted, Reply, Settings, TryRequest};
+use remote_lib::local_store::{LocalServe, LocalStore};
+use remote_lib::machines::{self, Machine, Severity};
+use remote_lib::nixlog::Level;
+use remote_lib::select::{self, Candidate, LocalCapability};
+use remote_lib::serve::{ServeConn, ServeError};
+use remote_lib::slots::{LoadDir, Slot};
+use remote_lib::store_path::StorePath;
+use remote_lib::transport::{self, RemoteProcess, SshConfig, StderrTap};
+use std::collections::BTreeMap;
+use std::process::{ChildStdin, ChildStdout};
+use std::time::Duration;
+
+pub struct Hook {
+    cfg: Config,
+    settings: Settings,
+    pub machines: Vec<Machine>,
+    local: LocalStore,
+    load: LoadDir,
+    health: HealthStore,
+    ssh: SshConfig,
+    local_cap: LocalCapability,
+    /// Machines that failed to connect in this process, with why.
+    failed: BTreeMap<usize, String>,
+}
+
+/// A live session with a builder.
+pub struct Conn {
+    proc: RemoteProcess,
+    serve: ServeConn<ChildStdout, ChildStdin>,
+}
+
+impl Conn {
+    /// Ends the session (closing the builder's stdin first so it exits) and
+    /// returns the stderr tail.
+    fn finish(self) -> String {
+        drop(self.serve);
+        self.proc.finish().1
+    }
+    /// Kills the session.
+    fn kill(self) -> String {
+        drop(self.serve);
+        self.proc.kill()
+    }
+}
+
+/// A machine chosen for a request, with its slot held.
+pub struct Accept {
+    index: usize,
+    slot: Slot,
+    conn: Option<Conn>,
+}
+
+enum Choice {
+    Reply(Reply),
+    Chosen(usize, Slot),
+}
+
+impl Hook {
+    pub fn new(cfg: Config, settings: Settings) -> Hook {
+        let local = LocalStore::from_setting(settings.store(), &cfg.nix_store);
+        let load = LoadDir::new(cfg.load_dir(&local));
+        let health = HealthStore::new(load.private_dir("health"));
+        let control_dir = (cfg.control_persist > 0).then(|| {
+            let d = load.private_dir("ssh");
+            // A unix socket path is at most 107 bytes; %C expands to 40.
+            if d.as_os_str().len() + 42 > 107 {
+                std::env::temp_dir().join(format!("build-hook-ssh-{}", unsafe { libc::geteuid() }))
+            } else {
+                d
+            }
+        });
+        if let Some(d) = &control_dir {
+            let _ = std::fs::create_dir_all(d);
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700));
+        }
+        let ssh = SshConfig {
+            program: cfg.ssh_program.clone(),
+            connect_timeout: cfg.connect_timeout,
+            server_alive_interval: cfg.server_alive_interval,
+            server_alive_count_max: cfg.server_alive_count_max,
+            control_dir,
+            control_persist: cfg.control_persist,
+            known_hosts_dir: load.private_dir("known-hosts"),
+            extra_opts: transport::split_sshopts(&cfg.sshopts),
+        };
+        let (text, source) = cfg.builders(&settings);
+        let system = settings.system();
+        let parsed = machines::parse(&text, &source, &system, &mut |p: &str| match std::fs::read_to_string(p) {
+            Ok(t) => Ok(Some(t)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        });
+        for d in &parsed.diagnostics {
+            let level = if d.severity == Severity::Error { Level::Error } else { Level::Warn };
+            out::msg(level, &format!("build-hook: {d}"));
+        }
+        let local_cap = LocalCapability {
+            system,
+            extra_platforms: settings.extra_platforms(),
+            system_features: settings.system_features(),
+            max_jobs: settings.max_jobs(),
+        };
+        Hook { cfg, settings, machines: parsed.machines, local, load, health, ssh, local_cap, failed: BTreeMap::new() }
+    }
+
+    /// Answers one `try`. Returns the accepted machine after `# accept` was sent.
+    pub fn handle_try(&mut self, req: &TryRequest) -> anyhow::Result<Option<Accept>> {
+        if req.required_features.iter().any(|f| f == "ca-derivations") {
+            let level = if self.local_cap.could_build(req) { Level::Chatty } else { Level::Warn };
+            out::msg(level, &format!("build-hook: declining '{}': floating content-addressed derivations are not supported by build-hook yet; Nix builds them locally", req.drv_path));
+            out::reply(&Reply::Decline);
+            return Ok(None);
+        }
+        loop {
+            let (index, slot) = match self.choose(req, req.am_willing)? {
+                Choice::Reply(r) => {
+                    out::reply(&r);
+                    return Ok(None);
+                }
+                Choice::Chosen(i, s) => (i, s),
+            };
+            let m = &self.machines[index];
+            if self.health.get(&m.uri).recently_good(health::now(), self.cfg.healthy_window) {
+                out::reply(&Reply::Accept { machine: m.uri.clone() });
+                return Ok(Some(Accept { index, slot, conn: None }));
+            }
+            let act = Activity::start(Level::Talkative, &format!("connecting to '{}'", m.uri));
+            let res = self.connect(index);
+            drop(act);
+            match res {
+                Ok(conn) => {
+                    out::reply(&Reply::Accept { machine: self.machines[index].uri.clone() });
+                    return Ok(Some(Accept { index, slot, conn: Some(conn) }));
+                }
+                Err(why) => {
+                    out::msg(Level::Error, &format!("build-hook: cannot build on '{}': {why}", self.machines[index].uri));
+                    drop(slot);
+                }
+            }
+        }
+    }
+
+    fn choose(&mut self, req: &TryRequest, am_willing: bool) -> anyhow::Result<Choice> {
+        let _main = self.load.main_lock()?;
+        let now = health::now();
+        let mut right_type = false;
+        let mut cands = Vec::new();
+        let mut slots = BTreeMap::new();
+        let mut reasons = Vec::new();
+        for (i, m) in self.machines.iter().enumerate() {
+            if let Some(why) = self.failed.get(&i) {
+                reasons.push(format!("{}: failed earlier in this build: {why}", m.uri));
+                continue;
+            }
+            if let Err(why) = select::eligible(m, req) {
+                reasons.push(format!("{}: {why}", m.uri));
+                continue;
+            }
+            let h = self.health.get(&m.uri);
+            if h.backing_off(now) {
+                reasons.push(format!(
+                    "{}: skipped for {} more s after {} failed connection(s): {}",
+                    m.uri,
+                    h.retry_after - now,
+                    h.failures,
+                    h.reason
+                ));
+                continue;
+            }
+            right_type = true;
+            let (slot, busy) = self.load.probe(&m.uri, m.max_jobs)?;
+            match slot {
+                Some(s) => {
+                    cands.push(Candidate { index: i, load: busy, speed: m.speed_factor });
+                    slots.insert(i, s);
+                }
+                None => reasons.push(format!("{}: all {} slot(s) busy", m.uri, m.max_jobs)),
+            }
+        }
+        if let Some(best) = select::best(&cands) {
+            let slot = slots.remove(&best.index).expect("probed");
+            slot.lock.touch();
+            return Ok(Choice::Chosen(best.index, slot));
+        }
+        let could_local = self.local_cap.could_build(req);
+        let reply = select::when_all_full(right_type, am_willing && could_local);
+        if reply == Reply::Decline {
+            let level = if could_local { Level::Chatty } else { Level::Warn };
+            out::msg(
+                level,
+                &format!(
+                    "build-hook: no remote machine can build '{}' (system {}, features [{}]):\n  {}",
+                    req.drv_path,
+                    req.needed_system,
+                    req.required_features.join(","),
+                    reasons.join("\n  ")
+                ),
+            );
+        } else {
+            out::msg(Level::Talkative, &format!("build-hook: all machines for '{}' are busy; waiting:\n  {}", req.drv_path, reasons.join("\n  ")));
+        }
+        Ok(Choice::Reply(reply))
+    }
+
+    /// Opens a serve session to machine `index`, recording the outcome in the
+    /// shared health state.
+    fn connect(&mut self, index: usize) -> Result<Conn, String> {
+        let m = self.machines[index].clone();
+        let res = self.try_connect(&m);
+        match &res {
+            Ok(_) => {
+                self.health.update(&m.uri, |h| h.succeeded(health::now()));
+            }
+            Err(why) => {
+                let (policy, j) = (self.cfg.backoff, health::jitter());
+                self.health.update(&m.uri, |h| h.failed(health::now(), why, policy, j));
+                self.failed.insert(index, why.clone());
+            }
+        }
+        res
+    }
+
+    fn try_connect(&self, m: &Machine) -> Result<Conn, String> {
+        let cmd = transport::ssh_command(m, &self.ssh, &transport::serve_words(m)).map_err(|e| format!("{e:#}"))?;
+        let mut proc = RemoteProcess::spawn(cmd, StderrTap::default()).map_err(|e| error_chain(&e))?;
+        signals::track_child(proc.child.id());
+        let (r, w) = (proc.stdout.take().expect("piped"), proc.stdin.take().expect("piped"));
+        // Watchdog: a handshake that hangs past the connect timeout is killed.
+        let pid = proc.child.id();
+        let limit = Duration::from_secs(self.cfg.connect_timeout as u64 * 2 + 5);
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let dog = std::thread::spawn(move || {
+            if rx.recv_timeout(limit).is_err() {
+                // SAFETY: signalling our own child.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            }
+        });
+        let hs = ServeConn::handshake(r, w);
+        let _ = tx.send(());
+        let _ = dog.join();
+        match hs {
+            Ok(serve) => Ok(Conn { proc, serve }),
+            Err(e) => {
+                let tail = proc.kill();
+                Err(match transport::explain_ssh_failure(m, &tail) {
+                    Some(advice) => format!("{advice}\n  ssh said: {}", last_line(&tail)),
+                    None if tail.is_empty() => format!("{e} (no message from ssh within {} s)", limit.as_secs()),
+                    None => format!("{e}: {tail}"),
+                })
+            }
+        }
+    }
+
+    /// Runs the accepted job; returns the exit status for Nix.
+    pub fn run_job(&mut self, req: &TryRequest, mut acc: Accept, sets: Accepted) -> i32 {
+        let log = signals::build_log();
+        // Make sure we have a connection, failing over if needed.
+        let mut tried: Vec<String> = Vec::new();
+        let mut conn = loop {
+            if let Some(c) = acc.conn.take() {
+                break c;
+            }
+            let uri = self.machines[acc.index].uri.clone();
+            match self.connect(acc.index) {
+                Ok(c) => break c,
+                Err(why) => {
+                    tried.push(format!("{uri}: {why}"));
+                    match self.failover(req) {
+                        Ok(Some((i, s))) => {
+                            out::msg(Level::Warn, &format!("build-hook: cannot reach '{uri}' ({}); building on '{}' instead", first_line(&why), self.machines[i].uri));
+                            acc = Accept { index: i, slot: s, conn: None };
+                        }
+                        Ok(None) => {
+                            out::msg(Level::Error, &format!("build-hook: cannot build '{}': no builder could be reached:\n  {}", req.drv_path, tried.join("\n  ")));
+                            return 1;
+                        }
+                        Err(e) => {
+                            out::msg(Level::Error, &format!("build-hook: {e:#}"));
+                            return 1;
+                        }
+                    }
+                }
+            }
+        };
+        let m = self.machines[acc.index].clone();
+        conn.proc.tap.forward_to(log);
+        let res = self.build_on(&m, req, &sets, &mut conn);
+        let tail = conn.proc.tap.tail();
+        match res {
+            Ok(()) => {
+                let _ = conn.finish();
+                drop(acc.slot);
+                0
+            }
+            Err(JobError::BuildFailed { status, msg }) => {
+                out::msg(Level::Error, &format!("build of '{}' on '{}' failed: {msg}", req.drv_path, m.uri));
+                let _ = conn.finish();
+                match status {
+                    3 => 100,
+                    8 => 101,
+                    _ => 1,
+                }
+            }
+            Err(JobError::Other(e)) => {
+                let lost = e.chain().any(|c| matches!(c.downcast_ref::<ServeError>(), Some(ServeError::Closed { .. })));
+                if lost {
+                    let (policy, j) = (self.cfg.backoff, health::jitter());
+                    self.health.update(&m.uri, |h| h.failed(health::now(), "connection lost during a build", policy, j));
+                }
+                let said = if tail.is_empty() { String::new() } else { format!("\n  the builder said: {}", tail.replace('\n', "\n    ")) };
+                out::msg(Level::Error, &format!("build-hook: building '{}' on '{}' failed: {}{said}", req.drv_path, m.uri, error_chain(&*e)));
+                drop(conn.kill());
+                1
+            }
+        }
+    }
+
+    /// After accept, finds another machine when the chosen one is unreachable;
+    /// waits while the remaining candidates are busy.
+    fn failover(&mut self, req: &TryRequest) -> anyhow::Result<Option<(usize, Slot)>> {
+        loop {
+            match self.choose(req, false)? {
+                Choice::Chosen(i, s) => return Ok(Some((i, s))),
+                Choice::Reply(Reply::Postpone) => std::thread::sleep(Duration::from_millis(500)),
+                Choice::Reply(_) => return Ok(None),
+            }
+        }
+    }
+
+    fn build_on(&mut self, m: &Machine, req: &TryRequest, sets: &Accepted, conn: &mut Conn) -> Result<(), JobError> {
+        let drv_path = StorePath::parse(&self.local.store_dir, &req.drv_path).map_err(anyhow::Error::from)?;
+        let inputs: Vec<String> = sets
+            .inputs
+            .iter()
+            .map(|p| StorePath::parse(&self.local.store_dir, p).map(|p| p.to_string()))
+            .collect::<Result<_, _>>()
+            .map_err(anyhow::Error::from)?;
+        let drv = self.local.read_drv(&drv_path).map_err(anyhow::Error::from)?;
+        let mut wanted = Vec::new();
+        for w in &sets.wanted_outputs {
+            let path = if w.starts_with('/') {
+                w.clone()
+            } else {
+                match drv.outputs.iter().find(|o| &o.name == w) {
+                    Some(o) if o.path_known() => o.path.clone(),
+                    Some(_) => return Err(anyhow::anyhow!("output '{w}' of '{drv_path}' has no known path (content-addressed); build-hook cannot fetch it").into()),
+                    None => return Err(anyhow::anyhow!("Nix asked for output '{w}', which '{drv_path}' does not have").into()),
+                }
+            };
+            wanted.push(StorePath::parse(&self.local.store_dir, &path).map_err(anyhow::Error::from)?);
+        }
+
+        // 1. Inputs the builder lacks: ask once, then upload under the lock.
+        let subst = self.settings.builders_use_substitutes();
+        let missing = conn.serve.query_valid_paths(&inputs, true, subst).map_err(anyhow::Error::from)?;
+        let missing: Vec<String> = inputs.iter().filter(|p| !missing.contains(p)).cloned().collect();
+        let mut local_serve: Option<LocalServe> = None;
+        if !missing.is_empty() {
+            let wait = Activity::start(Level::Talkative, &format!("waiting for the upload lock to '{}'", m.uri));
+            let _upload = self.load.upload_lock(&m.uri).map_err(anyhow::Error::from)?;
+            drop(wait);
+            // Another hook may have uploaded some of them while we waited.
+            let valid = conn.serve.query_valid_paths(&missing, true, false).map_err(anyhow::Error::from)?;
+            let missing: Vec<String> = missing.into_iter().filter(|p| !valid.contains(p)).collect();
+            if !missing.is_empty() {
+                let _act = Activity::start(Level::Info, &format!("copying {} paths to '{}'", missing.len(), m.uri));
+                let ls = self.local.serve().map_err(anyhow::Error::from)?;
+                let ls = local_serve.insert(ls);
+                copy::upload(&mut ls.1, &mut conn.serve, &missing).map_err(anyhow::Error::from)?;
+            }
+        }
+
+        // 2. Build.
+        let opts = self.settings.build_options();
+        let res = conn.serve.build_derivation(drv_path.as_str(), &drv, &inputs, &opts).map_err(anyhow::Error::from)?;
+        if !res.success() {
+            let msg = if res.error_msg.is_empty() { res.status_name().to_string() } else { res.error_msg.clone() };
+            return Err(JobError::BuildFailed { status: res.status, msg });
+        }
+
+        // 3. Outputs missing locally.
+        let ls = match local_serve.as_mut() {
+            Some(ls) => ls,
+            None => local_serve.insert(self.local.serve().map_err(anyhow::Error::from)?),
+        };
+        let want: Vec<String> = wanted.iter().map(|p| p.to_string()).collect();
+        let valid = ls.1.query_valid_paths(&want, false, false).map_err(anyhow::Error::from)?;
+        let fetch: Vec<StorePath> = wanted.into_iter().filter(|p| !valid.iter().any(|v| v == p.as_str())).collect();
+        if !fetch.is_empty() {
+            let _act = Activity::start(Level::Info, &format!("copying outputs from '{}'", m.uri));
+            copy::download(&mut conn.serve, &self.local, &fetch, &mut |p| signals::track_temp(p)).map_err(anyhow::Error::from)?;
+        }
+        if let Some((p, c)) = local_serve {
+            drop(c);
+            let _ = p.finish();
+        }
+        Ok(())
+    }
+}
+
+enum JobError {
+    BuildFailed { status: u64, msg: String },
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for JobError {
+    fn from(e: anyhow::Error) -> Self {
+        JobError::Other(e)
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
+}
+
+fn last_line(s: &str) -> &str {
+    s.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or(s)
+}
+

@@ -1,0 +1,235 @@
+//! Shared builder health in the load directory: one small text file per
+//! machine, replaced atomically (write + rename), read by every hook process.
+//! A builder that failed is skipped for a back-off that grows with
+//! consecutive failures (exponential, with jitter, capped) and is reset by a
+//! success. A missing or corrupt record means "unknown", never an error.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// What we remember about a machine.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Health {
+    /// Unix time of the last successful connection (0: never).
+    pub last_success: u64,
+    /// Consecutive failures since then.
+    pub failures: u32,
+    /// Unix time before which the machine is skipped.
+    pub retry_after: u64,
+    /// Why it last failed.
+    pub reason: String,
+    /// Whether the builder has `zstd` (None: not probed yet).
+    pub zstd: Option<bool>,
+}
+
+/// Back-off policy.
+#[derive(Clone, Copy, Debug)]
+pub struct Backoff {
+    pub base_secs: u64,
+    pub cap_secs: u64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { base_secs: 5, cap_secs: 300 }
+    }
+}
+
+impl Backoff {
+    /// Back-off after `failures` consecutive failures, before jitter.
+    pub fn delay(&self, failures: u32) -> u64 {
+        let exp = failures.saturating_sub(1).min(20);
+        self.base_secs.saturating_mul(1u64 << exp).min(self.cap_secs)
+    }
+}
+
+/// Current Unix time in seconds.
+pub fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl Health {
+    /// Parses a record; anything unreadable gives the default ("unknown").
+    pub fn parse(text: &str) -> Health {
+        let mut h = Health::default();
+        let mut lines = text.lines();
+        if lines.next() != Some("build-hook-health v1") {
+            return Health::default();
+        }
+        for line in lines {
+            let Some((k, v)) = line.split_once('=') else { return Health::default() };
+            let ok = match k {
+                "last_success" => v.parse().map(|x| h.last_success = x).is_ok(),
+                "failures" => v.parse().map(|x| h.failures = x).is_ok(),
+                "retry_after" => v.parse().map(|x| h.retry_after = x).is_ok(),
+                "reason" => {
+                    h.reason = v.to_string();
+                    true
+                }
+                "zstd" => {
+                    h.zstd = match v {
+                        "yes" => Some(true),
+                        "no" => Some(false),
+                        _ => None,
+                    };
+                    true
+                }
+                _ => true,
+            };
+            if !ok {
+                return Health::default();
+            }
+        }
+        h
+    }
+
+    pub fn render(&self) -> String {
+        let z = match self.zstd {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "unknown",
+        };
+        format!(
+            "build-hook-health v1\nlast_success={}\nfailures={}\nretry_after={}\nreason={}\nzstd={z}\n",
+            self.last_success,
+            self.failures,
+            self.retry_after,
+            self.reason.replace('\n', " ")
+        )
+    }
+
+    /// True while the machine is backing off.
+    pub fn backing_off(&self, now: u64) -> bool {
+        self.failures > 0 && now < self.retry_after
+    }
+
+    /// True if a connection succeeded within `window` seconds and nothing
+    /// failed since: such a machine may be accepted before connecting.
+    pub fn recently_good(&self, now: u64, window: u64) -> bool {
+        self.failures == 0 && self.last_success > 0 && now.saturating_sub(self.last_success) <= window
+    }
+
+    /// Records a success.
+    pub fn succeeded(&mut self, now: u64) {
+        self.last_success = now;
+        self.failures = 0;
+        self.retry_after = 0;
+        self.reason.clear();
+    }
+
+    /// Records a failure; `jitter` in [0,1) spreads retries of many hooks.
+    pub fn failed(&mut self, now: u64, reason: &str, policy: Backoff, jitter: f64) {
+        self.failures = self.failures.saturating_add(1);
+        let d = policy.delay(self.failures) as f64;
+        self.retry_after = now + (d * (0.8 + 0.4 * jitter.clamp(0.0, 1.0))).round() as u64;
+        self.reason = reason.to_string();
+    }
+}
+
+/// The per-machine records in `<load dir>/build-hook/health/`.
+#[derive(Clone, Debug)]
+pub struct HealthStore {
+    dir: PathBuf,
+}
+
+impl HealthStore {
+    pub fn new(dir: PathBuf) -> Self {
+        HealthStore { dir }
+    }
+
+    fn file(&self, uri: &str) -> PathBuf {
+        self.dir.join(crate::slots::escape_uri(uri))
+    }
+
+    /// Reads a machine's record ("unknown" if missing or corrupt).
+    pub fn get(&self, uri: &str) -> Health {
+        fs::read_to_string(self.file(uri)).map(|t| Health::parse(&t)).unwrap_or_default()
+    }
+
+    /// Read-modify-write of a machine's record. Writes are atomic; a failed
+    /// write is ignored (health is advice, never a reason to fail a build).
+    pub fn update(&self, uri: &str, f: impl FnOnce(&mut Health)) -> Health {
+        let mut h = self.get(uri);
+        f(&mut h);
+        let _ = write_atomic(&self.file(uri), h.render().as_bytes());
+        h
+    }
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp{}-{:?}", std::process::id(), std::thread::current().id()).replace(['(', ')'], ""));
+    let mut f = fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    drop(f);
+    fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = fs::remove_file(&tmp);
+    })
+}
+
+/// A cheap jitter source in [0,1) (no RNG dependency needed for spreading retries).
+pub fn jitter() -> f64 {
+    let n = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0) ^ std::process::id().wrapping_mul(2654435761);
+    (n % 1_000_000) as f64 / 1_000_000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_corruption_is_unknown() {
+        let mut h = Health::default();
+        h.failed(100, "connection refused\nby b1", Backoff::default(), 0.5);
+        h.zstd = Some(true);
+        let back = Health::parse(&h.render());
+        assert_eq!(back.failures, 1);
+        assert_eq!(back.reason, "connection refused by b1");
+        assert_eq!(back.zstd, Some(true));
+        for junk in ["", "garbage", "build-hook-health v1\nfailures=x", "build-hook-health v2\nfailures=1"] {
+            assert_eq!(Health::parse(junk), Health::default(), "{junk:?}");
+        }
+    }
+
+    #[test]
+    fn backoff_grows_is_capped_and_resets() {
+        let p = Backoff { base_secs: 5, cap_secs: 60 };
+        assert_eq!([1, 2, 3, 4, 5, 10].map(|f| p.delay(f)), [5, 10, 20, 40, 60, 60]);
+        let mut h = Health::default();
+        h.failed(1000, "x", p, 0.0);
+        assert_eq!(h.retry_after, 1004);
+        assert!(h.backing_off(1003) && !h.backing_off(1004));
+        h.failed(1000, "x", p, 0.999);
+        assert!(h.retry_after <= 1012 && h.retry_after >= 1011);
+        h.succeeded(2000);
+        assert!(!h.backing_off(2000) && h.recently_good(2010, 60) && !h.recently_good(2100, 60));
+    }
+
+    #[test]
+    fn racing_writers_never_leave_a_corrupt_record() {
+        let dir = std::env::temp_dir().join(format!("health-race-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let store = HealthStore::new(dir.clone());
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let s = store.clone();
+                std::thread::spawn(move || {
+                    for n in 0..200 {
+                        s.update("ssh://b1", |h| if (i + n) % 2 == 0 { h.succeeded(n) } else { h.failed(n, "down", Backoff::default(), 0.1) });
+                        let text = fs::read_to_string(dir_file(&s)).unwrap();
+                        assert!(text.starts_with("build-hook-health v1\n") && text.ends_with("zstd=unknown\n"), "{text:?}");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "temporary files left behind");
+        fn dir_file(s: &HealthStore) -> PathBuf {
+            s.file("ssh://b1")
+        }
+    }
+}

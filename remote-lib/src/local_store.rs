@@ -1,0 +1,161 @@
+//! The local store as the hook sees it: where it lives on disk (including a
+//! `local?root=` chroot store), reading `.drv` files, a local
+//! `nix-store --serve` for path metadata and NARs, and registering downloaded
+//! outputs.
+//!
+//! Outputs are registered with `nix-store --register-validity --hash-given`,
+//! which takes no path lock: the parent Nix holds the output locks while the
+//! hook runs (§2.7), so `nix-store --import` would deadlock on Nix 2.29+ (no
+//! `NIX_HELD_LOCKS`). The same method works on every Nix 2.x. We verify every
+//! NAR hash and size ourselves before anything is registered.
+
+use crate::derivation::{Derivation, DerivationError};
+use crate::serve::{PathInfo, ServeConn, ServeError};
+use crate::store_path::StorePath;
+use crate::transport::{RemoteProcess, StderrTap, TransportError};
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::process::{ChildStdin, ChildStdout, Command, Stdio};
+
+/// A problem with the local store.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalStoreError {
+    #[error("cannot read derivation '{path}'")]
+    ReadDrv {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Drv(#[from] DerivationError),
+    #[error("cannot start the local 'nix-store --serve'")]
+    Spawn(#[source] TransportError),
+    #[error("the local 'nix-store --serve' failed: {stderr}")]
+    Serve {
+        stderr: String,
+        #[source]
+        source: ServeError,
+    },
+    #[error("'nix-store --register-validity' failed for {paths}: {stderr}")]
+    Register { paths: String, stderr: String },
+    #[error("cannot run 'nix-store --register-validity'")]
+    RegisterIo(#[source] io::Error),
+}
+
+/// The local store.
+#[derive(Clone, Debug)]
+pub struct LocalStore {
+    /// The logical store directory (`/nix/store`).
+    pub store_dir: String,
+    /// Where `/` of the store lives (`/` or the chroot root).
+    pub root: PathBuf,
+    /// The `store` setting to pass as `--store`, if not the default.
+    pub store_uri: Option<String>,
+    /// The `nix-store` program.
+    pub nix_store: String,
+}
+
+/// A local `nix-store --serve` session.
+pub type LocalServe = (RemoteProcess, ServeConn<ChildStdout, ChildStdin>);
+
+impl LocalStore {
+    /// From the `store` setting: `local?root=R` (or `R` itself when it is a
+    /// path) puts the store under R; anything else is the default store.
+    pub fn from_setting(store: Option<&str>, nix_store: &str) -> Self {
+        let mut root = PathBuf::from("/");
+        if let Some(s) = store {
+            let query = s.split_once('?').map(|x| x.1).unwrap_or("");
+            for kv in query.split('&') {
+                if let Some(r) = kv.strip_prefix("root=") {
+                    root = PathBuf::from(r);
+                }
+            }
+            if s.starts_with('/') {
+                root = PathBuf::from(s.split('?').next().unwrap_or(s));
+            }
+        }
+        LocalStore { store_dir: "/nix/store".into(), root, store_uri: store.map(str::to_string), nix_store: nix_store.into() }
+    }
+
+    /// Where a store path is on disk.
+    pub fn real_path(&self, p: &StorePath) -> PathBuf {
+        self.root.join(p.as_str().trim_start_matches('/'))
+    }
+
+    /// The state directory (`/nix/var/nix`, or under the chroot root).
+    pub fn state_dir(&self) -> PathBuf {
+        self.root.join("nix/var/nix")
+    }
+
+    fn command(&self) -> Command {
+        let mut c = Command::new(&self.nix_store);
+        if let Some(s) = &self.store_uri {
+            c.arg("--store").arg(s);
+        }
+        c
+    }
+
+    /// Reads and parses a `.drv`.
+    pub fn read_drv(&self, drv: &StorePath) -> Result<Derivation, LocalStoreError> {
+        let text = std::fs::read(self.real_path(drv)).map_err(|source| LocalStoreError::ReadDrv { path: drv.to_string(), source })?;
+        Ok(Derivation::parse(drv.as_str(), &text)?)
+    }
+
+    /// Starts a read-only local `nix-store --serve`.
+    pub fn serve(&self) -> Result<LocalServe, LocalStoreError> {
+        let mut c = self.command();
+        c.arg("--serve");
+        let mut p = RemoteProcess::spawn(c, StderrTap::default()).map_err(LocalStoreError::Spawn)?;
+        let (r, w) = (p.stdout.take().expect("piped"), p.stdin.take().expect("piped"));
+        match ServeConn::handshake(r, w) {
+            Ok(conn) => Ok((p, conn)),
+            Err(source) => Err(LocalStoreError::Serve { stderr: p.kill(), source }),
+        }
+    }
+
+    /// Registers paths whose contents are already in place, in one
+    /// transaction. `infos` must be closed under references together with
+    /// what is already valid.
+    pub fn register_valid(&self, infos: &[PathInfo]) -> Result<(), LocalStoreError> {
+        let mut input = String::new();
+        for i in infos {
+            input.push_str(&format!("{}\n{}\n{}\n{}\n{}\n", i.path, i.nar_hash, i.nar_size, i.deriver, i.references.len()));
+            for r in &i.references {
+                input.push_str(r);
+                input.push('\n');
+            }
+        }
+        let mut c = self.command();
+        c.args(["--register-validity", "--hash-given"]).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = c.spawn().map_err(LocalStoreError::RegisterIo)?;
+        let mut stdin = child.stdin.take().expect("piped");
+        let w = stdin.write_all(input.as_bytes());
+        drop(stdin);
+        let out = child.wait_with_output().map_err(LocalStoreError::RegisterIo)?;
+        w.map_err(LocalStoreError::RegisterIo)?;
+        if !out.status.success() {
+            return Err(LocalStoreError::Register {
+                paths: infos.iter().map(|i| i.path.as_str()).collect::<Vec<_>>().join(", "),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chroot_store_settings() {
+        let s = LocalStore::from_setting(Some("local?root=/tmp/st"), "nix-store");
+        assert_eq!(s.root, PathBuf::from("/tmp/st"));
+        assert_eq!(s.state_dir(), PathBuf::from("/tmp/st/nix/var/nix"));
+        let p = StorePath::parse("/nix/store", "/nix/store/42ka40fgb8k4q9lhi1l10fy6ak13bvs0-top").unwrap();
+        assert_eq!(s.real_path(&p), PathBuf::from("/tmp/st/nix/store/42ka40fgb8k4q9lhi1l10fy6ak13bvs0-top"));
+        let d = LocalStore::from_setting(None, "nix-store");
+        assert_eq!(d.state_dir(), PathBuf::from("/nix/var/nix"));
+        assert_eq!(LocalStore::from_setting(Some("/tmp/x"), "nix-store").root, PathBuf::from("/tmp/x"));
+    }
+}

@@ -1,0 +1,502 @@
+//! The machines list (§3): the `builders` setting, `@file` includes, the Nix
+//! 2.x eight-column format (with the base64 host key) and the Nix 1.x
+//! `remote-systems.conf` forms it grew from.
+//!
+//! Parsing is pure: files are read through a caller-supplied loader. A bad
+//! entry becomes a [`Diagnostic`] naming `file:line:column`, the column's name
+//! and a hint, and is skipped; the other machines stay usable. Entries are
+//! split the way Nix 2.29+ does it (per line; `#` comments end at the
+//! newline; `;` separates entries; blank and indented lines are fine), which
+//! accepts everything older Nix accepted apart from its crash on blank lines.
+
+use base64::Engine;
+use std::fmt;
+
+/// One usable builder.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Machine {
+    /// The store URI as Nix would print it (`ssh://` added when missing).
+    pub uri: String,
+    pub ssh: SshTarget,
+    pub systems: Vec<String>,
+    pub ssh_key: Option<String>,
+    pub max_jobs: u64,
+    pub speed_factor: f64,
+    pub supported_features: Vec<String>,
+    pub mandatory_features: Vec<String>,
+    /// Decoded public host key: one `known_hosts` key, `<type> <base64>`.
+    pub host_key: Option<String>,
+    /// Where the entry was written.
+    pub origin: Location,
+}
+
+/// How to reach an `ssh://` machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SshTarget {
+    /// `[user@]host`, as given to `ssh`.
+    pub host: String,
+    pub port: Option<u16>,
+    /// `remote-program` (default `nix-store`).
+    pub remote_program: String,
+    /// `remote-store`, passed as `--store` on the builder.
+    pub remote_store: Option<String>,
+}
+
+/// A place in a machines list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Location {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.file, self.line, self.column)
+    }
+}
+
+/// How serious a diagnostic is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Severity {
+    /// The entry was skipped.
+    Error,
+    /// The entry is used, perhaps not as written.
+    Warning,
+}
+
+/// A problem found in a machines list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub severity: Severity,
+    pub at: Location,
+    /// The column's name, e.g. "max jobs (column 4)".
+    pub field: &'static str,
+    pub message: String,
+    pub hint: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sev = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        write!(f, "{}: {sev}: {}: {}\n  hint: {}", self.at, self.field, self.message, self.hint)
+    }
+}
+
+/// The result of parsing: the machines that are usable and what was wrong.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Parsed {
+    pub machines: Vec<Machine>,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// Reads an `@file`: `Ok(None)` when it does not exist (Nix ignores those).
+pub type Loader<'a> = dyn FnMut(&str) -> std::io::Result<Option<String>> + 'a;
+
+const FIELDS: [&str; 8] = [
+    "store URI (column 1)",
+    "system types (column 2)",
+    "ssh identity file (column 3)",
+    "max jobs (column 4)",
+    "speed factor (column 5)",
+    "supported features (column 6)",
+    "mandatory features (column 7)",
+    "public host key (column 8)",
+];
+
+const MAX_INCLUDE_DEPTH: usize = 16;
+
+/// Parses the `builders` setting (or a machines file's text) named `source`.
+pub fn parse(text: &str, source: &str, local_system: &str, loader: &mut Loader) -> Parsed {
+    let mut out = Parsed::default();
+    parse_into(text, source, local_system, loader, &mut out, 0);
+    out
+}
+
+fn parse_into(text: &str, source: &str, local_system: &str, loader: &mut Loader, out: &mut Parsed, depth: usize) {
+    for (lineno, line) in text.split('\n').enumerate() {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        let content = match line.find('#') {
+            Some(i) => &line[..i],
+            None => line,
+        };
+        let mut offset = 0;
+        for entry in content.split(';') {
+            let start = offset;
+            offset += entry.len() + 1;
+            let trimmed = entry.trim_start();
+            let col = start + (entry.len() - trimmed.len()) + 1;
+            let trimmed = trimmed.trim_end();
+            if trimmed.is_empty() {
+                continue;
+            }
+            let at = Location { file: source.to_string(), line: lineno + 1, column: col };
+            if let Some(path) = trimmed.strip_prefix('@') {
+                include(path.trim(), at, local_system, loader, out, depth);
+            } else if let Some(m) = parse_entry(trimmed, &at, local_system, &mut out.diagnostics) {
+                out.machines.push(m);
+            }
+        }
+    }
+}
+
+fn include(path: &str, at: Location, local_system: &str, loader: &mut Loader, out: &mut Parsed, depth: usize) {
+    let diag = |message: String, hint: String| Diagnostic {
+        severity: Severity::Error,
+        at: at.clone(),
+        field: "@file include",
+        message,
+        hint,
+    };
+    if !path.starts_with('/') {
+        out.diagnostics.push(diag(
+            format!("machines file path '{path}' is relative; Nix runs the hook in '/', so it would be read as '/{path}'"),
+            "write the absolute path, e.g. '@/etc/nix/machines'".into(),
+        ));
+        return;
+    }
+    if depth >= MAX_INCLUDE_DEPTH {
+        out.diagnostics.push(diag(
+            format!("'@{path}' is nested more than {MAX_INCLUDE_DEPTH} includes deep"),
+            "check for a machines file that includes itself".into(),
+        ));
+        return;
+    }
+    match loader(path) {
+        Ok(Some(text)) => parse_into(&text, path, local_system, loader, out, depth + 1),
+        Ok(None) => out.diagnostics.push(Diagnostic {
+            severity: Severity::Warning,
+            ..diag(
+                format!("machines file '{path}' does not exist; it adds no machines"),
+                "create it, or remove the reference (Nix ignores a missing file silently)".into(),
+            )
+        }),
+        Err(e) => out.diagnostics.push(diag(
+            format!("cannot read machines file '{path}': {e}"),
+            "check the file's permissions: the hook runs as the user that runs the build (root under nix-daemon)".into(),
+        )),
+    }
+}
+
+/// Splits a line into fields separated by runs of blanks, with the 1-based
+/// column of each.
+fn fields(line: &str) -> Vec<(usize, &str)> {
+    let mut v = Vec::new();
+    let mut start = None;
+    for (i, c) in line.char_indices() {
+        let blank = c == ' ' || c == '\t' || c == '\r';
+        match (blank, start) {
+            (false, None) => start = Some(i),
+            (true, Some(s)) => {
+                v.push((s, &line[s..i]));
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(s) = start {
+        v.push((s, &line[s..]));
+    }
+    v
+}
+
+fn is_set(f: Option<&(usize, &str)>) -> Option<(usize, String)> {
+    f.filter(|(_, s)| !s.is_empty() && *s != "-").map(|(c, s)| (*c, s.to_string()))
+}
+
+fn comma_list(s: &str) -> Vec<String> {
+    s.split(',').filter(|x| !x.is_empty()).map(str::to_string).collect()
+}
+
+fn parse_entry(entry: &str, at: &Location, local_system: &str, diags: &mut Vec<Diagnostic>) -> Option<Machine> {
+    let fs = fields(entry);
+    let loc = |i: usize| Location { column: at.column + fs.get(i).map(|f| f.0).unwrap_or(0), ..at.clone() };
+    let mut err = |i: usize, message: String, hint: &str| {
+        diags.push(Diagnostic { severity: Severity::Error, at: loc(i), field: FIELDS[i], message, hint: hint.to_string() });
+        None::<Machine>
+    };
+    let Some((_, raw_uri)) = is_set(fs.first()) else {
+        return err(0, "the store URI is missing or '-'".into(), "start the entry with the builder, e.g. 'ssh://user@host'");
+    };
+    let uri = normalise_uri(&raw_uri);
+    let ssh = match parse_ssh_uri(&uri) {
+        Ok(t) => t,
+        Err(UriProblem::Scheme(scheme)) => {
+            diags.push(Diagnostic {
+                severity: Severity::Error,
+                at: loc(0),
+                field: FIELDS[0],
+                message: format!("'{uri}' uses '{scheme}', which build-hook does not speak; this machine is skipped"),
+                hint: "use an ssh:// URI for this builder (every Nix has 'nix-store --serve'), or Nix's built-in hook for this store type".into(),
+            });
+            return None;
+        }
+        Err(UriProblem::Bad(why)) => return err(0, format!("'{uri}' is not a usable ssh URI: {why}"), "write it as ssh://[user@]host[:port]"),
+    };
+    let systems = is_set(fs.get(1)).map(|(_, s)| comma_list(&s)).unwrap_or_else(|| vec![local_system.to_string()]);
+    let ssh_key = match is_set(fs.get(2)) {
+        Some((_, k)) if !k.starts_with('/') => {
+            return err(
+                2,
+                format!("ssh key path '{k}' is relative; the hook runs in '/', so it would be read as '/{k}'"),
+                "write the absolute path of the private key, e.g. '/root/.ssh/id_ed25519'",
+            )
+        }
+        Some((_, k)) => Some(k),
+        None => None,
+    };
+    let max_jobs = match is_set(fs.get(3)) {
+        Some((_, s)) => match s.parse::<u64>() {
+            Ok(n) => n,
+            Err(_) => return err(3, format!("'{s}' is not a whole number"), "write how many builds may run at once on this machine, e.g. 4"),
+        },
+        None => 1,
+    };
+    let speed_factor = match is_set(fs.get(4)) {
+        Some((_, s)) => match s.parse::<f64>() {
+            Ok(f) if f.is_finite() && f > 0.0 => f,
+            Ok(f) if f == 0.0 => 1.0,
+            _ => return err(4, format!("'{s}' is not a number >= 0"), "write a positive number such as 1 or 2.5; faster machines get higher numbers"),
+        },
+        None => 1.0,
+    };
+    let supported_features = is_set(fs.get(5)).map(|(_, s)| comma_list(&s)).unwrap_or_default();
+    let mandatory_features = is_set(fs.get(6)).map(|(_, s)| comma_list(&s)).unwrap_or_default();
+    let host_key = match is_set(fs.get(7)) {
+        Some((_, b64)) => match decode_host_key(&b64) {
+            Some(k) => Some(k),
+            None => {
+                return err(
+                    7,
+                    format!("'{}' is not the base64 of a known_hosts key line ('<type> <key>')", shorten(&b64)),
+                    "produce it with: base64 -w0 /etc/ssh/ssh_host_ed25519_key.pub (run on the builder)",
+                )
+            }
+        },
+        None => None,
+    };
+    if fs.len() > 8 {
+        diags.push(Diagnostic {
+            severity: Severity::Warning,
+            at: loc(8),
+            field: "extra column",
+            message: format!("{} columns found, only 8 are used; the rest is ignored", fs.len()),
+            hint: "separate machines with a newline or ';'".into(),
+        });
+    }
+    Some(Machine {
+        uri,
+        ssh,
+        systems,
+        ssh_key,
+        max_jobs,
+        speed_factor,
+        supported_features,
+        mandatory_features,
+        host_key,
+        origin: at.clone(),
+    })
+}
+
+fn shorten(s: &str) -> String {
+    if s.len() > 40 {
+        format!("{}…", &s[..s.char_indices().nth(40).map(|x| x.0).unwrap_or(s.len())])
+    } else {
+        s.to_string()
+    }
+}
+
+fn decode_host_key(b64: &str) -> Option<String> {
+    let bytes = base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok()?;
+    let text = String::from_utf8(bytes).ok()?;
+    let mut parts = text.split_whitespace();
+    let (ty, key) = (parts.next()?, parts.next()?);
+    let ok = |s: &str| s.bytes().all(|c| c.is_ascii_alphanumeric() || b"+/=-@.".contains(&c));
+    if !ok(ty) || !ok(key) {
+        return None;
+    }
+    Some(format!("{ty} {key}"))
+}
+
+/// Adds `ssh://` when the text is not clearly a store URI (Nix 2.4+ rule).
+pub fn normalise_uri(s: &str) -> String {
+    let keep = s.contains("://")
+        || s.contains('/')
+        || ["auto", "daemon", "local"].contains(&s)
+        || ["auto?", "daemon?", "local?", "?"].iter().any(|p| s.starts_with(p));
+    if keep {
+        s.to_string()
+    } else {
+        format!("ssh://{s}")
+    }
+}
+
+enum UriProblem {
+    Scheme(String),
+    Bad(String),
+}
+
+fn parse_ssh_uri(uri: &str) -> Result<SshTarget, UriProblem> {
+    let Some(rest) = uri.strip_prefix("ssh://") else {
+        let scheme = uri.split("://").next().filter(|_| uri.contains("://")).unwrap_or(uri);
+        return Err(UriProblem::Scheme(scheme.to_string()));
+    };
+    let (authority, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let mut t = SshTarget { host: String::new(), port: None, remote_program: "nix-store".into(), remote_store: None };
+    let (user_host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && p.bytes().all(|c| c.is_ascii_digit()) && !p.is_empty() => {
+            (h, Some(p.parse::<u16>().map_err(|_| UriProblem::Bad(format!("port '{p}' is out of range")))?))
+        }
+        _ => (authority, None),
+    };
+    // The host goes to ssh as one argv word; refuse anything ssh could read as an option.
+    if user_host.is_empty() || user_host.starts_with('-') || !user_host.bytes().all(|c| c.is_ascii_alphanumeric() || b"@._-[]:%".contains(&c)) {
+        return Err(UriProblem::Bad(format!("host '{user_host}' has characters that are not allowed in a host name")));
+    }
+    t.host = user_host.to_string();
+    t.port = port;
+    for kv in query.split('&').filter(|s| !s.is_empty()) {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        let v = percent_decode(v);
+        match k {
+            "remote-program" => t.remote_program = v,
+            "remote-store" => t.remote_store = Some(v),
+            _ => {}
+        }
+    }
+    Ok(t)
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 3 <= b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Splits `NIX_REMOTE_SYSTEMS` (a `:`-separated list of files) into the
+/// `builders` text it stands for, one `@file` per line. Nix ≤2.23 joined the
+/// parts with a space, which made `a:b` one missing file; we do not.
+pub fn remote_systems_to_builders(var: &str) -> String {
+    var.split(':').filter(|p| !p.is_empty()).map(|p| format!("@{p}")).collect::<Vec<_>>().join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn run(text: &str, files: &[(&str, &str)]) -> Parsed {
+        let files: HashMap<String, String> = files.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        parse(text, "builders", "x86_64-linux", &mut |p: &str| Ok(files.get(p).cloned()))
+    }
+
+    const KEY_B64: &str = "c3NoLWVkMjU1MTkgQUFBQUMzTnphQzFsWkRJMU5URTVBQUFBSUw3T3V4NTJQWkJjSTNZTDJxOTZpbjNLcEZNVGVvZ2VYYmNTVHVGTkFFc0cK";
+
+    #[test]
+    fn full_eight_column_entry() {
+        let p = run(&format!("ssh://root@b1 x86_64-linux,i686-linux /root/.ssh/id 4 2.5 kvm,big-parallel kvm {KEY_B64}"), &[]);
+        assert!(p.diagnostics.is_empty(), "{:?}", p.diagnostics);
+        let m = &p.machines[0];
+        assert_eq!(m.uri, "ssh://root@b1");
+        assert_eq!(m.ssh.host, "root@b1");
+        assert_eq!(m.systems, vec!["x86_64-linux", "i686-linux"]);
+        assert_eq!(m.ssh_key.as_deref(), Some("/root/.ssh/id"));
+        assert_eq!((m.max_jobs, m.speed_factor), (4, 2.5));
+        assert_eq!(m.supported_features, vec!["kvm", "big-parallel"]);
+        assert_eq!(m.mandatory_features, vec!["kvm"]);
+        assert!(m.host_key.as_deref().unwrap().starts_with("ssh-ed25519 AAAAC3"));
+    }
+
+    #[test]
+    fn defaults_placeholders_and_separators() {
+        let p = run("b1;b2 - - - 0\n\n   # indented comment\n  b3\t-\t-\t3 ; # trailing\nuser@b4:2222", &[]);
+        assert!(p.diagnostics.is_empty(), "{:?}", p.diagnostics);
+        let uris: Vec<_> = p.machines.iter().map(|m| m.uri.as_str()).collect();
+        assert_eq!(uris, ["ssh://b1", "ssh://b2", "ssh://b3", "ssh://user@b4:2222"]);
+        assert_eq!(p.machines[0].systems, vec!["x86_64-linux"]);
+        assert_eq!((p.machines[1].max_jobs, p.machines[1].speed_factor), (1, 1.0));
+        assert_eq!(p.machines[2].max_jobs, 3);
+        assert_eq!(p.machines[3].ssh.port, Some(2222));
+        assert_eq!(p.machines[3].ssh.host, "user@b4");
+        assert_eq!(p.machines[2].origin, Location { file: "builders".into(), line: 4, column: 3 });
+    }
+
+    #[test]
+    fn nix_1x_remote_systems_conf_lines() {
+        // Nix 1.x manual form: user@host systems key maxjobs [speed [features [mandatory]]].
+        let p = run("nix@mac x86_64-darwin /root/.ssh/id_mac 2\nnix@big i686-linux,x86_64-linux /root/.ssh/id 8 2 kvm", &[]);
+        assert!(p.diagnostics.is_empty(), "{:?}", p.diagnostics);
+        assert_eq!(p.machines[0].uri, "ssh://nix@mac");
+        assert_eq!(p.machines[1].supported_features, vec!["kvm"]);
+        assert_eq!(remote_systems_to_builders("/a:/b"), "@/a\n@/b");
+    }
+
+    #[test]
+    fn bad_entries_are_located_named_and_skipped() {
+        let p = run("good\nb2 x86_64-linux - lots\nb3 x86_64-linux - 1 -2\nb4 - - - - - - !!notbase64\nb5 - key/id", &[]);
+        assert_eq!(p.machines.len(), 1);
+        let d: Vec<_> = p.diagnostics.iter().map(|d| (d.at.line, d.at.column, d.field)).collect();
+        assert_eq!(
+            d,
+            [(2, 19, FIELDS[3]), (3, 21, FIELDS[4]), (4, 16, FIELDS[7]), (5, 6, FIELDS[2])]
+        );
+        let text = p.diagnostics[0].to_string();
+        assert!(text.starts_with("builders:2:19: error: max jobs (column 4): 'lots' is not a whole number"), "{text}");
+        assert!(text.contains("hint: "), "{text}");
+        assert!(p.diagnostics[3].message.contains("would be read as '/key/id'"));
+    }
+
+    #[test]
+    fn includes_relative_missing_and_nested() {
+        let p = run("@/etc/nix/machines\n@machines\n@/missing", &[("/etc/nix/machines", "# c\nb1 - - 2\n@/etc/nix/more"), ("/etc/nix/more", "b2")]);
+        let uris: Vec<_> = p.machines.iter().map(|m| m.uri.as_str()).collect();
+        assert_eq!(uris, ["ssh://b1", "ssh://b2"]);
+        assert_eq!(p.machines[1].origin.file, "/etc/nix/more");
+        assert_eq!(p.diagnostics.len(), 2);
+        assert!(p.diagnostics[0].message.contains("relative") && p.diagnostics[0].message.contains("'/machines'"));
+        assert_eq!(p.diagnostics[1].severity, Severity::Warning);
+        let looped = run("@/a", &[("/a", "@/a")]);
+        assert!(looped.diagnostics[0].message.contains("nested"));
+    }
+
+    #[test]
+    fn uri_normalisation_matches_nix_2_4() {
+        assert_eq!(normalise_uri("hostA"), "ssh://hostA");
+        assert_eq!(normalise_uri("user@hostA:2222"), "ssh://user@hostA:2222");
+        assert_eq!(normalise_uri("remote"), "ssh://remote");
+        for keep in ["ssh-ng://h", "local", "daemon", "/some/path", "auto?foo=1", "?x=y"] {
+            assert_eq!(normalise_uri(keep), keep);
+        }
+    }
+
+    #[test]
+    fn non_ssh_schemes_and_hostile_hosts_are_refused() {
+        let p = run("ssh-ng://b1\nlocal\nssh://-oProxyCommand=x\nssh://b$(id)", &[]);
+        assert!(p.machines.is_empty());
+        assert_eq!(p.diagnostics.len(), 4);
+        assert!(p.diagnostics[0].message.contains("'ssh-ng'"));
+    }
+
+    #[test]
+    fn uri_parameters_are_read() {
+        let p = run("ssh://b1?remote-program=/usr/bin/nix-store&remote-store=local%3Froot%3D%2Ftmp%2Fs&compress=true", &[]);
+        let t = &p.machines[0].ssh;
+        assert_eq!(t.remote_program, "/usr/bin/nix-store");
+        assert_eq!(t.remote_store.as_deref(), Some("local?root=/tmp/s"));
+    }
+}

@@ -1,0 +1,353 @@
+//! NAR (Nix ARchive, §6.1): a streaming, pull-style reader that either
+//! restores an archive onto the filesystem or just walks it (to find where a
+//! `DumpStorePath` reply ends), plus a writer used by tests and fixtures.
+//!
+//! Grammar, each token a wire string:
+//!
+//! ```text
+//! nar  = "nix-archive-1" node
+//! node = "(" "type" body ")"
+//! body = "regular" ["executable" ""] "contents" <bytes>
+//!      | "symlink" "target" <target>
+//!      | "directory" { "entry" "(" "name" <name> "node" node ")" }
+//! ```
+//!
+//! File contents are copied in 64 KiB chunks, so memory does not grow with
+//! the size of a path. The reader applies Nix 2.35's stricter limits (names
+//! ≤255 bytes, targets 1–4095 bytes, depth ≤64, sorted entries).
+
+use crate::wire::{self, WireError};
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{symlink, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+const MAX_TAG: usize = 32;
+const MAX_NAME: usize = 255;
+const MAX_TARGET: usize = 4095;
+const MAX_DEPTH: usize = 64;
+
+/// What is wrong with an archive.
+#[derive(Debug, thiserror::Error)]
+pub enum NarError {
+    #[error("malformed NAR: {0}")]
+    Wire(#[from] WireError),
+    #[error("malformed NAR: expected {expected}, found '{found}'")]
+    Unexpected { expected: &'static str, found: String },
+    #[error("malformed NAR: {0}")]
+    Bad(String),
+    #[error("cannot write '{path}' while unpacking a NAR")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Where the nodes of an archive go.
+enum Sink<'a> {
+    Discard,
+    Restore(&'a Path),
+}
+
+fn tag<R: Read>(r: &mut R) -> Result<String, NarError> {
+    let b = wire::read_bytes(r, MAX_TAG, "NAR tag")?;
+    Ok(String::from_utf8_lossy(&b).into_owned())
+}
+
+fn expect<R: Read>(r: &mut R, want: &'static str) -> Result<(), NarError> {
+    let got = tag(r)?;
+    if got != want {
+        return Err(NarError::Unexpected { expected: want, found: got });
+    }
+    Ok(())
+}
+
+/// Walks a whole NAR from `r`, consuming exactly its bytes.
+pub fn skip<R: Read>(r: &mut R) -> Result<(), NarError> {
+    parse(r, Sink::Discard)
+}
+
+/// Restores a NAR from `r` at `dest`, which must not exist yet.
+pub fn restore<R: Read>(r: &mut R, dest: &Path) -> Result<(), NarError> {
+    parse(r, Sink::Restore(dest))
+}
+
+fn parse<R: Read>(r: &mut R, sink: Sink) -> Result<(), NarError> {
+    expect(r, "nix-archive-1")?;
+    let dest = match sink {
+        Sink::Discard => None,
+        Sink::Restore(p) => Some(p.to_path_buf()),
+    };
+    node(r, dest.as_deref(), 0)
+}
+
+fn write_err(path: &Path) -> impl FnOnce(io::Error) -> NarError + '_ {
+    move |source| NarError::Write { path: path.to_path_buf(), source }
+}
+
+fn node<R: Read>(r: &mut R, dest: Option<&Path>, depth: usize) -> Result<(), NarError> {
+    if depth > MAX_DEPTH {
+        return Err(NarError::Bad(format!("directories nest deeper than {MAX_DEPTH}")));
+    }
+    expect(r, "(")?;
+    expect(r, "type")?;
+    match tag(r)?.as_str() {
+        "regular" => {
+            let mut t = tag(r)?;
+            let mut executable = false;
+            if t == "executable" {
+                if !wire::read_bytes(r, 0, "executable marker")?.is_empty() {
+                    return Err(NarError::Bad("executable marker is not empty".into()));
+                }
+                executable = true;
+                t = tag(r)?;
+            }
+            if t != "contents" {
+                return Err(NarError::Unexpected { expected: "contents", found: t });
+            }
+            let len = wire::read_u64(r, "file length")?;
+            match dest {
+                Some(p) => {
+                    let mode = if executable { 0o555 } else { 0o444 };
+                    let mut f = fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(mode | 0o200)
+                        .open(p)
+                        .map_err(write_err(p))?;
+                    copy_exact(r, &mut f, len).map_err(|e| match e {
+                        CopyError::Read(e) => NarError::Wire(e),
+                        CopyError::Write(e) => NarError::Write { path: p.to_path_buf(), source: e },
+                    })?;
+                    drop(f);
+                    set_mode(p, mode)?;
+                }
+                None => {
+                    copy_exact(r, &mut io::sink(), len).map_err(|e| match e {
+                        CopyError::Read(e) => NarError::Wire(e),
+                        CopyError::Write(_) => unreachable!("sink never fails"),
+                    })?;
+                }
+            }
+            wire::read_padding(r, len, "file contents")?;
+        }
+        "symlink" => {
+            expect(r, "target")?;
+            let target = wire::read_bytes(r, MAX_TARGET, "symlink target")?;
+            if target.is_empty() || target.contains(&0) {
+                return Err(NarError::Bad("symlink target is empty or contains NUL".into()));
+            }
+            if let Some(p) = dest {
+                use std::os::unix::ffi::OsStrExt;
+                symlink(std::ffi::OsStr::from_bytes(&target), p).map_err(write_err(p))?;
+            }
+        }
+        "directory" => {
+            if let Some(p) = dest {
+                fs::create_dir(p).map_err(write_err(p))?;
+            }
+            let mut prev: Option<Vec<u8>> = None;
+            loop {
+                let t = tag(r)?;
+                match t.as_str() {
+                    ")" => break,
+                    "entry" => {}
+                    _ => return Err(NarError::Unexpected { expected: "entry or )", found: t }),
+                }
+                expect(r, "(")?;
+                expect(r, "name")?;
+                let name = wire::read_bytes(r, MAX_NAME, "entry name")?;
+                if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
+                    return Err(NarError::Bad(format!("invalid entry name '{}'", String::from_utf8_lossy(&name))));
+                }
+                if let Some(prev) = &prev {
+                    if name <= *prev {
+                        return Err(NarError::Bad("NAR directory is not sorted".into()));
+                    }
+                }
+                expect(r, "node")?;
+                let child = dest.map(|p| {
+                    use std::os::unix::ffi::OsStrExt;
+                    p.join(std::ffi::OsStr::from_bytes(&name))
+                });
+                node(r, child.as_deref(), depth + 1)?;
+                expect(r, ")")?;
+                prev = Some(name);
+            }
+            if let Some(p) = dest {
+                set_mode(p, 0o555)?;
+            }
+            return Ok(());
+        }
+        other => return Err(NarError::Unexpected { expected: "regular, symlink or directory", found: other.into() }),
+    }
+    expect(r, ")")
+}
+
+fn set_mode(p: &Path, mode: u32) -> Result<(), NarError> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(p, fs::Permissions::from_mode(mode)).map_err(write_err(p))
+}
+
+enum CopyError {
+    Read(WireError),
+    Write(io::Error),
+}
+
+fn copy_exact<R: Read, W: Write>(r: &mut R, w: &mut W, mut len: u64) -> Result<(), CopyError> {
+    let mut buf = vec![0u8; 64 * 1024];
+    while len > 0 {
+        let want = buf.len().min(len as usize);
+        let n = match r.read(&mut buf[..want]) {
+            Ok(0) => return Err(CopyError::Read(WireError::Eof { what: "file contents" })),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(CopyError::Read(WireError::Io { what: "file contents", source: e })),
+        };
+        w.write_all(&buf[..n]).map_err(CopyError::Write)?;
+        len -= n as u64;
+    }
+    Ok(())
+}
+
+/// Makes a tree writable again so that it can be deleted (restored NARs are
+/// read-only, as in the store).
+pub fn make_writable(p: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(md) = fs::symlink_metadata(p) {
+        if md.is_dir() {
+            let _ = fs::set_permissions(p, fs::Permissions::from_mode(0o755));
+            if let Ok(rd) = fs::read_dir(p) {
+                for e in rd.flatten() {
+                    make_writable(&e.path());
+                }
+            }
+        }
+    }
+}
+
+/// Removes a (possibly read-only) tree; a missing path is not an error.
+pub fn remove_tree(p: &Path) -> io::Result<()> {
+    make_writable(p);
+    match fs::symlink_metadata(p) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+        Ok(md) if md.is_dir() => fs::remove_dir_all(p),
+        Ok(_) => fs::remove_file(p),
+    }
+}
+
+/// Writes the NAR of the filesystem object at `p` (used by tests and fixtures;
+/// uploads stream the NAR that the local Nix produces).
+pub fn dump<W: Write>(p: &Path, w: &mut W) -> io::Result<()> {
+    wire::write_bytes(w, b"nix-archive-1")?;
+    dump_node(p, w)
+}
+
+fn dump_node<W: Write>(p: &Path, w: &mut W) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
+    let md = fs::symlink_metadata(p)?;
+    for t in ["(", "type"] {
+        wire::write_bytes(w, t.as_bytes())?;
+    }
+    if md.file_type().is_symlink() {
+        wire::write_bytes(w, b"symlink")?;
+        wire::write_bytes(w, b"target")?;
+        wire::write_bytes(w, fs::read_link(p)?.as_os_str().as_bytes())?;
+    } else if md.is_dir() {
+        wire::write_bytes(w, b"directory")?;
+        let mut names: Vec<_> = fs::read_dir(p)?.map(|e| e.map(|e| e.file_name())).collect::<Result<_, _>>()?;
+        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        for n in names {
+            for t in ["entry", "(", "name"] {
+                wire::write_bytes(w, t.as_bytes())?;
+            }
+            wire::write_bytes(w, n.as_bytes())?;
+            wire::write_bytes(w, b"node")?;
+            dump_node(&p.join(&n), w)?;
+            wire::write_bytes(w, b")")?;
+        }
+    } else if md.is_file() {
+        wire::write_bytes(w, b"regular")?;
+        if md.permissions().mode() & 0o100 != 0 {
+            wire::write_bytes(w, b"executable")?;
+            wire::write_bytes(w, b"")?;
+        }
+        wire::write_bytes(w, b"contents")?;
+        wire::write_u64(w, md.len())?;
+        let n = io::copy(&mut fs::File::open(p)?.take(md.len()), w)?;
+        if n != md.len() {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("{} changed while being read", p.display())));
+        }
+        w.write_all(&[0u8; 8][..wire::padding(md.len())])?;
+    } else {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{}: unsupported file type", p.display())));
+    }
+    wire::write_bytes(w, b")")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hash::HashingReader;
+
+    fn golden(name: &str) -> Vec<u8> {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name);
+        fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    }
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("nar-test-{}-{name}", std::process::id()));
+        let _ = remove_tree(&d);
+        d
+    }
+
+    #[test]
+    fn golden_regular_file_nar_skips_exactly_and_hashes_as_nix_says() {
+        let bytes = golden("hello-file.nar");
+        assert_eq!(bytes.len(), 120);
+        let mut with_tail = bytes.clone();
+        with_tail.extend_from_slice(b"TAIL");
+        let mut r = HashingReader::new(&with_tail[..]);
+        skip(&mut r).unwrap();
+        let (h, n, rest) = r.finish();
+        assert_eq!(n, 120);
+        assert_eq!(rest, b"TAIL");
+        assert_eq!(h.to_nix32_prefixed(), "sha256:04zwf782yjwnh3q6hz5izfd6jyip8kgw6g6yj43fiqhbyhdd0dqw");
+    }
+
+    #[test]
+    fn golden_directory_nar_restores_and_dumps_back_byte_exact() {
+        let bytes = golden("dir.nar");
+        let d = tmp("dir");
+        restore(&mut &bytes[..], &d).unwrap();
+        assert_eq!(fs::read(d.join("sub/f")).unwrap(), b"hello\n");
+        assert_eq!(fs::read_link(d.join("link")).unwrap(), Path::new("sub/f"));
+        let mut again = Vec::new();
+        dump(&d, &mut again).unwrap();
+        assert_eq!(again, bytes);
+        remove_tree(&d).unwrap();
+        assert!(!d.exists());
+    }
+
+    #[test]
+    fn truncated_nar_is_an_error_at_every_cut() {
+        let bytes = golden("dir.nar");
+        for cut in [0, 8, 20, 100, bytes.len() - 8, bytes.len() - 1] {
+            assert!(skip(&mut &bytes[..cut]).is_err(), "cut at {cut} accepted");
+        }
+    }
+
+    #[test]
+    fn unsorted_and_dotdot_entries_are_rejected() {
+        let mut nar = Vec::new();
+        let w = |v: &mut Vec<u8>, s: &[u8]| wire::write_bytes(v, s).unwrap();
+        for t in [&b"nix-archive-1"[..], b"(", b"type", b"directory", b"entry", b"(", b"name", b"..", b"node"] {
+            w(&mut nar, t);
+        }
+        let err = skip(&mut &nar[..]).unwrap_err();
+        assert!(err.to_string().contains("invalid entry name"), "{err}");
+    }
+}

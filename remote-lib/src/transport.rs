@@ -1,0 +1,373 @@
+//! Reaching a builder: the OpenSSH client command line (§3.5) and a running
+//! remote `nix-store --serve --write` with its stderr captured.
+//!
+//! We use the system `ssh`, so `~/.ssh/config` aliases, agents, `ProxyJump`
+//! and `NIX_SSHOPTS` work as users expect. Connections are shared between
+//! hook processes through an OpenSSH master socket in the load directory.
+//! The host key from the machines file is pinned through a known_hosts file
+//! of our own; otherwise the user's known_hosts applies. Batch mode, a connect
+//! timeout and keep-alives are always on. No shell command line is built from
+//! untrusted text: the remote words come from the machines file and are
+//! single-quoted; store paths never reach a command line.
+
+use crate::machines::Machine;
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+/// Why a builder could not be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot start '{program}'")]
+    Spawn {
+        program: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot write the pinned host key for {machine} to '{path}'")]
+    HostKeyFile {
+        machine: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// SSH settings that apply to every machine.
+#[derive(Clone, Debug)]
+pub struct SshConfig {
+    pub program: String,
+    pub connect_timeout: u32,
+    pub server_alive_interval: u32,
+    pub server_alive_count_max: u32,
+    /// Directory for master sockets; `None` disables connection sharing.
+    pub control_dir: Option<PathBuf>,
+    pub control_persist: u32,
+    /// Directory for pinned host keys.
+    pub known_hosts_dir: PathBuf,
+    /// `NIX_SSHOPTS`, already split.
+    pub extra_opts: Vec<String>,
+}
+
+/// Splits `NIX_SSHOPTS` like a shell would (quotes, backslashes), as Nix 2.26+.
+pub fn split_sshopts(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut has = false;
+    let mut chars = s.chars();
+    let mut quote: Option<char> = None;
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some('"'), '\\') => {
+                if let Some(n) = chars.next() {
+                    cur.push(n)
+                }
+            }
+            (Some(_), c) => cur.push(c),
+            (None, '\'' | '"') => {
+                quote = Some(c);
+                has = true
+            }
+            (None, '\\') => {
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                    has = true
+                }
+            }
+            (None, c) if c.is_whitespace() => {
+                if has || !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+                has = false
+            }
+            (None, c) => cur.push(c),
+        }
+    }
+    if has || !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// Quotes a word for the remote shell.
+pub fn shell_quote(s: &str) -> String {
+    if !s.is_empty() && s.bytes().all(|c| c.is_ascii_alphanumeric() || b"/._-=:@,+".contains(&c)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// The remote command words: `<remote-program> --serve --write [--store URI]`.
+pub fn serve_words(m: &Machine) -> Vec<String> {
+    let mut w = vec![m.ssh.remote_program.clone(), "--serve".into(), "--write".into()];
+    if let Some(s) = &m.ssh.remote_store {
+        w.push("--store".into());
+        w.push(s.clone());
+    }
+    w
+}
+
+/// True when Nix would not use ssh at all (`ssh://localhost`).
+pub fn is_local(m: &Machine) -> bool {
+    m.ssh.host == "localhost"
+}
+
+/// Writes (once) the pinned host key as a known_hosts file and returns its path.
+fn pinned_known_hosts(m: &Machine, key: &str, dir: &Path) -> Result<PathBuf, TransportError> {
+    let path = dir.join(crate::slots::escape_uri(&m.uri));
+    // `*` matches whatever name or address ssh checks: the file belongs to this machine only.
+    let line = format!("* {key}\n");
+    if std::fs::read_to_string(&path).ok().as_deref() != Some(line.as_str()) {
+        let err = |source| TransportError::HostKeyFile { machine: m.uri.clone(), path: path.clone(), source };
+        std::fs::create_dir_all(dir).map_err(err)?;
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, &line).map_err(err)?;
+        std::fs::rename(&tmp, &path).map_err(err)?;
+    }
+    Ok(path)
+}
+
+/// Builds the command that runs `remote` (already-quoted words) on `m`.
+pub fn ssh_command(m: &Machine, cfg: &SshConfig, remote: &[String]) -> Result<Command, TransportError> {
+    if is_local(m) {
+        let mut c = Command::new(&remote[0]);
+        c.args(&remote[1..]);
+        return Ok(c);
+    }
+    let mut c = Command::new(&cfg.program);
+    c.arg("-x").arg("-T");
+    let o = |c: &mut Command, s: String| {
+        c.arg("-o").arg(s);
+    };
+    o(&mut c, "BatchMode=yes".into());
+    o(&mut c, format!("ConnectTimeout={}", cfg.connect_timeout));
+    o(&mut c, format!("ServerAliveInterval={}", cfg.server_alive_interval));
+    o(&mut c, format!("ServerAliveCountMax={}", cfg.server_alive_count_max));
+    o(&mut c, "Compression=no".into());
+    c.args(&cfg.extra_opts);
+    if let Some(k) = &m.ssh_key {
+        c.arg("-i").arg(k);
+    }
+    if let Some(key) = &m.host_key {
+        let kh = pinned_known_hosts(m, key, &cfg.known_hosts_dir)?;
+        o(&mut c, format!("UserKnownHostsFile={}", kh.display()));
+        o(&mut c, "GlobalKnownHostsFile=/dev/null".into());
+        o(&mut c, "StrictHostKeyChecking=yes".into());
+        o(&mut c, "CheckHostIP=no".into());
+    }
+    if let Some(p) = m.ssh.port {
+        c.arg("-p").arg(p.to_string());
+    }
+    if let Some(dir) = &cfg.control_dir {
+        o(&mut c, "ControlMaster=auto".into());
+        o(&mut c, format!("ControlPath={}/%C", dir.display()));
+        o(&mut c, format!("ControlPersist={}", cfg.control_persist));
+    }
+    c.arg("--").arg(&m.ssh.host);
+    c.arg(remote.iter().map(|w| shell_quote(w)).collect::<Vec<_>>().join(" "));
+    Ok(c)
+}
+
+/// Where the remote's stderr goes: kept as a tail for error messages and,
+/// once the build is ours, copied to the build log (fd 4).
+#[derive(Clone, Default)]
+pub struct StderrTap {
+    inner: Arc<Mutex<TapState>>,
+}
+
+#[derive(Default)]
+struct TapState {
+    tail: VecDeque<String>,
+    log: Option<File>,
+}
+
+const TAIL_LINES: usize = 20;
+
+impl StderrTap {
+    /// From now on, copy the remote's stderr to `log`.
+    pub fn forward_to(&self, log: File) {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).log = Some(log);
+    }
+    /// The last lines the remote printed, joined.
+    pub fn tail(&self) -> String {
+        let st = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        st.tail.iter().map(|s| s.trim_end()).filter(|s| !s.is_empty()).collect::<Vec<_>>().join("\n")
+    }
+    fn feed(&self, chunk: &[u8], partial: &mut Vec<u8>) {
+        let mut st = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(log) = st.log.as_mut() {
+            let _ = log.write_all(chunk);
+        }
+        partial.extend_from_slice(chunk);
+        while let Some(i) = partial.iter().position(|&c| c == b'\n') {
+            let line: Vec<u8> = partial.drain(..=i).collect();
+            st.tail.push_back(String::from_utf8_lossy(&line).into_owned());
+            if st.tail.len() > TAIL_LINES {
+                st.tail.pop_front();
+            }
+        }
+        if partial.len() > 4096 {
+            let line = String::from_utf8_lossy(partial).into_owned();
+            partial.clear();
+            st.tail.push_back(line);
+        }
+    }
+    fn finish(&self, partial: Vec<u8>) {
+        if !partial.is_empty() {
+            let mut st = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            st.tail.push_back(String::from_utf8_lossy(&partial).into_owned());
+            if st.tail.len() > TAIL_LINES {
+                st.tail.pop_front();
+            }
+        }
+    }
+}
+
+/// A running remote command with piped stdin/stdout and tapped stderr.
+pub struct RemoteProcess {
+    pub child: Child,
+    pub stdin: Option<ChildStdin>,
+    pub stdout: Option<ChildStdout>,
+    pub tap: StderrTap,
+    pump: Option<JoinHandle<()>>,
+}
+
+impl RemoteProcess {
+    /// Spawns `cmd` with all three standard streams piped.
+    pub fn spawn(mut cmd: Command, tap: StderrTap) -> Result<Self, TransportError> {
+        let program = cmd.get_program().to_string_lossy().into_owned();
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| TransportError::Spawn { program, source })?;
+        let mut err = child.stderr.take().expect("stderr is piped");
+        let t = tap.clone();
+        let pump = std::thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            let mut partial = Vec::new();
+            loop {
+                match err.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => t.feed(&buf[..n], &mut partial),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
+                }
+            }
+            t.finish(partial);
+        });
+        Ok(RemoteProcess { stdin: child.stdin.take(), stdout: child.stdout.take(), child, tap, pump: Some(pump) })
+    }
+
+    /// Closes stdin, waits for the process and its stderr, and returns the
+    /// exit status and the stderr tail.
+    pub fn finish(mut self) -> (Option<std::process::ExitStatus>, String) {
+        drop(self.stdin.take());
+        drop(self.stdout.take());
+        let status = self.child.wait().ok();
+        if let Some(p) = self.pump.take() {
+            let _ = p.join();
+        }
+        (status, self.tap.tail())
+    }
+
+    /// Kills the process and collects what it printed.
+    pub fn kill(mut self) -> String {
+        let _ = self.child.kill();
+        self.finish().1
+    }
+}
+
+/// Turns ssh's error text into advice, naming the machine.
+pub fn explain_ssh_failure(m: &Machine, stderr: &str) -> Option<String> {
+    if stderr.contains("REMOTE HOST IDENTIFICATION HAS CHANGED") || stderr.contains("Host key verification failed") {
+        Some(format!(
+            "the host key of {} is unknown or has changed; to pin it, put the base64 of the builder's public host key in column 8 of its machines entry (on the builder: base64 -w0 /etc/ssh/ssh_host_ed25519_key.pub), or add it to root's ~/.ssh/known_hosts",
+            m.uri
+        ))
+    } else if stderr.contains("Permission denied") {
+        Some(format!(
+            "{} refused the login; check the ssh key in column 3 ({}) and that its public half is in the builder's authorized_keys",
+            m.uri,
+            m.ssh_key.as_deref().unwrap_or("none given: ssh's defaults and agent are used")
+        ))
+    } else if stderr.contains("Connection timed out") || stderr.contains("Connection refused") || stderr.contains("No route to host") || stderr.contains("Could not resolve") {
+        Some(format!("{} is unreachable; check that it is up and that sshd listens there", m.uri))
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::machines;
+
+    fn machine(line: &str) -> Machine {
+        let p = machines::parse(line, "t", "x86_64-linux", &mut |_: &str| Ok(None));
+        assert!(p.diagnostics.is_empty(), "{:?}", p.diagnostics);
+        p.machines.into_iter().next().unwrap()
+    }
+
+    fn cfg(dir: &Path) -> SshConfig {
+        SshConfig {
+            program: "ssh".into(),
+            connect_timeout: 5,
+            server_alive_interval: 10,
+            server_alive_count_max: 3,
+            control_dir: Some(dir.join("mux")),
+            control_persist: 60,
+            known_hosts_dir: dir.join("kh"),
+            extra_opts: split_sshopts("-F /etc/x -o 'IdentityAgent none'"),
+        }
+    }
+
+    #[test]
+    fn sshopts_split_like_a_shell() {
+        assert_eq!(split_sshopts(" -p 22  -o \"A B\" 'c d'\\ e ''"), ["-p", "22", "-o", "A B", "c d e", ""]);
+    }
+
+    #[test]
+    fn command_line_pins_key_and_quotes_remote_words() {
+        let dir = std::env::temp_dir().join(format!("transport-{}", std::process::id()));
+        let m = machine("ssh://root@b1:2222?remote-program=/opt/my%20nix/nix-store - /k 1 1 - - c3NoLWVkMjU1MTkgQUFBQQ==");
+        let c = ssh_command(&m, &cfg(&dir), &serve_words(&m)).unwrap();
+        let args: Vec<String> = c.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let joined = args.join(" ");
+        assert!(joined.contains("-o BatchMode=yes -o ConnectTimeout=5"), "{joined}");
+        assert!(joined.contains("-F /etc/x -o IdentityAgent none"), "{joined}");
+        assert!(joined.contains("-i /k"), "{joined}");
+        assert!(joined.contains("StrictHostKeyChecking=yes"), "{joined}");
+        assert!(joined.contains("-p 2222"), "{joined}");
+        assert_eq!(args[args.len() - 2], "root@b1");
+        assert_eq!(args[args.len() - 3], "--");
+        assert_eq!(args[args.len() - 1], "'/opt/my nix/nix-store' --serve --write");
+        let kh = std::fs::read_to_string(dir.join("kh").join("ssh:__root@b1:2222?remote-program=_opt_my%20nix_nix-store")).unwrap();
+        assert_eq!(kh, "* ssh-ed25519 AAAA\n");
+    }
+
+    #[test]
+    fn quoting_cannot_be_escaped() {
+        assert_eq!(shell_quote("a'b; rm -rf /"), "'a'\\''b; rm -rf /'");
+        assert_eq!(shell_quote("nix-store"), "nix-store");
+        assert_eq!(shell_quote(""), "''");
+    }
+
+    #[test]
+    fn stderr_tap_keeps_a_tail_and_forwards() {
+        let tap = StderrTap::default();
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "for i in $(seq 1 30); do echo line $i >&2; done; printf 'no newline' >&2"]);
+        let p = RemoteProcess::spawn(cmd, tap).unwrap();
+        let (st, tail) = p.finish();
+        assert!(st.unwrap().success());
+        assert!(tail.starts_with("line 12\n") && tail.ends_with("line 30\nno newline"), "{tail}");
+    }
+}
