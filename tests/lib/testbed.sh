@@ -49,7 +49,7 @@ tb_start_sshd() {
     mount --bind '$d/etc-nix' /etc/nix
     exec /usr/sbin/sshd -D -f '$d/sshd_config' -E '$d/sshd.log'
   " </dev/null >/dev/null 2>&1 &
-  echo $! > "$d/sshd.pid"
+  echo $! > "$d/sshd.pid"; disown $! 2>/dev/null
   for _ in $(seq 1 100); do
     if timeout 1 bash -c "exec 3<>/dev/tcp/10.201.$i.2/22" 2>/dev/null; then return 0; fi
     sleep 0.05

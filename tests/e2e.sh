@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# End-to-end suite: real nix-build → our hook → real sshd builders (network +
+# mount namespaces with their own /nix) → real `nix-store --serve` → outputs
+# back in the local store. Needs root. Usage: bash tests/e2e.sh [test-name...]
+set -u
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+source "$REPO/tests/lib/testbed.sh"
+source "$REPO/tests/lib/harness.sh"
+HOOK=${HOOK:-$REPO/target/release/build-hook}
+BUILTIN=/usr/libexec/nix/build-remote
+NIX=$REPO/tests/nix
+LOAD=/nix/var/nix/current-load
+export BUILD_HOOK_CONNECT_TIMEOUT=${BUILD_HOOK_CONNECT_TIMEOUT:-3}
+
+nonce() { echo "$1-$(date +%s%N)-$RANDOM"; }
+machines() { : > "$TB/machines"; for spec in "$@"; do tb_machines_line ${spec/:/ } >> "$TB/machines"; done; }
+# nb EXPR [args...]: nix-build through our hook with the machines file, no local builds.
+nb() { timeout 300 nix-build "$@" --max-jobs 0 --builders "@$TB/machines" --option build-hook "$HOOK" --no-out-link; }
+nb_builtin() { timeout 300 nix-build "$@" --max-jobs 0 --builders "@$TB/machines" --option build-hook "$BUILTIN" --no-out-link; }
+slots_free() { # slots_free I JOBS: every slot of builder I can be locked right now
+  local j; for j in $(seq 0 $(($2-1))); do flock -n "$LOAD/ssh:__root@10.201.$1.2-$j" true || return 1; done
+}
+reset_health() { rm -rf "$LOAD/build-hook/health"; }
+
+test_one_derivation() {
+  machines 1:2
+  out=$(nb "$NIX/chain.nix" -A dep --argstr nonce "$(nonce one)" 2>&1 | tee /dev/stderr | tail -1)
+  [ -d "$out" ] || fail "no output"
+  [ "$(cat "$out/sub/f")" = hello ] || fail "wrong content"
+  [ -x "$out/x" ] && [ -L "$out/link" ] || fail "exec bit or symlink lost"
+  nix-store --verify-path "$out" || fail "not valid"
+  slots_free 1 2 || fail "slot left locked"
+}
+
+test_chain_output_feeds_next_build() {
+  machines 1:2 2:2
+  log=$(mktemp)
+  out=$(nb "$NIX/chain.nix" -A top --argstr nonce "$(nonce chain)" 2>"$log")
+  cat "$log"
+  [ "$(head -1 "$out")" = hello ] || fail "chain content wrong"
+  assert_contains "$log" "building dep on b"
+  assert_contains "$log" "building top on b"
+  nix-store --verify-path "$out" $(nix-store -qR "$out") || fail "not valid"
+}
+
+test_multi_output_derivation() {
+  machines 2:2
+  outs=$(nb "$NIX/multi.nix" -A all --argstr nonce "$(nonce multi)" 2>&1 | tee /dev/stderr | grep ^/nix/store)
+  [ "$(echo "$outs" | wc -l)" = 3 ] || fail "expected 3 outputs, got: $outs"
+  dev=$(echo "$outs" | grep -- -dev$); out=$(echo "$outs" | grep -- -multi$); doc=$(echo "$outs" | grep -- -doc$)
+  [ "$(cat "$dev/include/where-is-out")" = "$out" ] || fail "dev does not point at out"
+  nix-store -q --references "$dev" | grep -qx "$out" || fail "reference dev -> out not registered"
+  nix-store -q --references "$doc" | grep -qx "$dev" || fail "reference doc -> dev not registered"
+  nix-store --verify-path $outs || fail "not valid"
+}
+
+test_failing_build_reports_builder_message() {
+  machines 1:2
+  log=$(mktemp)
+  nb "$NIX/fail.nix" --argstr nonce "$(nonce fail)" >"$log" 2>&1; rc=$?
+  cat "$log"
+  [ $rc -ne 0 ] || fail "nix-build succeeded"
+  assert_contains "$log" "intentional failure on b1"
+  assert_contains "$log" "failed with exit code 3"
+  slots_free 1 2 || fail "slot left locked after a failed build"
+}
+
+test_unreachable_builder_is_named() {
+  reset_health
+  tb_stop_sshd 2
+  machines 2:2
+  log=$(mktemp)
+  nb "$NIX/chain.nix" -A dep --argstr nonce "$(nonce unreach)" >"$log" 2>&1; rc=$?
+  tb_start_sshd 2
+  cat "$log"
+  [ $rc -ne 0 ] || fail "build succeeded with no reachable builder"
+  assert_contains "$log" "cannot build on 'ssh://root@10.201.2.2'"
+  assert_contains "$log" "unreachable"
+  slots_free 2 2 || fail "slot left locked"
+}
+
+test_unreachable_builder_falls_back_to_another() {
+  reset_health
+  tb_stop_sshd 2
+  machines 2:2 1:2
+  log=$(mktemp)
+  out=$(nb "$NIX/chain.nix" -A dep --argstr nonce "$(nonce fallback)" 2>"$log"); rc=$?
+  tb_start_sshd 2
+  cat "$log"
+  [ $rc -eq 0 ] || fail "build failed"
+  assert_contains "$log" "building dep on b1"
+  nix-store --verify-path "$out" || fail "not valid"
+}
+
+peaks_ok() { # peaks_ok EVENTS MAX: every builder's peak <= MAX; prints peaks
+  python3 "$REPO/tests/lib/peak.py" "$1"
+  python3 "$REPO/tests/lib/peak.py" "$1" | awk -v max="$2" '$2 > max { bad=1 } END { exit bad }' || fail "a builder ran more than $2 builds at once"
+}
+
+test_twelve_parallel_over_two_builders_respect_max_jobs() {
+  reset_health
+  machines 1:2 2:2
+  ev="$TB/events.par"; : > "$ev"
+  nb "$NIX/par.nix" --arg n 12 --argstr seconds 1 --argstr events "$ev" --argstr nonce "$(nonce par)" >/dev/null || fail "build failed"
+  [ "$(grep -c ' start ' "$ev")" = 12 ] || fail "expected 12 builds"
+  peaks_ok "$ev" 2
+  # both builders were used
+  [ "$(python3 "$REPO/tests/lib/peak.py" "$ev" | wc -l)" = 2 ] || fail "only one builder used"
+  slots_free 1 2 && slots_free 2 2 || fail "slot left locked"
+}
+
+test_builtin_hook_and_ours_share_the_load_directory() {
+  reset_health
+  machines 1:2 2:2
+  ev="$TB/events.mixed"; : > "$ev"
+  n1=$(nonce mixed)
+  nb "$NIX/par.nix" --arg n 8 --argstr seconds 1 --argstr events "$ev" --argstr nonce "$n1" --argstr tag ours >/dev/null 2>&1 &
+  a=$!
+  nb_builtin "$NIX/par.nix" --arg n 8 --argstr seconds 1 --argstr events "$ev" --argstr nonce "$n1" --argstr tag theirs >/dev/null 2>&1 &
+  b=$!
+  wait $a || fail "our build failed"
+  wait $b || fail "builtin build failed"
+  [ "$(grep -c ' start ' "$ev")" = 16 ] || fail "expected 16 builds"
+  grep -q 'start .* ours' "$ev" && grep -q 'start .* theirs' "$ev" || fail "both hooks should have built"
+  peaks_ok "$ev" 2
+}
+
+test_bad_machines_line_is_reported_and_skipped() {
+  reset_health
+  { echo "ssh://root@10.201.9.2 x86_64-linux - lots"; tb_machines_line 1 2; } > "$TB/machines"
+  log=$(mktemp)
+  out=$(nb "$NIX/chain.nix" -A dep --argstr nonce "$(nonce badline)" 2>"$log"); rc=$?
+  cat "$log"
+  [ $rc -eq 0 ] || fail "the good machine should still be used"
+  assert_contains "$log" "$TB/machines:1:38: error: max jobs (column 4): 'lots' is not a whole number"
+  assert_contains "$log" "hint:"
+}
+
+test_relative_paths_are_explained() {
+  log=$(mktemp)
+  (cd "$TB" && timeout 60 nix-build "$NIX/chain.nix" -A dep --argstr nonce "$(nonce rel)" --max-jobs 0 \
+     --builders "@machines" --option build-hook "$HOOK" --no-out-link) >"$log" 2>&1
+  cat "$log"
+  assert_contains "$log" "machines file path 'machines' is relative; Nix runs the hook in '/', so it would be read as '/machines'"
+  echo "ssh://root@10.201.1.2 x86_64-linux client_key 2" > "$TB/machines.relkey"
+  timeout 60 nix-build "$NIX/chain.nix" -A dep --argstr nonce "$(nonce relkey)" --max-jobs 0 \
+     --builders "@$TB/machines.relkey" --option build-hook "$HOOK" --no-out-link >"$log" 2>&1
+  cat "$log"
+  assert_contains "$log" "ssh key path 'client_key' is relative; the hook runs in '/', so it would be read as '/client_key'"
+}
+
+main() {
+  tb_up 2 >/dev/null || { echo "cannot bring up the test bed"; exit 1; }
+  local all=(
+    one_derivation chain_output_feeds_next_build multi_output_derivation
+    failing_build_reports_builder_message unreachable_builder_is_named
+    unreachable_builder_falls_back_to_another twelve_parallel_over_two_builders_respect_max_jobs
+    builtin_hook_and_ours_share_the_load_directory bad_machines_line_is_reported_and_skipped
+    relative_paths_are_explained
+  )
+  local sel=("$@"); [ ${#sel[@]} -eq 0 ] && sel=("${all[@]}")
+  for t in "${sel[@]}"; do t_run "$t" "test_$t"; done
+  tb_down
+  t_summary
+}
+main "$@"
