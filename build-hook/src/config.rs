@@ -22,6 +22,9 @@ pub struct Config {
     /// connecting.
     pub healthy_window: u64,
     pub backoff: Backoff,
+    /// How long a `try` may wait for a busy machine's slot before answering
+    /// `# postpone` (after which Nix sleeps its `build-poll-interval`).
+    pub slot_wait_ms: u64,
     pub sshopts: String,
     pub current_load: Option<PathBuf>,
     pub remote_systems: Option<String>,
@@ -52,6 +55,7 @@ impl Config {
             control_persist: num("BUILD_HOOK_CONTROL_PERSIST", 120)?,
             healthy_window: num("BUILD_HOOK_HEALTHY_WINDOW", 600)?,
             backoff: Backoff { base_secs: num("BUILD_HOOK_BACKOFF_BASE", 5)?, cap_secs: num("BUILD_HOOK_BACKOFF_CAP", 300)? },
+            slot_wait_ms: num("BUILD_HOOK_SLOT_WAIT_MS", 3000)?,
             sshopts: var("NIX_SSHOPTS").unwrap_or_default(),
             current_load: var("NIX_CURRENT_LOAD").map(PathBuf::from),
             remote_systems: var("NIX_REMOTE_SYSTEMS"),

@@ -62,7 +62,8 @@ pub struct Accept {
 }
 
 enum Choice {
-    Reply(Reply),
+    /// No machine now: the reply Nix's rules give, and why for each machine.
+    None(Reply, Vec<String>),
     Chosen(usize, Slot),
 }
 
@@ -71,20 +72,7 @@ impl Hook {
         let local = LocalStore::from_setting(settings.store(), &cfg.nix_store);
         let load = LoadDir::new(cfg.load_dir(&local));
         let health = HealthStore::new(load.private_dir("health"));
-        let control_dir = (cfg.control_persist > 0).then(|| {
-            let d = load.private_dir("ssh");
-            // A unix socket path is at most 107 bytes; %C expands to 40.
-            if d.as_os_str().len() + 42 > 107 {
-                std::env::temp_dir().join(format!("build-hook-ssh-{}", unsafe { libc::geteuid() }))
-            } else {
-                d
-            }
-        });
-        if let Some(d) = &control_dir {
-            let _ = std::fs::create_dir_all(d);
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700));
-        }
+        let control_dir = if cfg.control_persist > 0 { control_dir(&load) } else { None };
         let ssh = SshConfig {
             program: cfg.ssh_program.clone(),
             connect_timeout: cfg.connect_timeout,
@@ -123,9 +111,19 @@ impl Hook {
             out::reply(&Reply::Decline);
             return Ok(None);
         }
+        let deadline = std::time::Instant::now() + Duration::from_millis(self.cfg.slot_wait_ms);
+        let mut poll = Duration::from_millis(5);
         loop {
             let (index, slot) = match self.choose(req, req.am_willing)? {
-                Choice::Reply(r) => {
+                // All machines of the right type are busy: rather than send Nix to
+                // sleep for its poll interval (5 s), wait here briefly for a slot.
+                Choice::None(Reply::Postpone, _) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(poll);
+                    poll = (poll * 2).min(Duration::from_millis(10));
+                    continue;
+                }
+                Choice::None(r, reasons) => {
+                    self.explain(req, &r, &reasons);
                     out::reply(&r);
                     return Ok(None);
                 }
@@ -194,10 +192,14 @@ impl Hook {
             slot.lock.touch();
             return Ok(Choice::Chosen(best.index, slot));
         }
-        let could_local = self.local_cap.could_build(req);
-        let reply = select::when_all_full(right_type, am_willing && could_local);
-        if reply == Reply::Decline {
-            let level = if could_local { Level::Chatty } else { Level::Warn };
+        let reply = select::when_all_full(right_type, am_willing && self.local_cap.could_build(req));
+        Ok(Choice::None(reply, reasons))
+    }
+
+    /// Tells the user why a request was declined or postponed.
+    fn explain(&self, req: &TryRequest, reply: &Reply, reasons: &[String]) {
+        if *reply == Reply::Decline {
+            let level = if self.local_cap.could_build(req) { Level::Chatty } else { Level::Warn };
             out::msg(
                 level,
                 &format!(
@@ -211,7 +213,6 @@ impl Hook {
         } else {
             out::msg(Level::Talkative, &format!("build-hook: all machines for '{}' are busy; waiting:\n  {}", req.drv_path, reasons.join("\n  ")));
         }
-        Ok(Choice::Reply(reply))
     }
 
     /// Opens a serve session to machine `index`, recording the outcome in the
@@ -297,11 +298,13 @@ impl Hook {
         let m = self.machines[acc.index].clone();
         conn.proc.tap.forward_to(log);
         let res = self.build_on(&m, req, &sets, &mut conn);
+        // The builder's work is over: free the slot before anything that may
+        // wait on Nix (draining the log pipe).
+        drop(acc.slot);
         let tail = conn.proc.tap.tail();
         match res {
             Ok(()) => {
                 let _ = conn.finish();
-                drop(acc.slot);
                 0
             }
             Err(JobError::BuildFailed { status, msg }) => {
@@ -333,8 +336,8 @@ impl Hook {
         loop {
             match self.choose(req, false)? {
                 Choice::Chosen(i, s) => return Ok(Some((i, s))),
-                Choice::Reply(Reply::Postpone) => std::thread::sleep(Duration::from_millis(500)),
-                Choice::Reply(_) => return Ok(None),
+                Choice::None(Reply::Postpone, _) => std::thread::sleep(Duration::from_millis(200)),
+                Choice::None(..) => return Ok(None),
             }
         }
     }
@@ -362,6 +365,13 @@ impl Hook {
             wanted.push(StorePath::parse(&self.local.store_dir, &path).map_err(anyhow::Error::from)?);
         }
 
+        // Local helpers start now, so they are ready when outputs arrive.
+        let local_proc = self.local.spawn_serve().map_err(anyhow::Error::from)?;
+        signals::track_child(local_proc.child.id());
+        let registrar = self.local.start_registrar().map_err(anyhow::Error::from)?;
+        signals::track_child(registrar.pid());
+        let mut local_proc = Some(local_proc);
+
         // 1. Inputs the builder lacks: ask once, then upload under the lock.
         let subst = self.settings.builders_use_substitutes();
         let missing = conn.serve.query_valid_paths(&inputs, true, subst).map_err(anyhow::Error::from)?;
@@ -376,7 +386,7 @@ impl Hook {
             let missing: Vec<String> = missing.into_iter().filter(|p| !valid.contains(p)).collect();
             if !missing.is_empty() {
                 let _act = Activity::start(Level::Info, &format!("copying {} paths to '{}'", missing.len(), m.uri));
-                let ls = self.local.serve().map_err(anyhow::Error::from)?;
+                let ls = self.local.serve_handshake(local_proc.take().expect("unused")).map_err(anyhow::Error::from)?;
                 let ls = local_serve.insert(ls);
                 copy::upload(&mut ls.1, &mut conn.serve, &missing).map_err(anyhow::Error::from)?;
             }
@@ -393,14 +403,14 @@ impl Hook {
         // 3. Outputs missing locally.
         let ls = match local_serve.as_mut() {
             Some(ls) => ls,
-            None => local_serve.insert(self.local.serve().map_err(anyhow::Error::from)?),
+            None => local_serve.insert(self.local.serve_handshake(local_proc.take().expect("unused")).map_err(anyhow::Error::from)?),
         };
         let want: Vec<String> = wanted.iter().map(|p| p.to_string()).collect();
         let valid = ls.1.query_valid_paths(&want, false, false).map_err(anyhow::Error::from)?;
         let fetch: Vec<StorePath> = wanted.into_iter().filter(|p| !valid.iter().any(|v| v == p.as_str())).collect();
         if !fetch.is_empty() {
             let _act = Activity::start(Level::Info, &format!("copying outputs from '{}'", m.uri));
-            copy::download(&mut conn.serve, &self.local, &fetch, &mut |p| signals::track_temp(p)).map_err(anyhow::Error::from)?;
+            copy::download(&mut conn.serve, &self.local, &fetch, registrar, &mut |p| signals::track_temp(p)).map_err(anyhow::Error::from)?;
         }
         if let Some((p, c)) = local_serve {
             drop(c);
@@ -408,6 +418,28 @@ impl Hook {
         }
         Ok(())
     }
+}
+
+/// Where shared-connection sockets go: the load directory when the socket
+/// path fits, else a private directory in /tmp; `None` disables sharing.
+fn control_dir(load: &LoadDir) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // sun_path holds 107 bytes; OpenSSH binds "<dir>/<%C: 40>.<16 random>" first.
+    const MAX_DIR: usize = 107 - 1 - 40 - 17;
+    let uid = unsafe { libc::geteuid() };
+    let preferred = load.private_dir("ssh");
+    let dir = if preferred.as_os_str().len() <= MAX_DIR { preferred } else { std::env::temp_dir().join(format!("build-hook-ssh-{uid}")) };
+    if dir.as_os_str().len() > MAX_DIR {
+        return None;
+    }
+    let _ = std::fs::create_dir_all(&dir);
+    let md = std::fs::symlink_metadata(&dir).ok()?;
+    // Never use a directory someone else could have prepared for us.
+    if !md.is_dir() || md.uid() != uid {
+        return None;
+    }
+    let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+    Some(dir)
 }
 
 enum JobError {

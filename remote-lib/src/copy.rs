@@ -4,7 +4,7 @@
 //! NAR hash and size verified before anything is registered.
 
 use crate::hash::{HashingReader, Sha256Hash};
-use crate::local_store::{LocalStore, LocalStoreError};
+use crate::local_store::{LocalStore, LocalStoreError, Registrar};
 use crate::nar::{self, NarError};
 use crate::serve::{PathInfo, ServeConn, ServeError};
 use crate::store_path::StorePath;
@@ -122,12 +122,14 @@ impl Drop for Cleanup {
 /// question, NAR requests pipelined, each NAR unpacked to a temporary name
 /// while being hashed, checked against the builder's hash and size, moved into
 /// place, and then all registered in one transaction. On any error nothing is
-/// registered and nothing is left behind. `on_temp` is told each temporary
-/// path (so a signal handler can remove it).
+/// registered and nothing is left behind. `registrar` is a registration
+/// process started ahead of time; `on_temp` is told each temporary path (so a
+/// signal handler can remove it).
 pub fn download<RR: Read, RW: Write>(
     remote: &mut ServeConn<RR, RW>,
     local: &LocalStore,
     outputs: &[StorePath],
+    registrar: Registrar,
     on_temp: &mut dyn FnMut(&std::path::Path),
 ) -> Result<u64, CopyError> {
     if outputs.is_empty() {
@@ -180,7 +182,7 @@ pub fn download<RR: Read, RW: Write>(
         i.nar_hash = Sha256Hash::parse(&i.nar_hash).map(|h| h.to_nix32_prefixed()).unwrap_or(i.nar_hash);
         i
     }).collect();
-    local.register_valid(&topo_sort(infos))?;
+    registrar.commit(&topo_sort(infos))?;
     cleanup.0.clear();
     Ok(received)
 }

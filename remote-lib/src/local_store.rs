@@ -101,11 +101,16 @@ impl LocalStore {
         Ok(Derivation::parse(drv.as_str(), &text)?)
     }
 
-    /// Starts a read-only local `nix-store --serve`.
-    pub fn serve(&self) -> Result<LocalServe, LocalStoreError> {
+    /// Starts a read-only local `nix-store --serve`; the handshake happens in
+    /// [`LocalStore::serve_handshake`], so the process can start up meanwhile.
+    pub fn spawn_serve(&self) -> Result<RemoteProcess, LocalStoreError> {
         let mut c = self.command();
         c.arg("--serve");
-        let mut p = RemoteProcess::spawn(c, StderrTap::default()).map_err(LocalStoreError::Spawn)?;
+        RemoteProcess::spawn(c, StderrTap::default()).map_err(LocalStoreError::Spawn)
+    }
+
+    /// Completes a session started by [`LocalStore::spawn_serve`].
+    pub fn serve_handshake(&self, mut p: RemoteProcess) -> Result<LocalServe, LocalStoreError> {
         let (r, w) = (p.stdout.take().expect("piped"), p.stdin.take().expect("piped"));
         match ServeConn::handshake(r, w) {
             Ok(conn) => Ok((p, conn)),
@@ -113,10 +118,41 @@ impl LocalStore {
         }
     }
 
+    /// Starts and opens a read-only local `nix-store --serve`.
+    pub fn serve(&self) -> Result<LocalServe, LocalStoreError> {
+        self.serve_handshake(self.spawn_serve()?)
+    }
+
+    /// Starts `nix-store --register-validity --hash-given` ahead of time. It
+    /// registers nothing until [`Registrar::commit`] closes its input, and a
+    /// registrar dropped without commit is killed, so nothing is registered.
+    pub fn start_registrar(&self) -> Result<Registrar, LocalStoreError> {
+        let mut c = self.command();
+        c.args(["--register-validity", "--hash-given"]).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
+        Ok(Registrar { child: Some(c.spawn().map_err(LocalStoreError::RegisterIo)?) })
+    }
+
     /// Registers paths whose contents are already in place, in one
     /// transaction. `infos` must be closed under references together with
     /// what is already valid.
     pub fn register_valid(&self, infos: &[PathInfo]) -> Result<(), LocalStoreError> {
+        self.start_registrar()?.commit(infos)
+    }
+}
+
+/// A waiting `nix-store --register-validity` (see [`LocalStore::start_registrar`]).
+pub struct Registrar {
+    child: Option<std::process::Child>,
+}
+
+impl Registrar {
+    /// The process id (to kill it on a signal).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Sends `infos` and waits for the registration.
+    pub fn commit(mut self, infos: &[PathInfo]) -> Result<(), LocalStoreError> {
         let mut input = String::new();
         for i in infos {
             input.push_str(&format!("{}\n{}\n{}\n{}\n{}\n", i.path, i.nar_hash, i.nar_size, i.deriver, i.references.len()));
@@ -125,9 +161,7 @@ impl LocalStore {
                 input.push('\n');
             }
         }
-        let mut c = self.command();
-        c.args(["--register-validity", "--hash-given"]).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
-        let mut child = c.spawn().map_err(LocalStoreError::RegisterIo)?;
+        let mut child = self.child.take().expect("not yet committed");
         let mut stdin = child.stdin.take().expect("piped");
         let w = stdin.write_all(input.as_bytes());
         drop(stdin);
@@ -140,6 +174,16 @@ impl LocalStore {
             });
         }
         Ok(())
+    }
+}
+
+impl Drop for Registrar {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // Killed before its input was closed: it has registered nothing.
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
