@@ -493,6 +493,18 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_file_parses_cleanly() {
+        let text = include_str!("../../machines.conf.example");
+        let p = run(text, &[]);
+        assert!(p.diagnostics.is_empty(), "{:?}", p.diagnostics);
+        assert_eq!(p.machines.len(), 3);
+        assert_eq!(p.machines[1].ssh.port, Some(2222));
+        assert_eq!(p.machines[0].speed_factor, 2.0);
+        assert!(p.machines[0].host_key.is_some());
+        assert_eq!(p.machines[2].mandatory_features, vec!["benchmark"]);
+    }
+
+    #[test]
     fn uri_parameters_are_read() {
         let p = run("ssh://b1?remote-program=/usr/bin/nix-store&remote-store=local%3Froot%3D%2Ftmp%2Fs&compress=true", &[]);
         let t = &p.machines[0].ssh;

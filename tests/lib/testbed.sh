@@ -47,6 +47,7 @@ tb_start_sshd() {
     hostname b$i
     mount --bind '$d/nix' /nix
     mount --bind '$d/etc-nix' /etc/nix
+    mount --bind '$d/root' /root
     exec /usr/sbin/sshd -D -f '$d/sshd_config' -E '$d/sshd.log'
   " </dev/null >/dev/null 2>&1 &
   echo $! > "$d/sshd.pid"; disown $! 2>/dev/null
@@ -68,6 +69,9 @@ tb_stop_sshd() {
   rm -f "$d/sshd.pid"
 }
 
+# (Each builder also gets its own /root, as a separate host would: the test
+# machine's own root dotfiles must not slow down or change every ssh session.)
+
 # Kill every process running inside builder I's namespace (sessions too).
 tb_kill_all() {
   local pids; pids=$(ip netns pids "$(tb_ns "$1")" 2>/dev/null)
@@ -81,7 +85,7 @@ tb_builder() {
   tb_kill_all "$i"
   ip netns del "$ns" 2>/dev/null
   ip link del "bhv$i" 2>/dev/null
-  rm -rf "$d"; mkdir -p "$d/nix" "$d/etc-nix" "$d/ssh"
+  rm -rf "$d"; mkdir -p "$d/nix" "$d/etc-nix" "$d/ssh" "$d/root"
   printf 'build-users-group =\nsandbox = false\nsubstituters =\nexperimental-features = nix-command\n' > "$d/etc-nix/nix.conf"
   ssh-keygen -q -t ed25519 -N '' -f "$d/ssh/host_ed25519" -C "b$i"
   cat > "$d/sshd_config" <<CFG
