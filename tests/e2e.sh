@@ -149,6 +149,101 @@ test_relative_paths_are_explained() {
   assert_contains "$log" "ssh key path 'client_key' is relative; the hook runs in '/', so it would be read as '/client_key'"
 }
 
+# An ssh that records "start end rc host" of every invocation (test only).
+ssh_logger() {
+  cat > "$TB/ssh-logger" <<'W'
+#!/usr/bin/env bash
+s=$(date +%s.%N); /usr/bin/ssh "$@"; rc=$?
+host=""; for a in "$@"; do [ "$prev" = "--" ] && host=$a; prev=$a; done
+echo "$s $(date +%s.%N) $rc $host" >> "$SSH_CALLS"; exit $rc
+W
+  chmod +x "$TB/ssh-logger"
+}
+
+health_field() { sed -n "s/^$2=//p" "$LOAD/build-hook/health/ssh:__root@10.201.$1.2"; }
+
+test_dead_builder_mid_run_is_skipped_then_used_again() {
+  reset_health
+  ssh_logger
+  machines 1:2 2:2
+  export SSH_CALLS="$TB/ssh-calls"; : > "$SSH_CALLS"
+  ev="$TB/events.dead"; : > "$ev"
+  BUILD_HOOK_SSH="$TB/ssh-logger" BUILD_HOOK_BACKOFF_BASE=10 \
+    nb "$NIX/par.nix" --arg n 24 --argstr seconds 1 --argstr events "$ev" --argstr nonce "$(nonce dead)" --argstr tag d >"$TB/dead.out" 2>&1 &
+  pid=$!
+  sleep 2
+  killed_at=$(date +%s.%N)
+  tb_kill_all 2          # sshd, its sessions and the builds running there
+  wait $pid || { cat "$TB/dead.out"; fail "the run failed although b1 was alive"; }
+  grep -q "failed (connection lost during a build" "$TB/dead.out" || grep -q "cannot reach\|failed (" "$TB/dead.out" || fail "no failover message"
+  cat "$TB/dead.out" | grep build-hook
+  [ "$(health_field 2 failures)" -ge 1 ] || fail "b2 not recorded as failing"
+  slots_free 1 2 && slots_free 2 2 || fail "slot left locked"
+  # Every failed attempt on b2 gave up within one connect timeout (+1 s slack),
+  # and after the first failure nobody tried b2 again during its back-off (>= 8 s).
+  python3 - "$SSH_CALLS" "$killed_at" "$BUILD_HOOK_CONNECT_TIMEOUT" <<'PY' || fail "dead builder was waited on or retried too soon"
+import sys
+calls = [l.split() for l in open(sys.argv[1]) if l.strip()]
+killed, ct = float(sys.argv[2]), float(sys.argv[3])
+b2 = [(float(s), float(e), int(rc)) for s, e, rc, h in calls if h == "root@10.201.2.2"]
+failed = [c for c in b2 if c[2] != 0]
+assert failed, "no failed attempt on b2 recorded"
+first_fail_end = min(e for s, e, rc in failed)
+for s, e, rc in failed:
+    if s > killed:
+        assert e - s <= ct + 1, f"an attempt on b2 took {e-s:.1f}s"
+late = [s for s, e, rc in b2 if first_fail_end + ct < s < first_fail_end + 8]
+print(f"{len(b2)} calls to b2, {len(failed)} failed; first failure ended {first_fail_end-killed:.2f}s after the kill; calls during back-off: {len(late)}")
+assert not late, f"b2 was tried during its back-off at {[round(x-first_fail_end,2) for x in late]}"
+PY
+  # Bring it back: after its back-off it takes builds again.
+  tb_start_sshd 2
+  wait_until=$(health_field 2 retry_after)
+  while [ "$(date +%s)" -le "$wait_until" ]; do sleep 0.5; done
+  ev2="$TB/events.back"; : > "$ev2"
+  nb "$NIX/par.nix" --arg n 8 --argstr seconds 1 --argstr events "$ev2" --argstr nonce "$(nonce back)" --argstr tag back >/dev/null 2>&1 || fail "second run failed"
+  grep -q '^b2 start' "$ev2" || fail "b2 did not take builds after it came back"
+  [ "$(health_field 2 failures)" = 0 ] || fail "b2's failures were not reset by a success"
+}
+
+test_racing_hooks_keep_the_health_state_readable() {
+  # Fresh load directory, 2 nix-builds in parallel, one builder refusing
+  # connections: every health record must stay whole.
+  local fresh; fresh=$(mktemp -d)
+  tb_stop_sshd 2
+  machines 2:2 1:2
+  for k in 1 2; do
+    NIX_CURRENT_LOAD=$fresh nb "$NIX/par.nix" --arg n 10 --argstr seconds 0 --argstr events "$TB/events.race" --argstr nonce "$(nonce race$k)" --argstr tag r$k >/dev/null 2>&1 &
+  done
+  wait; rc=$?
+  tb_start_sshd 2
+  ls -la "$fresh/build-hook/health"
+  for f in "$fresh"/build-hook/health/*; do
+    cat "$f"
+    python3 - "$f" <<'PY' || fail "corrupt health record $f"
+import sys
+lines = open(sys.argv[1]).read().split("\n")
+assert lines[0] == "build-hook-health v1" and lines[-1] == "", lines
+kv = dict(l.split("=", 1) for l in lines[1:-1])
+for k in ("last_success", "failures", "retry_after"): int(kv[k])
+PY
+  done
+  [ "$(ls "$fresh/build-hook/health" | wc -l)" = 2 ] || fail "expected one record per machine and no temporary files"
+  grep -q '^failures=[1-9]' "$fresh/build-hook/health/ssh:__root@10.201.2.2" || fail "b2's failure not recorded"
+  rm -rf "$fresh"
+}
+
+test_second_build_reuses_the_ssh_connection() {
+  reset_health
+  machines 1:2
+  nb "$NIX/chain.nix" -A dep --argstr nonce "$(nonce reuse1)" >/dev/null 2>&1 || fail "first build failed"
+  before=$(grep -c "Accepted publickey" "$TB/b1/sshd.log")
+  nb "$NIX/chain.nix" -A top --argstr nonce "$(nonce reuse2)" >/dev/null 2>&1 || fail "second build failed"
+  after=$(grep -c "Accepted publickey" "$TB/b1/sshd.log")
+  echo "ssh logins on b1: $before before, $after after two more builds"
+  [ "$after" = "$before" ] || fail "a new SSH handshake was made for a build within the sharing window"
+}
+
 main() {
   tb_up 2 >/dev/null || { echo "cannot bring up the test bed"; exit 1; }
   local all=(
@@ -156,7 +251,8 @@ main() {
     failing_build_reports_builder_message unreachable_builder_is_named
     unreachable_builder_falls_back_to_another twelve_parallel_over_two_builders_respect_max_jobs
     builtin_hook_and_ours_share_the_load_directory bad_machines_line_is_reported_and_skipped
-    relative_paths_are_explained
+    relative_paths_are_explained second_build_reuses_the_ssh_connection
+    racing_hooks_keep_the_health_state_readable dead_builder_mid_run_is_skipped_then_used_again
   )
   local sel=("$@"); [ ${#sel[@]} -eq 0 ] && sel=("${all[@]}")
   for t in "${sel[@]}"; do t_run "$t" "test_$t"; done

@@ -264,68 +264,97 @@ impl Hook {
         }
     }
 
-    /// Runs the accepted job; returns the exit status for Nix.
+    /// Runs the accepted job; returns the exit status for Nix. A builder that
+    /// cannot be reached, or whose connection drops before the outputs are
+    /// home, is recorded as failing and the job moves to another eligible
+    /// builder; each builder is tried at most once.
     pub fn run_job(&mut self, req: &TryRequest, mut acc: Accept, sets: Accepted) -> i32 {
         let log = signals::build_log();
-        // Make sure we have a connection, failing over if needed.
         let mut tried: Vec<String> = Vec::new();
-        let mut conn = loop {
-            if let Some(c) = acc.conn.take() {
-                break c;
-            }
+        loop {
             let uri = self.machines[acc.index].uri.clone();
-            match self.connect(acc.index) {
-                Ok(c) => break c,
-                Err(why) => {
-                    tried.push(format!("{uri}: {why}"));
-                    match self.failover(req) {
-                        Ok(Some((i, s))) => {
-                            out::msg(Level::Warn, &format!("build-hook: cannot reach '{uri}' ({}); building on '{}' instead", first_line(&why), self.machines[i].uri));
-                            acc = Accept { index: i, slot: s, conn: None };
-                        }
-                        Ok(None) => {
-                            out::msg(Level::Error, &format!("build-hook: cannot build '{}': no builder could be reached:\n  {}", req.drv_path, tried.join("\n  ")));
-                            return 1;
-                        }
-                        Err(e) => {
-                            out::msg(Level::Error, &format!("build-hook: {e:#}"));
-                            return 1;
+            let mut conn = match acc.conn.take() {
+                Some(c) => c,
+                None => match self.connect(acc.index) {
+                    Ok(c) => c,
+                    Err(why) => {
+                        tried.push(format!("{uri}: {why}"));
+                        match self.move_job(req, &uri, first_line(&why), &tried) {
+                            Some(next) => {
+                                acc = next;
+                                continue;
+                            }
+                            None => return 1,
                         }
                     }
+                },
+            };
+            if let Ok(l) = log.try_clone() {
+                conn.proc.tap.forward_to(l);
+            }
+            let res = self.build_on(&self.machines[acc.index].clone(), req, &sets, &mut conn);
+            // The builder's work is over: free the slot before anything that may
+            // wait on Nix (draining the log pipe).
+            drop(acc.slot);
+            let tail = conn.proc.tap.tail();
+            match res {
+                Ok(()) => {
+                    let _ = conn.finish();
+                    return 0;
+                }
+                Err(JobError::BuildFailed { status, msg }) => {
+                    out::msg(Level::Error, &format!("build of '{}' on '{uri}' failed: {msg}", req.drv_path));
+                    let _ = conn.finish();
+                    return match status {
+                        3 => 100,
+                        8 => 101,
+                        _ => 1,
+                    };
+                }
+                Err(JobError::Other(e)) => {
+                    let said = conn.kill();
+                    let said = if said.is_empty() { tail } else { said };
+                    let lost = e.chain().any(|c| matches!(c.downcast_ref::<ServeError>(), Some(ServeError::Closed { .. })));
+                    if lost {
+                        let why = match last_line(&said) {
+                            "" => "connection lost during a build".to_string(),
+                            l => format!("connection lost during a build: {l}"),
+                        };
+                        let (policy, j) = (self.cfg.backoff, health::jitter());
+                        self.health.update(&uri, |h| h.failed(health::now(), &why, policy, j));
+                        self.failed.insert(acc.index, why.clone());
+                        tried.push(format!("{uri}: {why}"));
+                        match self.move_job(req, &uri, &why, &tried) {
+                            Some(next) => {
+                                acc = next;
+                                continue;
+                            }
+                            None => return 1,
+                        }
+                    }
+                    let said = if said.is_empty() { String::new() } else { format!("\n  the builder said: {}", said.replace('\n', "\n    ")) };
+                    out::msg(Level::Error, &format!("build-hook: building '{}' on '{uri}' failed: {}{said}", req.drv_path, error_chain(&*e)));
+                    return 1;
                 }
             }
-        };
-        let m = self.machines[acc.index].clone();
-        conn.proc.tap.forward_to(log);
-        let res = self.build_on(&m, req, &sets, &mut conn);
-        // The builder's work is over: free the slot before anything that may
-        // wait on Nix (draining the log pipe).
-        drop(acc.slot);
-        let tail = conn.proc.tap.tail();
-        match res {
-            Ok(()) => {
-                let _ = conn.finish();
-                0
+        }
+    }
+
+    /// Finds another builder for a job whose builder failed, or reports every
+    /// builder tried and why.
+    fn move_job(&mut self, req: &TryRequest, from: &str, why: &str, tried: &[String]) -> Option<Accept> {
+        match self.failover(req) {
+            Ok(Some((i, s))) => {
+                out::msg(Level::Warn, &format!("build-hook: '{from}' failed ({why}); building '{}' on '{}' instead", req.drv_path, self.machines[i].uri));
+                Some(Accept { index: i, slot: s, conn: None })
             }
-            Err(JobError::BuildFailed { status, msg }) => {
-                out::msg(Level::Error, &format!("build of '{}' on '{}' failed: {msg}", req.drv_path, m.uri));
-                let _ = conn.finish();
-                match status {
-                    3 => 100,
-                    8 => 101,
-                    _ => 1,
-                }
+            Ok(None) => {
+                out::msg(Level::Error, &format!("build-hook: cannot build '{}': no builder is left:\n  {}", req.drv_path, tried.join("\n  ")));
+                None
             }
-            Err(JobError::Other(e)) => {
-                let lost = e.chain().any(|c| matches!(c.downcast_ref::<ServeError>(), Some(ServeError::Closed { .. })));
-                if lost {
-                    let (policy, j) = (self.cfg.backoff, health::jitter());
-                    self.health.update(&m.uri, |h| h.failed(health::now(), "connection lost during a build", policy, j));
-                }
-                let said = if tail.is_empty() { String::new() } else { format!("\n  the builder said: {}", tail.replace('\n', "\n    ")) };
-                out::msg(Level::Error, &format!("build-hook: building '{}' on '{}' failed: {}{said}", req.drv_path, m.uri, error_chain(&*e)));
-                drop(conn.kill());
-                1
+            Err(e) => {
+                out::msg(Level::Error, &format!("build-hook: {e:#}"));
+                None
             }
         }
     }
@@ -469,6 +498,6 @@ fn first_line(s: &str) -> &str {
 }
 
 fn last_line(s: &str) -> &str {
-    s.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or(s)
+    s.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("")
 }
 
