@@ -75,7 +75,7 @@ tb_stop_sshd() {
 # Kill every process running inside builder I's namespace (sessions too).
 tb_kill_all() {
   local pids; pids=$(ip netns pids "$(tb_ns "$1")" 2>/dev/null)
-  [ -n "$pids" ] && kill -9 $pids 2>/dev/null
+  if [ -n "$pids" ]; then kill -9 $pids 2>/dev/null || true; fi
   rm -f "$TB/b$1/sshd.pid"
 }
 
@@ -138,8 +138,8 @@ tb_shape() {
 }
 
 tb_unshape() {
-  tc qdisc del dev "bhv$1" root 2>/dev/null
-  ip netns exec "$(tb_ns "$1")" tc qdisc del dev "bhp$1" root 2>/dev/null
+  tc qdisc del dev "bhv$1" root 2>/dev/null || true
+  ip netns exec "$(tb_ns "$1")" tc qdisc del dev "bhp$1" root 2>/dev/null || true
   true
 }
 

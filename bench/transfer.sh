@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Transfer benchmark: real nix-build of a derivation with 20 inputs (100 MB:
+# half text-like, half random) whose output copies them back, through our hook
+# and Nix's built-in hook in the same run, on a fresh builder store every time,
+# on an unshaped veth link and on a 100 Mbit/s tbf link; then the same with
+# all-random data; then the hook's peak RSS while moving a 1 GiB path each way.
+# Usage (root): bash bench/transfer.sh [ROUNDS=2]
+set -eu
+ROUNDS=${1:-2}
+cd "$(dirname "$0")/.."
+bash scripts/install-deps.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+cargo build --release --locked --bin build-hook 2>&1 | tail -1
+source tests/lib/testbed.sh
+tb_up 1 >/dev/null
+trap tb_down EXIT
+tb_machines_line 1 4 > "$TB/machines"
+OURS=$PWD/target/release/build-hook
+BUILTIN=/usr/libexec/nix/build-remote
+DATA=${BH_BENCH_DATA:-/tmp/bh-bench-data}
+mkdir -p "$DATA"
+bash bench/make-data.sh "$DATA" 20 5 mixed > "$DATA/mixed.nix"
+bash bench/make-data.sh "$DATA" 20 5 random > "$DATA/random.nix"
+
+# one HOOK INPUTS -> seconds for a fresh build on a fresh builder store
+one() {
+  tb_wipe_store 1 >/dev/null
+  local t0; t0=$(date +%s.%N)
+  nix-build bench/transfer.nix --arg inputsFile "$2" --argstr nonce "t$(date +%s%N)" \
+    --max-jobs 0 --builders "@$TB/machines" --option build-hook "$1" --no-out-link >/dev/null 2>"$TB/transfer.err" \
+    || { cat "$TB/transfer.err"; echo "build failed with $1"; exit 1; }
+  python3 -c "print(f'{$(date +%s.%N)-$t0:.2f}')"
+}
+
+compare() { # compare LABEL INPUTS
+  local o=() b=() r
+  for r in $(seq 1 "$ROUNDS"); do o+=("$(one "$OURS" "$2")"); b+=("$(one "$BUILTIN" "$2")"); done
+  python3 - "$1" "${o[*]}" "${b[*]}" <<'PY'
+import sys, statistics
+label, o, b = sys.argv[1], [float(x) for x in sys.argv[2].split()], [float(x) for x in sys.argv[3].split()]
+mo, mb = statistics.median(o), statistics.median(b)
+print(f"{label:34s} build-hook {mo:6.2f} s  nix build-remote {mb:6.2f} s  ratio {mb/mo:5.2f}x   (runs: {o} vs {b})")
+PY
+}
+
+echo "== 20 inputs, 100 MB, out copies them back; fresh builder store each run; median of $ROUNDS"
+tb_unshape 1
+compare "mixed, unshaped veth" "$DATA/mixed.nix"
+compare "all random, unshaped veth" "$DATA/random.nix"
+tb_shape 1 100mbit
+compare "mixed, 100 Mbit/s tbf" "$DATA/mixed.nix"
+compare "all random, 100 Mbit/s tbf" "$DATA/random.nix"
+tb_unshape 1
+
+echo "== peak RSS of build-hook moving a 1 GiB path (input up, output down)"
+bash bench/make-data.sh "$DATA" 1 1074 random > "$DATA/big.nix"
+cat > "$TB/rss-hook" <<W
+#!/bin/sh
+exec /usr/bin/time -f "%M" -a -o "$TB/rss.txt" "$OURS" "\$@"
+W
+chmod +x "$TB/rss-hook"; : > "$TB/rss.txt"
+t=$(one "$TB/rss-hook" "$DATA/big.nix")
+echo "1 GiB up and 1 GiB down in $t s; peak RSS of the hook: $(sort -n "$TB/rss.txt" | tail -1) KiB"
