@@ -244,6 +244,52 @@ test_second_build_reuses_the_ssh_connection() {
   [ "$after" = "$before" ] || fail "a new SSH handshake was made for a build within the sharing window"
 }
 
+# evil_builder DIRECTION MODE: machines entry for b1 whose remote-program
+# damages the stream in DIRECTION (up: into nix-store, down: out of it).
+evil_builder() {
+  local w="$TB/evil-nix-store"
+  printf '#!/bin/sh\nexec python3 %s %s %s 2000000 nix-store "$@"\n' "$REPO/tests/lib/mangle.py" "$1" "$2" > "$w"
+  chmod +x "$w"
+  echo "ssh://root@10.201.1.2?remote-program=$w x86_64-linux $TB/client_key 2 1 - - $(tb_hostkey_b64 1)" > "$TB/machines"
+}
+
+remote_valid() { ssh -i "$TB/client_key" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR \
+  -o ControlPath=none root@10.201.1.2 nix-store --check-validity "$1" 2>/dev/null; }
+
+test_corrupted_or_truncated_streams_are_detected_and_nothing_is_registered() {
+  local input
+  for level in 0 3; do
+    for dir in down up; do
+      for mode in flip cut; do
+        # a fresh input, so that it really has to be uploaded
+        head -c 4000000 /dev/urandom > "$TB/big-input-$level-$dir-$mode"; input=$(nix-store --add "$TB/big-input-$level-$dir-$mode")
+        reset_health
+        evil_builder "$dir" "$mode"
+        log="$TB/corrupt-$level-$dir-$mode.log"
+        drv=$(nix-instantiate "$NIX/big.nix" --argstr nonce "$(nonce corrupt)" --arg input "$input" 2>/dev/null)
+        out=$(nix-store -q --outputs "$drv")
+        BUILD_HOOK_COMPRESS=$level nb "$drv" >"$log" 2>&1 && { cat "$log"; fail "$dir/$mode/zstd $level: the build succeeded"; }
+        echo "--- zstd $level, $dir, $mode:"; grep -E "build-hook|error" "$log" | head -4
+        ! nix-store --check-validity "$out" 2>/dev/null || fail "$dir/$mode: a corrupt output was registered locally"
+        [ ! -e "$out" ] || fail "$dir/$mode: $out left on disk"
+        ! ls -a /nix/store | grep -q '\.build-hook-' || fail "$dir/$mode: temporary files left in the store"
+        if [ "$dir" = up ]; then
+          ! remote_valid "$input" || fail "up/$mode: the damaged input was registered on the builder"
+        fi
+        if [ "$dir/$mode" = up/flip ]; then
+          assert_contains "$log" "hash mismatch importing path"   # the builder's own words reach the user
+          assert_contains "$log" "the builder said"
+        elif [ "$dir/$mode" = down/flip ]; then
+          assert_contains "$log" "NAR hash mismatch"
+        else
+          grep -qiE "malformed NAR|unexpected end|connection ended|connection lost" "$log" || fail "no clear error for a truncated stream"
+        fi
+        slots_free 1 2 || fail "slot left locked"
+      done
+    done
+  done
+}
+
 main() {
   tb_up 2 >/dev/null || { echo "cannot bring up the test bed"; exit 1; }
   local all=(
@@ -253,6 +299,7 @@ main() {
     builtin_hook_and_ours_share_the_load_directory bad_machines_line_is_reported_and_skipped
     relative_paths_are_explained second_build_reuses_the_ssh_connection
     racing_hooks_keep_the_health_state_readable dead_builder_mid_run_is_skipped_then_used_again
+    corrupted_or_truncated_streams_are_detected_and_nothing_is_registered
   )
   local sel=("$@"); [ ${#sel[@]} -eq 0 ] && sel=("${all[@]}")
   for t in "${sel[@]}"; do t_run "$t" "test_$t"; done

@@ -25,6 +25,8 @@ pub struct Config {
     /// How long a `try` may wait for a busy machine's slot before answering
     /// `# postpone` (after which Nix sleeps its `build-poll-interval`).
     pub slot_wait_ms: u64,
+    /// zstd level for bulk copies: None = learn per builder, 0 = never.
+    pub compress: Option<i32>,
     pub sshopts: String,
     pub current_load: Option<PathBuf>,
     pub remote_systems: Option<String>,
@@ -56,6 +58,12 @@ impl Config {
             healthy_window: num("BUILD_HOOK_HEALTHY_WINDOW", 600)?,
             backoff: Backoff { base_secs: num("BUILD_HOOK_BACKOFF_BASE", 5)?, cap_secs: num("BUILD_HOOK_BACKOFF_CAP", 300)? },
             slot_wait_ms: num("BUILD_HOOK_SLOT_WAIT_MS", 3000)?,
+            compress: match var("BUILD_HOOK_COMPRESS").as_deref() {
+                None | Some("auto") => None,
+                Some(v) => Some(v.parse::<i32>().ok().filter(|l| (0..=19).contains(l)).ok_or_else(|| {
+                    format!("environment variable BUILD_HOOK_COMPRESS='{v}' must be 'auto' or a zstd level from 0 (off) to 19")
+                })?),
+            },
             sshopts: var("NIX_SSHOPTS").unwrap_or_default(),
             current_load: var("NIX_CURRENT_LOAD").map(PathBuf::from),
             remote_systems: var("NIX_REMOTE_SYSTEMS"),

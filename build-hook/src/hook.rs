@@ -314,10 +314,12 @@ impl Hook {
                 Err(JobError::Other(e)) => {
                     let said = conn.kill();
                     let said = if said.is_empty() { tail } else { said };
-                    let lost = e.chain().any(|c| matches!(c.downcast_ref::<ServeError>(), Some(ServeError::Closed { .. })));
-                    if lost {
+                    // Nix's server reports what it refused as "error: ..." and exits;
+                    // a session that ended without that lost its connection.
+                    let closed = e.chain().any(|c| matches!(c.downcast_ref::<ServeError>(), Some(ServeError::Closed { .. })));
+                    if closed && remote_error(&said).is_none() {
                         let why = match last_line(&said) {
-                            "" => "connection lost during a build".to_string(),
+                            "" => format!("connection lost during a build ({})", error_chain(&*e)),
                             l => format!("connection lost during a build: {l}"),
                         };
                         let (policy, j) = (self.cfg.backoff, health::jitter());
@@ -371,6 +373,51 @@ impl Hook {
         }
     }
 
+    /// The zstd level for bulk copies with `m` (0: raw over the interactive
+    /// session): forced by BUILD_HOOK_COMPRESS, else learned per builder;
+    /// whether the builder has zstd is asked once and remembered.
+    fn bulk_level(&self, m: &Machine) -> i32 {
+        if self.cfg.compress == Some(0) {
+            return 0;
+        }
+        let mut h = self.health.get(&m.uri);
+        if h.zstd.is_none() {
+            let has = transport::ssh_script(m, &self.ssh, transport::ZSTD_PROBE)
+                .ok()
+                .and_then(|mut c| c.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).status().ok())
+                .map(|s| s.success())
+                .unwrap_or(false);
+            h = self.health.update(&m.uri, |h| h.zstd = Some(has));
+            if !has {
+                out::msg(Level::Talkative, &format!("build-hook: '{}' has no zstd; copies to and from it are not compressed", m.uri));
+            }
+        }
+        if h.zstd != Some(true) {
+            return 0;
+        }
+        self.cfg.compress.unwrap_or_else(|| h.compress.unwrap_or(health::DEFAULT_LEVEL))
+    }
+
+    fn bulk_session(&self, m: &Machine, bulk: transport::Bulk) -> Result<RemoteProcess, JobError> {
+        let cmd = transport::ssh_script(m, &self.ssh, &transport::bulk_script(m, bulk)).map_err(anyhow::Error::from)?;
+        let p = RemoteProcess::spawn(cmd, StderrTap::default()).map_err(anyhow::Error::from)?;
+        signals::track_child(p.child.id());
+        Ok(p)
+    }
+
+    /// Reports a transfer and learns the level for the next one.
+    fn learn(&self, m: &Machine, level: i32, moved: copy::Moved, t: std::time::Instant, what: &str) {
+        let secs = t.elapsed().as_secs_f64();
+        let how = if level > 0 { format!("zstd -{level}, {:.1} MB on the wire", moved.wire as f64 / 1e6) } else { "uncompressed".into() };
+        out::msg(Level::Talkative, &format!("build-hook: {what} '{}': {} ({how})", m.uri, rate(moved.nar, t)));
+        if self.cfg.compress.is_none() && level >= 0 {
+            let next = health::next_level(level, moved.nar, secs);
+            if Some(next) != self.health.get(&m.uri).compress {
+                self.health.update(&m.uri, |h| h.compress = Some(next));
+            }
+        }
+    }
+
     fn build_on(&mut self, m: &Machine, req: &TryRequest, sets: &Accepted, conn: &mut Conn) -> Result<(), JobError> {
         let drv_path = StorePath::parse(&self.local.store_dir, &req.drv_path).map_err(anyhow::Error::from)?;
         let inputs: Vec<String> = sets
@@ -417,9 +464,18 @@ impl Hook {
                 let _act = Activity::start(Level::Info, &format!("copying {} paths to '{}'", missing.len(), m.uri));
                 let ls = self.local.serve_handshake(local_proc.take().expect("unused")).map_err(anyhow::Error::from)?;
                 let ls = local_serve.insert(ls);
+                let level = self.bulk_level(m);
                 let t = std::time::Instant::now();
-                let n = copy::upload(&mut ls.1, &mut conn.serve, &missing).map_err(anyhow::Error::from)?;
-                out::msg(Level::Talkative, &format!("build-hook: copied {} paths to '{}': {}", missing.len(), m.uri, rate(n, t)));
+                let moved = if level > 0 {
+                    let mut bulk = self.bulk_session(m, transport::Bulk::Upload)?;
+                    let (w, r) = (bulk.stdin.take().expect("piped"), bulk.stdout.take().expect("piped"));
+                    let res = copy::upload_bulk(&mut ls.1, w, r, &missing, level);
+                    finish_bulk(bulk, res)?
+                } else {
+                    let nar = copy::upload(&mut ls.1, &mut conn.serve, &missing).map_err(anyhow::Error::from)?;
+                    copy::Moved { nar, wire: nar }
+                };
+                self.learn(m, level, moved, t, &format!("copied {} paths to", missing.len()));
             }
         }
 
@@ -441,9 +497,19 @@ impl Hook {
         let fetch: Vec<StorePath> = wanted.into_iter().filter(|p| !valid.iter().any(|v| v == p.as_str())).collect();
         if !fetch.is_empty() {
             let _act = Activity::start(Level::Info, &format!("copying outputs from '{}'", m.uri));
+            let level = self.bulk_level(m);
             let t = std::time::Instant::now();
-            let n = copy::download(&mut conn.serve, &self.local, &fetch, registrar, &mut |p| signals::track_temp(p)).map_err(anyhow::Error::from)?;
-            out::msg(Level::Talkative, &format!("build-hook: copied {} outputs from '{}': {}", fetch.len(), m.uri, rate(n, t)));
+            let moved = if level > 0 {
+                let infos = copy::remote_infos(&mut conn.serve, &fetch).map_err(anyhow::Error::from)?;
+                let mut bulk = self.bulk_session(m, transport::Bulk::Download { level })?;
+                let (w, r) = (bulk.stdin.take().expect("piped"), bulk.stdout.take().expect("piped"));
+                let res = copy::download_bulk(w, r, infos, &self.local, &fetch, registrar, &mut |p| signals::track_temp(p));
+                finish_bulk(bulk, res)?
+            } else {
+                let nar = copy::download(&mut conn.serve, &self.local, &fetch, registrar, &mut |p| signals::track_temp(p)).map_err(anyhow::Error::from)?;
+                copy::Moved { nar, wire: nar }
+            };
+            self.learn(m, level, moved, t, &format!("copied {} outputs from", fetch.len()));
         }
         if let Some((p, c)) = local_serve {
             drop(c);
@@ -475,6 +541,32 @@ fn control_dir(load: &LoadDir) -> Option<std::path::PathBuf> {
     Some(dir)
 }
 
+/// Waits for a bulk session and turns its outcome into the job's: the
+/// builder's own words when it refused something, a lost connection as such
+/// (so the job fails over).
+fn finish_bulk(bulk: RemoteProcess, res: Result<copy::Moved, copy::CopyError>) -> Result<copy::Moved, JobError> {
+    match res {
+        Ok(moved) => {
+            let (status, tail) = bulk.finish();
+            match status {
+                Some(s) if s.success() => Ok(moved),
+                _ => Err(anyhow::anyhow!("the bulk copy session ended badly: {}", if tail.is_empty() { "no message" } else { &tail }).into()),
+            }
+        }
+        Err(e) => {
+            let tail = bulk.kill();
+            let closed = matches!(&e, copy::CopyError::Serve { source: ServeError::Closed { .. }, .. });
+            let e = anyhow::Error::from(e);
+            if closed && remote_error(&tail).is_none() {
+                // The session vanished without Nix saying why: the link or the builder went away.
+                return Err(anyhow::Error::from(ServeError::Closed { during: "a bulk copy" }).context(format!("{e:#}")).into());
+            }
+            // The builder refused (or we failed): not a lost connection, so no fail-over.
+            Err(anyhow::anyhow!("{e:#}{}", if tail.is_empty() { String::new() } else { format!("\n  the builder said: {}", tail.replace('\n', "\n    ")) }).into())
+        }
+    }
+}
+
 enum JobError {
     BuildFailed { status: u64, msg: String },
     Other(anyhow::Error),
@@ -502,6 +594,29 @@ fn rate(bytes: u64, since: std::time::Instant) -> String {
     let secs = since.elapsed().as_secs_f64();
     let mb = bytes as f64 / 1e6;
     format!("{mb:.1} MB of NAR in {secs:.2} s ({:.1} MB/s)", mb / secs.max(1e-6))
+}
+
+/// The `error: ...` line a Nix process printed before exiting, if any
+/// (ANSI colour codes removed).
+fn remote_error(tail: &str) -> Option<String> {
+    tail.lines().map(strip_ansi).find(|l| l.trim_start().starts_with("error:"))
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn first_line(s: &str) -> &str {

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 /// What went wrong while copying.
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
-    #[error("{side}: {source}")]
+    #[error("while talking to the {side}")]
     Serve {
         side: &'static str,
         #[source]
@@ -108,23 +108,22 @@ pub fn upload<LR: Read, LW: Write, RR: Read, RW: Write>(
     Ok(sent)
 }
 
-/// Removes partially unpacked outputs unless disarmed.
-struct Cleanup(Vec<PathBuf>);
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for p in &self.0 {
-            let _ = nar::remove_tree(p);
+/// Asks the builder for the metadata of `outputs` (one question); every one
+/// must be valid there.
+pub fn remote_infos<RR: Read, RW: Write>(remote: &mut ServeConn<RR, RW>, outputs: &[StorePath]) -> Result<Vec<PathInfo>, CopyError> {
+    let names: Vec<String> = outputs.iter().map(|p| p.to_string()).collect();
+    let infos = remote.query_path_infos(&names).map_err(|source| CopyError::Serve { side: "builder", source })?;
+    for p in &names {
+        if !infos.iter().any(|i| &i.path == p) {
+            return Err(CopyError::MissingRemotely { path: p.clone() });
         }
     }
+    Ok(infos)
 }
 
-/// Downloads `outputs` from the builder into the local store: metadata in one
-/// question, NAR requests pipelined, each NAR unpacked to a temporary name
-/// while being hashed, checked against the builder's hash and size, moved into
-/// place, and then all registered in one transaction. On any error nothing is
-/// registered and nothing is left behind. `registrar` is a registration
-/// process started ahead of time; `on_temp` is told each temporary path (so a
-/// signal handler can remove it).
+/// Downloads `outputs` over the interactive session: metadata in one
+/// question, NAR requests pipelined, then [`receive_nars`]. Returns the NAR
+/// bytes received.
 pub fn download<RR: Read, RW: Write>(
     remote: &mut ServeConn<RR, RW>,
     local: &LocalStore,
@@ -135,28 +134,171 @@ pub fn download<RR: Read, RW: Write>(
     if outputs.is_empty() {
         return Ok(0);
     }
-    let names: Vec<String> = outputs.iter().map(|p| p.to_string()).collect();
-    let infos = remote.query_path_infos(&names).map_err(|source| CopyError::Serve { side: "builder", source })?;
-    for p in &names {
-        if !infos.iter().any(|i| &i.path == p) {
-            return Err(CopyError::MissingRemotely { path: p.clone() });
-        }
-    }
+    let infos = remote_infos(remote, outputs)?;
     for i in &infos {
         remote.send_dump_store_path(&i.path).map_err(|source| CopyError::Serve { side: "builder", source })?;
     }
     remote.flush().map_err(|source| CopyError::Serve { side: "builder", source })?;
+    receive_nars(remote.reader(), infos, outputs, local, registrar, on_temp)
+}
+
+/// Counts bytes passing through a reader or writer.
+pub struct Counter<T> {
+    pub inner: T,
+    pub count: u64,
+}
+
+impl<T: Read> Read for Counter<T> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+impl<T: Write> Write for Counter<T> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Bytes moved by a bulk transfer: NAR bytes and bytes on the wire.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Moved {
+    pub nar: u64,
+    pub wire: u64,
+}
+
+/// Downloads outputs over a one-directional bulk session whose replies are
+/// zstd-compressed (`nix-store --serve --write | zstd` on the builder): all
+/// `DumpStorePath` requests are written and the input closed, then the
+/// decompressed replies go through [`receive_nars`]. `infos` come from
+/// [`remote_infos`] on the interactive session.
+pub fn download_bulk<W: Write, R: Read>(
+    mut requests: W,
+    replies: R,
+    infos: Vec<PathInfo>,
+    local: &LocalStore,
+    outputs: &[StorePath],
+    registrar: Registrar,
+    on_temp: &mut dyn FnMut(&std::path::Path),
+) -> Result<Moved, CopyError> {
+    let bulk = |source| CopyError::Serve { side: "builder (bulk session)", source };
+    let io = |source: io::Error| bulk(ServeError::Io { during: "sending requests", source });
+    crate::serve::write_client_hello(&mut requests).map_err(io)?;
+    for i in &infos {
+        crate::serve::write_dump_store_path(&mut requests, &i.path).map_err(io)?;
+    }
+    requests.flush().map_err(io)?;
+    drop(requests);
+    let mut wire = Counter { inner: replies, count: 0 };
+    let dec = zstd::stream::read::Decoder::new(&mut wire).map_err(|e| bulk(ServeError::Io { during: "starting zstd", source: e }))?;
+    let mut dec = io::BufReader::with_capacity(256 * 1024, dec);
+    crate::serve::read_server_hello(&mut dec).map_err(bulk)?;
+    let nar = receive_nars(&mut dec, infos, outputs, local, registrar, on_temp)?;
+    drop(dec);
+    Ok(Moved { nar, wire: wire.count })
+}
+
+/// Uploads `missing` over a one-directional bulk session whose requests are
+/// zstd-compressed at `level` (`zstd -d | nix-store --serve --write` on the
+/// builder): handshake, every `AddToStoreNar` with its NAR in dependency
+/// order, end of stream; then the server's raw handshake and one
+/// acknowledgement per path. The builder's Nix verifies every NAR's hash and
+/// size before it registers the path.
+pub fn upload_bulk<LR: Read, LW: Write, W: Write, R: Read + Send + 'static>(
+    local: &mut ServeConn<LR, LW>,
+    requests: W,
+    replies: R,
+    missing: &[String],
+    level: i32,
+) -> Result<Moved, CopyError> {
+    if missing.is_empty() {
+        return Ok(Moved::default());
+    }
+    let infos = local.query_path_infos(missing).map_err(|source| CopyError::Serve { side: "local store", source })?;
+    if let Some(p) = missing.iter().find(|p| !infos.iter().any(|i| &i.path == *p)) {
+        return Err(CopyError::MissingLocally { path: p.clone() });
+    }
+    let ordered = topo_sort(infos);
+    let n = ordered.len();
+    // Replies are read concurrently, so neither side can block on a full pipe.
+    let reader = std::thread::spawn(move || -> Result<(), ServeError> {
+        let mut r = io::BufReader::new(replies);
+        crate::serve::read_server_hello(&mut r)?;
+        for _ in 0..n {
+            crate::serve::read_ack(&mut r, "AddToStoreNar")?;
+        }
+        Ok(())
+    });
+    let bulk = |source| CopyError::Serve { side: "builder (bulk session)", source };
+    let io = |source: io::Error| bulk(ServeError::Io { during: "sending paths", source });
+    let mut wire = Counter { inner: requests, count: 0 };
+    let mut sent = 0;
+    let res = (|| -> Result<(), CopyError> {
+        let mut enc = zstd::stream::write::Encoder::new(&mut wire, level).map_err(io)?;
+        crate::serve::write_client_hello(&mut enc).map_err(io)?;
+        for info in &ordered {
+            crate::serve::write_add_to_store_nar_header(&mut enc, info).map_err(io)?;
+            local.send_dump_store_path(&info.path).map_err(|source| CopyError::Serve { side: "local store", source })?;
+            local.flush().map_err(|source| CopyError::Serve { side: "local store", source })?;
+            let got = io::copy(&mut local.reader().take(info.nar_size), &mut enc)
+                .map_err(|source| CopyError::Io { what: "uploading", path: info.path.clone(), source })?;
+            if got != info.nar_size {
+                return Err(CopyError::Mismatch { path: info.path.clone(), what: "size", expected: info.nar_size.to_string(), got: got.to_string() });
+            }
+            sent += got;
+        }
+        enc.finish().map_err(io)?.flush().map_err(io)
+    })();
+    let wire_bytes = wire.count;
+    drop(wire); // end of stream: the builder's zstd and nix-store finish
+    let acks = reader.join().unwrap_or(Err(ServeError::Closed { during: "AddToStoreNar" }));
+    // An error on the builder shows up on both sides; its reply is the better message.
+    acks.map_err(bulk)?;
+    res?;
+    Ok(Moved { nar: sent, wire: wire_bytes })
+}
+
+/// Removes partially unpacked outputs unless disarmed.
+struct Cleanup(Vec<PathBuf>);
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = nar::remove_tree(p);
+        }
+    }
+}
+
+/// Receives one NAR per `infos` entry from `r`, in order: each is unpacked to
+/// a temporary name while being hashed, checked against the builder's hash and
+/// size, moved into place, and then all are registered in one transaction. On
+/// any error nothing is registered and nothing is left behind. `on_temp` is
+/// told each temporary path (so a signal handler can remove it).
+pub fn receive_nars<R: Read>(
+    r: &mut R,
+    infos: Vec<PathInfo>,
+    outputs: &[StorePath],
+    local: &LocalStore,
+    registrar: Registrar,
+    on_temp: &mut dyn FnMut(&std::path::Path),
+) -> Result<u64, CopyError> {
     let mut cleanup = Cleanup(Vec::new());
     let mut finals = Vec::new();
     let mut received = 0;
     for info in &infos {
-        let sp = outputs.iter().find(|p| p.as_str() == info.path).expect("asked for it");
+        let sp = outputs.iter().find(|p| p.as_str() == info.path).ok_or_else(|| CopyError::MissingRemotely { path: info.path.clone() })?;
         let final_path = local.real_path(sp);
         let tmp = final_path.with_file_name(format!(".{}.build-hook-{}", sp.base_name(), std::process::id()));
         let _ = nar::remove_tree(&tmp);
         on_temp(&tmp);
         cleanup.0.push(tmp.clone());
-        let mut hr = HashingReader::new(remote.reader());
+        let mut hr = HashingReader::new(&mut *r);
         let res = nar::restore(&mut hr, &tmp);
         let (hash, size, _) = hr.finish();
         res.map_err(|source| CopyError::Nar { path: info.path.clone(), source })?;
@@ -177,11 +319,14 @@ pub fn download<RR: Read, RW: Write>(
         cleanup.0.retain(|p| p != tmp);
         cleanup.0.push(fin.clone());
     }
-    let infos: Vec<PathInfo> = infos.into_iter().map(|mut i| {
-        // Registration wants the hash in a form --hash-given parses.
-        i.nar_hash = Sha256Hash::parse(&i.nar_hash).map(|h| h.to_nix32_prefixed()).unwrap_or(i.nar_hash);
-        i
-    }).collect();
+    let infos: Vec<PathInfo> = infos
+        .into_iter()
+        .map(|mut i| {
+            // Registration wants the hash in a form --hash-given parses.
+            i.nar_hash = Sha256Hash::parse(&i.nar_hash).map(|h| h.to_nix32_prefixed()).unwrap_or(i.nar_hash);
+            i
+        })
+        .collect();
     registrar.commit(&topo_sort(infos))?;
     cleanup.0.clear();
     Ok(received)

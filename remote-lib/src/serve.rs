@@ -137,17 +137,9 @@ impl<R: Read, W: Write> ServeConn<R, W> {
         let mut w = BufWriter::with_capacity(256 * 1024, w);
         let mut r = BufReader::with_capacity(256 * 1024, r);
         let during = "the handshake";
-        wire::write_u64(&mut w, SERVE_MAGIC_1).map_err(io_err(during))?;
-        wire::write_u64(&mut w, CLIENT_VERSION.to_wire()).map_err(io_err(during))?;
+        write_client_hello(&mut w).map_err(io_err(during))?;
         w.flush().map_err(io_err(during))?;
-        let magic = wire::read_u64(&mut r, "server magic").map_err(wire_err(during))?;
-        if magic != SERVE_MAGIC_2 {
-            return Err(ServeError::Magic { got: magic });
-        }
-        let v = ServeVersion::from_wire(wire::read_u64(&mut r, "server version").map_err(wire_err(during))?);
-        if v.0 != 2 {
-            return Err(ServeError::Version(v.0, v.1));
-        }
+        let v = read_server_hello(&mut r)?;
         Ok(ServeConn { r, w, server_version: v })
     }
 
@@ -219,37 +211,18 @@ impl<R: Read, W: Write> ServeConn<R, W> {
 
     /// cmd 3: asks for the NAR of `path`; read it from [`Self::reader`].
     pub fn send_dump_store_path(&mut self, path: &str) -> Result<(), ServeError> {
-        (|| {
-            wire::write_u64(&mut self.w, 3)?;
-            wire::write_bytes(&mut self.w, path.as_bytes())
-        })()
-        .map_err(io_err("DumpStorePath"))
+        write_dump_store_path(&mut self.w, path).map_err(io_err("DumpStorePath"))
     }
 
     /// cmd 9 header; exactly `info.nar_size` NAR bytes must follow on
     /// [`Self::writer`], then the ack is read with [`Self::read_ack`].
     pub fn send_add_to_store_nar_header(&mut self, info: &PathInfo) -> Result<(), ServeError> {
-        (|| {
-            wire::write_u64(&mut self.w, 9)?;
-            wire::write_bytes(&mut self.w, info.path.as_bytes())?;
-            wire::write_bytes(&mut self.w, info.deriver.as_bytes())?;
-            wire::write_bytes(&mut self.w, info.nar_hash.as_bytes())?;
-            wire::write_strings(&mut self.w, &info.references)?;
-            wire::write_u64(&mut self.w, 0)?; // registration time: now
-            wire::write_u64(&mut self.w, info.nar_size)?;
-            wire::write_u64(&mut self.w, 0)?; // ultimate
-            wire::write_strings(&mut self.w, &info.sigs)?;
-            wire::write_bytes(&mut self.w, info.ca.as_bytes())
-        })()
-        .map_err(io_err("AddToStoreNar"))
+        write_add_to_store_nar_header(&mut self.w, info).map_err(io_err("AddToStoreNar"))
     }
 
     /// Reads the `1` that acknowledges an `AddToStoreNar`.
     pub fn read_ack(&mut self, during: &'static str) -> Result<(), ServeError> {
-        match wire::read_u64(&mut self.r, "ack").map_err(wire_err(during))? {
-            1 => Ok(()),
-            got => Err(ServeError::Ack { during, got }),
-        }
+        read_ack(&mut self.r, during)
     }
 
     /// cmd 8: builds `drv` on the server; the log flows on the server's stderr.
@@ -289,6 +262,55 @@ impl<R: Read, W: Write> ServeConn<R, W> {
     /// Gives back the underlying streams (after flushing).
     pub fn into_inner(self) -> (BufReader<R>, Result<W, io::Error>) {
         (self.r, self.w.into_inner().map_err(|e| e.into_error()))
+    }
+}
+
+/// The client's half of the handshake, for one-directional bulk sessions
+/// that do not wait for the server's reply before sending requests.
+pub fn write_client_hello<W: Write + ?Sized>(w: &mut W) -> io::Result<()> {
+    wire::write_u64(w, SERVE_MAGIC_1)?;
+    wire::write_u64(w, CLIENT_VERSION.to_wire())
+}
+
+/// Reads and checks the server's half of the handshake.
+pub fn read_server_hello<R: Read + ?Sized>(r: &mut R) -> Result<ServeVersion, ServeError> {
+    let during = "the handshake";
+    let magic = wire::read_u64(r, "server magic").map_err(wire_err(during))?;
+    if magic != SERVE_MAGIC_2 {
+        return Err(ServeError::Magic { got: magic });
+    }
+    let v = ServeVersion::from_wire(wire::read_u64(r, "server version").map_err(wire_err(during))?);
+    if v.0 != 2 {
+        return Err(ServeError::Version(v.0, v.1));
+    }
+    Ok(v)
+}
+
+/// `AddToStoreNar` (cmd 9) up to the NAR bytes, which must follow.
+pub fn write_add_to_store_nar_header<W: Write + ?Sized>(w: &mut W, info: &PathInfo) -> io::Result<()> {
+    wire::write_u64(w, 9)?;
+    wire::write_bytes(w, info.path.as_bytes())?;
+    wire::write_bytes(w, info.deriver.as_bytes())?;
+    wire::write_bytes(w, info.nar_hash.as_bytes())?;
+    wire::write_strings(w, &info.references)?;
+    wire::write_u64(w, 0)?; // registration time: now
+    wire::write_u64(w, info.nar_size)?;
+    wire::write_u64(w, 0)?; // ultimate
+    wire::write_strings(w, &info.sigs)?;
+    wire::write_bytes(w, info.ca.as_bytes())
+}
+
+/// `DumpStorePath` (cmd 3).
+pub fn write_dump_store_path<W: Write + ?Sized>(w: &mut W, path: &str) -> io::Result<()> {
+    wire::write_u64(w, 3)?;
+    wire::write_bytes(w, path.as_bytes())
+}
+
+/// Reads the `1` acknowledging an `AddToStoreNar`.
+pub fn read_ack<R: Read + ?Sized>(r: &mut R, during: &'static str) -> Result<(), ServeError> {
+    match wire::read_u64(r, "ack").map_err(wire_err(during))? {
+        1 => Ok(()),
+        got => Err(ServeError::Ack { during, got }),
     }
 }
 

@@ -113,6 +113,28 @@ pub fn serve_words(m: &Machine) -> Vec<String> {
     w
 }
 
+/// Which way a bulk session's bytes are compressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bulk {
+    /// We send zstd; the builder runs `zstd -d | nix-store --serve --write`.
+    Upload,
+    /// The builder runs `nix-store --serve --write | zstd -<level>`.
+    Download { level: i32 },
+}
+
+/// The remote shell pipeline of a bulk session. Only fixed words and the
+/// single-quoted serve words from the machines file appear in it.
+pub fn bulk_script(m: &Machine, bulk: Bulk) -> String {
+    let serve = serve_words(m).iter().map(|w| shell_quote(w)).collect::<Vec<_>>().join(" ");
+    match bulk {
+        Bulk::Upload => format!("zstd -d -q -c | {serve}"),
+        Bulk::Download { level } => format!("{serve} | zstd -q -c -{}", level.clamp(1, 19)),
+    }
+}
+
+/// The command that checks whether the builder has `zstd`.
+pub const ZSTD_PROBE: &str = "zstd -q -c </dev/null >/dev/null";
+
 /// True when Nix would not use ssh at all (`ssh://localhost`).
 pub fn is_local(m: &Machine) -> bool {
     m.ssh.host == "localhost"
@@ -133,11 +155,24 @@ fn pinned_known_hosts(m: &Machine, key: &str, dir: &Path) -> Result<PathBuf, Tra
     Ok(path)
 }
 
-/// Builds the command that runs `remote` (already-quoted words) on `m`.
+/// Builds the command that runs the words `remote` on `m` (each quoted for
+/// the remote shell).
 pub fn ssh_command(m: &Machine, cfg: &SshConfig, remote: &[String]) -> Result<Command, TransportError> {
     if is_local(m) {
         let mut c = Command::new(&remote[0]);
         c.args(&remote[1..]);
+        return Ok(c);
+    }
+    let script = remote.iter().map(|w| shell_quote(w)).collect::<Vec<_>>().join(" ");
+    ssh_script(m, cfg, &script)
+}
+
+/// Builds the command that runs the shell `script` on `m`. The script must be
+/// made of fixed text and [`shell_quote`]d words only.
+pub fn ssh_script(m: &Machine, cfg: &SshConfig, script: &str) -> Result<Command, TransportError> {
+    if is_local(m) {
+        let mut c = Command::new("/bin/sh");
+        c.arg("-c").arg(script);
         return Ok(c);
     }
     let mut c = Command::new(&cfg.program);
@@ -170,7 +205,7 @@ pub fn ssh_command(m: &Machine, cfg: &SshConfig, remote: &[String]) -> Result<Co
         o(&mut c, format!("ControlPersist={}", cfg.control_persist));
     }
     c.arg("--").arg(&m.ssh.host);
-    c.arg(remote.iter().map(|w| shell_quote(w)).collect::<Vec<_>>().join(" "));
+    c.arg(script);
     Ok(c)
 }
 
@@ -351,6 +386,14 @@ mod tests {
         assert_eq!(args[args.len() - 1], "'/opt/my nix/nix-store' --serve --write");
         let kh = std::fs::read_to_string(dir.join("kh").join("ssh:__root@b1:2222?remote-program=_opt_my%20nix_nix-store")).unwrap();
         assert_eq!(kh, "* ssh-ed25519 AAAA\n");
+    }
+
+    #[test]
+    fn bulk_pipelines_quote_the_machine_words() {
+        let m = machine("ssh://b1?remote-program=/opt/my%20nix/nix-store&remote-store=local%3Froot%3D%2Fs");
+        assert_eq!(bulk_script(&m, Bulk::Upload), "zstd -d -q -c | '/opt/my nix/nix-store' --serve --write --store 'local?root=/s'");
+        assert_eq!(bulk_script(&m, Bulk::Download { level: 3 }), "'/opt/my nix/nix-store' --serve --write --store 'local?root=/s' | zstd -q -c -3");
+        assert_eq!(bulk_script(&m, Bulk::Download { level: 99 }), "'/opt/my nix/nix-store' --serve --write --store 'local?root=/s' | zstd -q -c -19");
     }
 
     #[test]
