@@ -247,8 +247,7 @@ mod tests {
         assert_eq!(next_level(1, 100_000_000, 5.0), 6);
         // small samples teach nothing.
         assert_eq!(next_level(0, 1_000_000, 10.0), 0);
-        let mut h = Health::default();
-        h.compress = Some(3);
+        let h = Health { compress: Some(3), ..Health::default() };
         assert_eq!(Health::parse(&h.render()).compress, Some(3));
         assert_eq!(Health::parse(&Health::default().render()).compress, None);
     }

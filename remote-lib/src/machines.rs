@@ -258,7 +258,7 @@ fn parse_entry(entry: &str, at: &Location, local_system: &str, diags: &mut Vec<D
     let speed_factor = match is_set(fs.get(4)) {
         Some((_, s)) => match s.parse::<f64>() {
             Ok(f) if f.is_finite() && f > 0.0 => f,
-            Ok(f) if f == 0.0 => 1.0,
+            Ok(0.0) => 1.0,
             _ => return err(4, format!("'{s}' is not a number >= 0"), "write a positive number such as 1 or 2.5; faster machines get higher numbers"),
         },
         None => 1.0,
@@ -393,6 +393,14 @@ fn percent_decode(s: &str) -> String {
 /// parts with a space, which made `a:b` one missing file; we do not.
 pub fn remote_systems_to_builders(var: &str) -> String {
     var.split(':').filter(|p| !p.is_empty()).map(|p| format!("@{p}")).collect::<Vec<_>>().join("\n")
+}
+
+/// Parses one entry that must be clean (for other modules' tests).
+#[cfg(test)]
+pub(crate) fn test_machine(line: &str) -> Machine {
+    let p = parse(line, "t", "x86_64-linux", &mut |_: &str| Ok(None));
+    assert!(p.diagnostics.is_empty(), "{:?}", p.diagnostics);
+    p.machines.into_iter().next().expect("one machine")
 }
 
 #[cfg(test)]

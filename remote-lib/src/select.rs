@@ -107,13 +107,8 @@ pub fn when_all_full(right_type: bool, can_build_locally: bool) -> crate::hook_p
 mod tests {
     use super::*;
     use crate::hook_protocol::Reply;
-    use crate::machines;
 
-    fn machine(line: &str) -> Machine {
-        let p = machines::parse(line, "t", "x86_64-linux", &mut |_: &str| Ok(None));
-        assert!(p.diagnostics.is_empty(), "{:?}", p.diagnostics);
-        p.machines.into_iter().next().unwrap()
-    }
+    use crate::machines::test_machine as machine;
     fn req(system: &str, features: &[&str]) -> TryRequest {
         TryRequest {
             am_willing: false,

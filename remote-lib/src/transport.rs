@@ -343,13 +343,8 @@ pub fn explain_ssh_failure(m: &Machine, stderr: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::machines;
 
-    fn machine(line: &str) -> Machine {
-        let p = machines::parse(line, "t", "x86_64-linux", &mut |_: &str| Ok(None));
-        assert!(p.diagnostics.is_empty(), "{:?}", p.diagnostics);
-        p.machines.into_iter().next().unwrap()
-    }
+    use crate::machines::test_machine as machine;
 
     fn cfg(dir: &Path) -> SshConfig {
         SshConfig {
