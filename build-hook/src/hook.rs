@@ -410,11 +410,9 @@ impl Hook {
         let secs = t.elapsed().as_secs_f64();
         let how = if level > 0 { format!("zstd -{level}, {:.1} MB on the wire", moved.wire as f64 / 1e6) } else { "uncompressed".into() };
         out::msg(Level::Talkative, &format!("build-hook: {what} '{}': {} ({how})", m.uri, rate(moved.nar, t)));
-        if self.cfg.compress.is_none() && level >= 0 {
-            let next = health::next_level(level, moved.nar, secs);
-            if Some(next) != self.health.get(&m.uri).compress {
-                self.health.update(&m.uri, |h| h.compress = Some(next));
-            }
+        if self.cfg.compress.is_none() {
+            let t = health::Transfer { level, nar: moved.nar, wire: moved.wire, secs };
+            self.health.update(&m.uri, |h| h.learn(t));
         }
     }
 

@@ -72,6 +72,16 @@ pub fn topo_sort(infos: Vec<PathInfo>) -> Vec<PathInfo> {
     out
 }
 
+/// Asks the local store for all NARs at once; they are then read in order,
+/// so the local `nix-store` never waits for us between paths. (Its replies
+/// queue in the pipe; we read them as fast as the builder takes them.)
+fn request_nars<LR: Read, LW: Write>(local: &mut ServeConn<LR, LW>, ordered: &[PathInfo]) -> Result<(), CopyError> {
+    for info in ordered {
+        local.send_dump_store_path(&info.path).map_err(|source| CopyError::Serve { side: "local store", source })?;
+    }
+    local.flush().map_err(|source| CopyError::Serve { side: "local store", source })
+}
+
 /// Copies `missing` (already known to be absent on the builder) from the local
 /// store to the builder: one metadata question locally, then every path as
 /// `AddToStoreNar` back to back, acknowledgements read at the end. Returns the
@@ -89,11 +99,10 @@ pub fn upload<LR: Read, LW: Write, RR: Read, RW: Write>(
         return Err(CopyError::MissingLocally { path: p.clone() });
     }
     let ordered = topo_sort(infos);
+    request_nars(local, &ordered)?;
     let mut sent = 0;
     for info in &ordered {
         remote.send_add_to_store_nar_header(info).map_err(|source| CopyError::Serve { side: "builder", source })?;
-        local.send_dump_store_path(&info.path).map_err(|source| CopyError::Serve { side: "local store", source })?;
-        local.flush().map_err(|source| CopyError::Serve { side: "local store", source })?;
         let mut nar = local.reader().take(info.nar_size);
         let n = io::copy(&mut nar, remote.writer()).map_err(|source| CopyError::Io { what: "uploading", path: info.path.clone(), source })?;
         if n != info.nar_size {
@@ -243,10 +252,9 @@ pub fn upload_bulk<LR: Read, LW: Write, W: Write, R: Read + Send + 'static>(
     let res = (|| -> Result<(), CopyError> {
         let mut enc = zstd::stream::write::Encoder::new(&mut wire, level).map_err(io)?;
         crate::serve::write_client_hello(&mut enc).map_err(io)?;
+        request_nars(local, &ordered)?;
         for info in &ordered {
             crate::serve::write_add_to_store_nar_header(&mut enc, info).map_err(io)?;
-            local.send_dump_store_path(&info.path).map_err(|source| CopyError::Serve { side: "local store", source })?;
-            local.flush().map_err(|source| CopyError::Serve { side: "local store", source })?;
             let got = io::copy(&mut local.reader().take(info.nar_size), &mut enc)
                 .map_err(|source| CopyError::Io { what: "uploading", path: info.path.clone(), source })?;
             if got != info.nar_size {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// What we remember about a machine.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Health {
     /// Unix time of the last successful connection (0: never).
     pub last_success: u64,
@@ -25,6 +25,8 @@ pub struct Health {
     /// zstd level for bulk copies to and from this builder, learned from
     /// past transfers (0: raw; None: not learned yet).
     pub compress: Option<i32>,
+    /// NAR MB/s of the last uncompressed bulk transfer (the link's raw rate).
+    pub raw_mbps: Option<f64>,
 }
 
 /// Back-off policy.
@@ -75,6 +77,10 @@ impl Health {
                     h.compress = v.parse().ok();
                     true
                 }
+                "raw_mbps" => {
+                    h.raw_mbps = v.parse().ok().filter(|x: &f64| x.is_finite() && *x > 0.0);
+                    true
+                }
                 "zstd" => {
                     h.zstd = match v {
                         "yes" => Some(true),
@@ -99,8 +105,9 @@ impl Health {
             None => "unknown",
         };
         let c = self.compress.map(|c| c.to_string()).unwrap_or_else(|| "unknown".into());
+        let r = self.raw_mbps.map(|r| format!("{r:.1}")).unwrap_or_else(|| "unknown".into());
         format!(
-            "build-hook-health v1\nlast_success={}\nfailures={}\nretry_after={}\nreason={}\nzstd={z}\ncompress={c}\n",
+            "build-hook-health v1\nlast_success={}\nfailures={}\nretry_after={}\nreason={}\nzstd={z}\nraw_mbps={r}\ncompress={c}\n",
             self.last_success,
             self.failures,
             self.retry_after,
@@ -151,22 +158,53 @@ pub const MIN_SAMPLE_BYTES: u64 = 8_000_000;
 /// The level to use when nothing has been learned yet.
 pub const DEFAULT_LEVEL: i32 = 1;
 
-/// Learns the next level from one bulk transfer of `bytes` uncompressed bytes
-/// that took `secs` at `level` (0 = raw). A compressed transfer that still
-/// ran fast says the link is fast: go raw. A raw transfer that ran slowly says
-/// the link is the limit: compress, harder on slower links.
-pub fn next_level(level: i32, bytes: u64, secs: f64) -> i32 {
-    if bytes < MIN_SAMPLE_BYTES || secs <= 0.0 {
-        return level;
+/// One bulk transfer, as measured.
+#[derive(Clone, Copy, Debug)]
+pub struct Transfer {
+    /// zstd level used (0: raw).
+    pub level: i32,
+    /// NAR bytes moved.
+    pub nar: u64,
+    /// Bytes on the wire.
+    pub wire: u64,
+    pub secs: f64,
+}
+
+fn level_for_raw_rate(mbps: f64) -> i32 {
+    if mbps >= FAST_LINK_MBPS {
+        0
+    } else if mbps < SLOW_LINK_MBPS {
+        SLOW_LINK_LEVEL
+    } else {
+        DEFAULT_LEVEL
     }
-    let mbps = bytes as f64 / 1e6 / secs;
-    match level {
-        0 if mbps < SLOW_LINK_MBPS => SLOW_LINK_LEVEL,
-        0 if mbps < FAST_LINK_MBPS => 1,
-        0 => 0,
-        _ if mbps >= FAST_LINK_MBPS => 0,
-        _ if mbps < SLOW_LINK_MBPS => SLOW_LINK_LEVEL,
-        l => l,
+}
+
+impl Health {
+    /// Learns from one bulk transfer which level to use next.
+    ///
+    /// A raw transfer measures the link: compress when it was slow. A
+    /// compressed transfer is compared with the link's raw rate: slower than
+    /// raw (the compressor was the limit) → raw; much faster than the raw rate
+    /// times the compression ratio (the link got faster than recorded) → raw
+    /// again to re-measure; with no raw rate known yet → raw once to measure it.
+    pub fn learn(&mut self, t: Transfer) {
+        if t.nar < MIN_SAMPLE_BYTES || t.secs <= 0.0 || t.wire == 0 {
+            return;
+        }
+        let mbps = t.nar as f64 / 1e6 / t.secs;
+        if t.level == 0 {
+            self.raw_mbps = Some(mbps);
+            self.compress = Some(level_for_raw_rate(mbps));
+            return;
+        }
+        let ratio = t.nar as f64 / t.wire as f64;
+        self.compress = Some(match self.raw_mbps {
+            None => 0,
+            Some(raw) if mbps < 0.9 * raw => 0,
+            Some(raw) if mbps > 1.5 * raw * ratio => 0,
+            Some(raw) => level_for_raw_rate(raw).max(1),
+        });
     }
 }
 
@@ -236,19 +274,38 @@ mod tests {
 
     #[test]
     fn compression_level_is_learned_from_transfers() {
-        // 100 MB: raw at 12 MB/s (100 Mbit/s) -> compress hard; at 90 MB/s -> level 1.
-        assert_eq!(next_level(0, 100_000_000, 8.0), 6);
-        assert_eq!(next_level(0, 100_000_000, 1.1), 1);
-        // raw and fast stays raw; compressed but still fast -> raw.
-        assert_eq!(next_level(0, 100_000_000, 0.4), 0);
-        assert_eq!(next_level(1, 100_000_000, 0.4), 0);
-        // compressed and slow stays compressed (harder if very slow).
-        assert_eq!(next_level(1, 100_000_000, 1.5), 1);
-        assert_eq!(next_level(1, 100_000_000, 5.0), 6);
-        // small samples teach nothing.
-        assert_eq!(next_level(0, 1_000_000, 10.0), 0);
-        let h = Health { compress: Some(3), ..Health::default() };
-        assert_eq!(Health::parse(&h.render()).compress, Some(3));
+        let t = |level, nar: u64, wire: u64, secs| Transfer { level, nar, wire, secs };
+        const MB100: u64 = 100_000_000;
+        // First transfer compressed at the default level, no raw rate known: measure raw next.
+        let mut h = Health::default();
+        h.learn(t(DEFAULT_LEVEL, MB100, 58_000_000, 0.55));
+        assert_eq!(h.compress, Some(0));
+        // Raw at 12 MB/s (100 Mbit/s): compress hard.
+        h.learn(t(0, MB100, MB100, 8.3));
+        assert_eq!((h.compress, h.raw_mbps.map(|r| r.round())), (Some(SLOW_LINK_LEVEL), Some(12.0)));
+        // Compressed at 20 MB/s with ratio 1.75: as expected for this link, keep.
+        h.learn(t(6, MB100, 57_000_000, 4.9));
+        assert_eq!(h.compress, Some(6));
+        // Incompressible data at the link's rate: keep (no flapping).
+        h.learn(t(6, MB100, MB100, 8.4));
+        assert_eq!(h.compress, Some(6));
+        // The link became fast: 100 MB/s compressed is far above 12 × 1.75, re-measure raw.
+        h.learn(t(6, MB100, 57_000_000, 1.0));
+        assert_eq!(h.compress, Some(0));
+        h.learn(t(0, MB100, MB100, 0.5));
+        assert_eq!(h.compress, Some(0));
+        // Raw at 90 MB/s: a light level.
+        h.learn(t(0, MB100, MB100, 1.1));
+        assert_eq!(h.compress, Some(DEFAULT_LEVEL));
+        // Compression slower than raw: back to raw.
+        h.learn(t(1, MB100, 60_000_000, 1.5));
+        assert_eq!(h.compress, Some(0));
+        // Small transfers teach nothing.
+        let before = h.clone();
+        h.learn(t(0, 1_000_000, 1_000_000, 10.0));
+        assert_eq!(h, before);
+        let back = Health::parse(&h.render());
+        assert_eq!((back.compress, back.raw_mbps.map(|r| r.round())), (h.compress, Some(91.0)));
         assert_eq!(Health::parse(&Health::default().render()).compress, None);
     }
 
