@@ -290,6 +290,28 @@ test_corrupted_or_truncated_streams_are_detected_and_nothing_is_registered() {
   done
 }
 
+test_sigterm_ends_the_job_cleanly() {
+  reset_health
+  machines 1:2
+  ev="$TB/events.term"; : > "$ev"
+  nb "$NIX/par.nix" --arg n 1 --argstr seconds 30 --argstr events "$ev" --argstr nonce "$(nonce term)" --argstr tag term >"$TB/term.out" 2>&1 &
+  pid=$!
+  for _ in $(seq 1 100); do grep -q start "$ev" && break; sleep 0.1; done
+  grep -q start "$ev" || fail "the build did not start"
+  hook=$(pgrep -x build-hook) || fail "no hook process"
+  kill -TERM $hook
+  wait $pid && fail "nix-build succeeded although its hook was terminated"
+  cat "$TB/term.out"
+  sleep 0.5
+  ! pgrep -x build-hook || fail "the hook is still running"
+  ! pgrep -f "nix-store --serve" >/dev/null || { pgrep -af "nix-store --serve"; fail "a nix-store --serve child was left running"; }
+  slots_free 1 2 || fail "slot left locked"
+  ! ls -a /nix/store | grep -q '\.build-hook-' || fail "temporary files left in the store"
+  # the remote build was stopped with its session
+  for _ in $(seq 1 50); do ip netns pids bhb1 | xargs -r ps -o cmd= -p | grep -q "sleep 30" || break; sleep 0.1; done
+  ! ip netns pids bhb1 | xargs -r ps -o cmd= -p | grep -q "sleep 30" || fail "the remote build is still running"
+}
+
 main() {
   tb_up 2 >/dev/null || { echo "cannot bring up the test bed"; exit 1; }
   local all=(
@@ -299,7 +321,7 @@ main() {
     builtin_hook_and_ours_share_the_load_directory bad_machines_line_is_reported_and_skipped
     relative_paths_are_explained second_build_reuses_the_ssh_connection
     racing_hooks_keep_the_health_state_readable dead_builder_mid_run_is_skipped_then_used_again
-    corrupted_or_truncated_streams_are_detected_and_nothing_is_registered
+    corrupted_or_truncated_streams_are_detected_and_nothing_is_registered sigterm_ends_the_job_cleanly
   )
   local sel=("$@"); [ ${#sel[@]} -eq 0 ] && sel=("${all[@]}")
   for t in "${sel[@]}"; do t_run "$t" "test_$t"; done

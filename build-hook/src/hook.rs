@@ -444,13 +444,13 @@ impl Hook {
         signals::track_child(local_proc.child.id());
         let registrar = self.local.start_registrar().map_err(anyhow::Error::from)?;
         signals::track_child(registrar.pid());
-        let mut local_proc = Some(local_proc);
 
         // 1. Inputs the builder lacks: ask once, then upload under the lock.
         let subst = self.settings.builders_use_substitutes();
         let missing = conn.serve.query_valid_paths(&inputs, true, subst).map_err(anyhow::Error::from)?;
         let missing: Vec<String> = inputs.iter().filter(|p| !missing.contains(p)).cloned().collect();
-        let mut local_serve: Option<LocalServe> = None;
+        // The local nix-store started meanwhile.
+        let mut ls: LocalServe = self.local.serve_handshake(local_proc).map_err(anyhow::Error::from)?;
         if !missing.is_empty() {
             let wait = Activity::start(Level::Talkative, &format!("waiting for the upload lock to '{}'", m.uri));
             let _upload = self.load.upload_lock(&m.uri).map_err(anyhow::Error::from)?;
@@ -460,8 +460,6 @@ impl Hook {
             let missing: Vec<String> = missing.into_iter().filter(|p| !valid.contains(p)).collect();
             if !missing.is_empty() {
                 let _act = Activity::start(Level::Info, &format!("copying {} paths to '{}'", missing.len(), m.uri));
-                let ls = self.local.serve_handshake(local_proc.take().expect("unused")).map_err(anyhow::Error::from)?;
-                let ls = local_serve.insert(ls);
                 let level = self.bulk_level(m);
                 let t = std::time::Instant::now();
                 let moved = if level > 0 {
@@ -486,10 +484,6 @@ impl Hook {
         }
 
         // 3. Outputs missing locally.
-        let ls = match local_serve.as_mut() {
-            Some(ls) => ls,
-            None => local_serve.insert(self.local.serve_handshake(local_proc.take().expect("unused")).map_err(anyhow::Error::from)?),
-        };
         let want: Vec<String> = wanted.iter().map(|p| p.to_string()).collect();
         let valid = ls.1.query_valid_paths(&want, false, false).map_err(anyhow::Error::from)?;
         let fetch: Vec<StorePath> = wanted.into_iter().filter(|p| !valid.iter().any(|v| v == p.as_str())).collect();
@@ -509,10 +503,9 @@ impl Hook {
             };
             self.learn(m, level, moved, t, &format!("copied {} outputs from", fetch.len()));
         }
-        if let Some((p, c)) = local_serve {
-            drop(c);
-            let _ = p.finish();
-        }
+        let (p, c) = ls;
+        drop(c);
+        let _ = p.finish();
         Ok(())
     }
 }

@@ -118,11 +118,6 @@ impl LocalStore {
         }
     }
 
-    /// Starts and opens a read-only local `nix-store --serve`.
-    pub fn serve(&self) -> Result<LocalServe, LocalStoreError> {
-        self.serve_handshake(self.spawn_serve()?)
-    }
-
     /// Starts `nix-store --register-validity --hash-given` ahead of time. It
     /// registers nothing until [`Registrar::commit`] closes its input, and a
     /// registrar dropped without commit is killed, so nothing is registered.
@@ -132,12 +127,6 @@ impl LocalStore {
         Ok(Registrar { child: Some(c.spawn().map_err(LocalStoreError::RegisterIo)?) })
     }
 
-    /// Registers paths whose contents are already in place, in one
-    /// transaction. `infos` must be closed under references together with
-    /// what is already valid.
-    pub fn register_valid(&self, infos: &[PathInfo]) -> Result<(), LocalStoreError> {
-        self.start_registrar()?.commit(infos)
-    }
 }
 
 /// A waiting `nix-store --register-validity` (see [`LocalStore::start_registrar`]).
@@ -151,7 +140,8 @@ impl Registrar {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
-    /// Sends `infos` and waits for the registration.
+    /// Sends `infos` and waits for the registration, one transaction. `infos`
+    /// must be closed under references together with what is already valid.
     pub fn commit(mut self, infos: &[PathInfo]) -> Result<(), LocalStoreError> {
         let mut input = String::new();
         for i in infos {
