@@ -312,6 +312,20 @@ test_sigterm_ends_the_job_cleanly() {
   ! ip netns pids bhb1 | xargs -r ps -o cmd= -p | grep -q "sleep 30" || fail "the remote build is still running"
 }
 
+test_stale_shared_connection_socket_is_replaced() {
+  reset_health
+  machines 1:2
+  nb "$NIX/chain.nix" -A dep --argstr nonce "$(nonce stale1)" >/dev/null 2>&1 || fail "first build failed"
+  master=$(pgrep -f "ssh: .*build-hook/ssh/.*\[mux\]" | head -1)
+  [ -n "$master" ] || fail "no shared master was started"
+  sock=$(ls "$LOAD"/build-hook/ssh/* | head -1)
+  kill -9 $master; sleep 0.2
+  [ -S "$sock" ] || fail "expected the dead master's socket to be left behind"
+  nb "$NIX/chain.nix" -A dep --argstr nonce "$(nonce stale2)" >/dev/null 2>&1 || fail "build after a dead master failed"
+  pgrep -f "ssh: .*build-hook/ssh/.*\[mux\]" >/dev/null || fail "no new master"
+  ssh -O check -o ControlPath="$sock" root@10.201.1.2 2>&1 | grep -q "Master running" || fail "the socket was not replaced by a live master"
+}
+
 main() {
   tb_up 2 >/dev/null || { echo "cannot bring up the test bed"; exit 1; }
   local all=(
@@ -322,6 +336,7 @@ main() {
     relative_paths_are_explained second_build_reuses_the_ssh_connection
     racing_hooks_keep_the_health_state_readable dead_builder_mid_run_is_skipped_then_used_again
     corrupted_or_truncated_streams_are_detected_and_nothing_is_registered sigterm_ends_the_job_cleanly
+    stale_shared_connection_socket_is_replaced
   )
   local sel=("$@"); [ ${#sel[@]} -eq 0 ] && sel=("${all[@]}")
   for t in "${sel[@]}"; do t_run "$t" "test_$t"; done

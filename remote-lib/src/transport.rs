@@ -392,6 +392,17 @@ mod tests {
     }
 
     #[test]
+    fn localhost_runs_without_ssh_as_nix_does() {
+        let dir = std::env::temp_dir();
+        let m = machine("ssh://localhost");
+        let c = ssh_command(&m, &cfg(&dir), &serve_words(&m)).unwrap();
+        assert_eq!(c.get_program(), "nix-store");
+        assert_eq!(c.get_args().collect::<Vec<_>>(), ["--serve", "--write"]);
+        let c = ssh_script(&m, &cfg(&dir), &bulk_script(&m, Bulk::Upload)).unwrap();
+        assert_eq!(c.get_program(), "/bin/sh");
+    }
+
+    #[test]
     fn quoting_cannot_be_escaped() {
         assert_eq!(shell_quote("a'b; rm -rf /"), "'a'\\''b; rm -rf /'");
         assert_eq!(shell_quote("nix-store"), "nix-store");
