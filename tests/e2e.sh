@@ -326,6 +326,25 @@ test_stale_shared_connection_socket_is_replaced() {
   ssh -O check -o ControlPath="$sock" root@10.201.1.2 2>&1 | grep -q "Master running" || fail "the socket was not replaced by a live master"
 }
 
+test_check_command_says_why() {
+  reset_health
+  tb_stop_sshd 2
+  { echo "ssh://root@10.201.9.2 x86_64-linux - lots"; tb_machines_line 2 2; tb_machines_line 1 2; } > "$TB/machines"
+  # a build marks b2 as failing (it is tried first, fails, b1 takes over)
+  nb "$NIX/chain.nix" -A dep --argstr nonce "$(nonce check)" >/dev/null 2>&1 || fail "build failed"
+  "$HOOK" check --builders "@$TB/machines" --connect > "$TB/check.out"; rc=$?
+  tb_start_sshd 2
+  cat "$TB/check.out"
+  [ $rc = 1 ] || fail "check should exit 1 when something is wrong"
+  assert_contains "$TB/check.out" "$TB/machines:1:38: error: max jobs (column 4)"
+  assert_contains "$TB/check.out" "ssh://root@10.201.2.2  ($TB/machines:2:1)"
+  grep -q "health: SKIPPED for [0-9]* more s after 1 failed connection(s): ssh://root@10.201.2.2 is unreachable" "$TB/check.out" || fail "back-off not shown"
+  assert_contains "$TB/check.out" "connect: FAILED: ssh://root@10.201.2.2 is unreachable"
+  grep -q "connect: ok in [0-9]* ms, nix-store --serve protocol 2.7" "$TB/check.out" || fail "b1 not reported reachable"
+  machines 1:2
+  "$HOOK" check --builders "@$TB/machines" --connect || fail "check should exit 0 for a good setup"
+}
+
 main() {
   tb_up 2 >/dev/null || { echo "cannot bring up the test bed"; exit 1; }
   local all=(
@@ -336,7 +355,7 @@ main() {
     relative_paths_are_explained second_build_reuses_the_ssh_connection
     racing_hooks_keep_the_health_state_readable dead_builder_mid_run_is_skipped_then_used_again
     corrupted_or_truncated_streams_are_detected_and_nothing_is_registered sigterm_ends_the_job_cleanly
-    stale_shared_connection_socket_is_replaced
+    stale_shared_connection_socket_is_replaced check_command_says_why
   )
   local sel=("$@"); [ ${#sel[@]} -eq 0 ] && sel=("${all[@]}")
   for t in "${sel[@]}"; do t_run "$t" "test_$t"; done

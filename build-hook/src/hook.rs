@@ -22,6 +22,8 @@ use std::process::{ChildStdin, ChildStdout};
 use std::time::Duration;
 
 pub struct Hook {
+    /// What was wrong in the machines list (already skipped).
+    pub diagnostics: Vec<machines::Diagnostic>,
     cfg: Config,
     settings: Settings,
     pub machines: Vec<Machine>,
@@ -90,17 +92,91 @@ impl Hook {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         });
-        for d in &parsed.diagnostics {
-            let level = if d.severity == Severity::Error { Level::Error } else { Level::Warn };
-            out::msg(level, &format!("build-hook: {d}"));
-        }
         let local_cap = LocalCapability {
             system,
             extra_platforms: settings.extra_platforms(),
             system_features: settings.system_features(),
             max_jobs: settings.max_jobs(),
         };
-        Hook { cfg, settings, machines: parsed.machines, local, load, health, ssh, local_cap, failed: BTreeMap::new() }
+        Hook { diagnostics: parsed.diagnostics, cfg, settings, machines: parsed.machines, local, load, health, ssh, local_cap, failed: BTreeMap::new() }
+    }
+
+    /// Sends the machines-list diagnostics to Nix.
+    pub fn report_diagnostics(&self) {
+        for d in &self.diagnostics {
+            let level = if d.severity == Severity::Error { Level::Error } else { Level::Warn };
+            out::msg(level, &format!("build-hook: {d}"));
+        }
+    }
+
+    /// `build-hook check`: what the hook would make of the machines list, each
+    /// machine's slots and health now, and (with `connect`) whether it can be
+    /// reached. Returns the lines to print and whether everything is fine.
+    pub fn check(&self, connect: bool) -> (Vec<String>, bool) {
+        let mut lines = Vec::new();
+        let mut ok = true;
+        let (_, source) = self.cfg.builders(&self.settings);
+        lines.push(format!("machines from {source}: {} usable", self.machines.len()));
+        for d in &self.diagnostics {
+            ok &= d.severity != Severity::Error;
+            lines.push(d.to_string());
+        }
+        lines.push(format!("load directory: {}", self.load.path.display()));
+        let now = health::now();
+        for m in &self.machines {
+            lines.push(format!(
+                "{}  ({})\n  systems {}; max jobs {}; speed {}; features [{}]; mandatory [{}]; host key {}",
+                m.uri,
+                m.origin,
+                m.systems.join(","),
+                m.max_jobs,
+                m.speed_factor,
+                m.supported_features.join(","),
+                m.mandatory_features.join(","),
+                if m.host_key.is_some() { "pinned" } else { "from known_hosts" }
+            ));
+            match self.load.probe(&m.uri, m.max_jobs) {
+                Ok((_, busy)) => lines.push(format!("  slots: {busy} of {} busy now", m.max_jobs)),
+                Err(e) => lines.push(format!("  slots: cannot probe: {}", error_chain(&e))),
+            }
+            let h = self.health.get(&m.uri);
+            let state = if h.backing_off(now) {
+                format!("SKIPPED for {} more s after {} failed connection(s): {}", h.retry_after - now, h.failures, h.reason)
+            } else if h.last_success > 0 {
+                format!("last connected {} s ago{}", now.saturating_sub(h.last_success), if h.failures > 0 { format!("; {} failure(s) since: {}", h.failures, h.reason) } else { String::new() })
+            } else if h.failures > 0 {
+                format!("{} failed connection(s), back-off over: {}", h.failures, h.reason)
+            } else {
+                "never connected by build-hook".into()
+            };
+            let zstd = match (h.zstd, h.compress) {
+                (Some(false), _) => "no zstd on the builder: copies uncompressed".to_string(),
+                (Some(true), Some(0)) => "zstd available; copies currently uncompressed (fast link)".to_string(),
+                (Some(true), Some(l)) => format!("zstd available; copies at level {l}"),
+                (Some(true), None) => format!("zstd available; level not learned yet (the next copy uses {})", health::DEFAULT_LEVEL),
+                (None, _) => "not asked yet whether the builder has zstd".to_string(),
+            };
+            lines.push(format!("  health: {state}\n  transfers: {zstd}"));
+            if connect {
+                let t = std::time::Instant::now();
+                match self.try_connect(m) {
+                    Ok(conn) => {
+                        let v = conn.serve.server_version;
+                        let _ = conn.finish();
+                        lines.push(format!("  connect: ok in {} ms, nix-store --serve protocol {}.{}", t.elapsed().as_millis(), v.0, v.1));
+                    }
+                    Err(why) => {
+                        ok = false;
+                        lines.push(format!("  connect: FAILED: {}", why.replace('\n', "\n    ")));
+                    }
+                }
+            }
+        }
+        if self.machines.is_empty() {
+            ok = false;
+            lines.push("no usable machine: Nix would be told '# decline-permanently' and build locally".into());
+        }
+        (lines, ok)
     }
 
     /// Answers one `try`. Returns the accepted machine after `# accept` was sent.
