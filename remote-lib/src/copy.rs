@@ -72,6 +72,26 @@ pub fn topo_sort(infos: Vec<PathInfo>) -> Vec<PathInfo> {
     out
 }
 
+/// Asks the local store for the metadata of `missing` (one question), every
+/// one of which must be valid there, in dependency order.
+fn local_infos<LR: Read, LW: Write>(local: &mut ServeConn<LR, LW>, missing: &[String]) -> Result<Vec<PathInfo>, CopyError> {
+    let infos = local.query_path_infos(missing).map_err(|source| CopyError::Serve { side: "local store", source })?;
+    if let Some(p) = missing.iter().find(|p| !infos.iter().any(|i| &i.path == *p)) {
+        return Err(CopyError::MissingLocally { path: p.clone() });
+    }
+    Ok(topo_sort(infos))
+}
+
+/// Copies the next NAR from the local store's replies to `w`: exactly
+/// `info.nar_size` bytes, or an error.
+fn copy_nar<LR: Read, LW: Write, W: Write + ?Sized>(local: &mut ServeConn<LR, LW>, info: &PathInfo, w: &mut W) -> Result<u64, CopyError> {
+    let got = io::copy(&mut local.reader().take(info.nar_size), w).map_err(|source| CopyError::Io { what: "uploading", path: info.path.clone(), source })?;
+    if got != info.nar_size {
+        return Err(CopyError::Mismatch { path: info.path.clone(), what: "size", expected: info.nar_size.to_string(), got: got.to_string() });
+    }
+    Ok(got)
+}
+
 /// Asks the local store for all NARs at once; they are then read in order,
 /// so the local `nix-store` never waits for us between paths. (Its replies
 /// queue in the pipe; we read them as fast as the builder takes them.)
@@ -94,21 +114,12 @@ pub fn upload<LR: Read, LW: Write, RR: Read, RW: Write>(
     if missing.is_empty() {
         return Ok(0);
     }
-    let infos = local.query_path_infos(missing).map_err(|source| CopyError::Serve { side: "local store", source })?;
-    if let Some(p) = missing.iter().find(|p| !infos.iter().any(|i| &i.path == *p)) {
-        return Err(CopyError::MissingLocally { path: p.clone() });
-    }
-    let ordered = topo_sort(infos);
+    let ordered = local_infos(local, missing)?;
     request_nars(local, &ordered)?;
     let mut sent = 0;
     for info in &ordered {
         remote.send_add_to_store_nar_header(info).map_err(|source| CopyError::Serve { side: "builder", source })?;
-        let mut nar = local.reader().take(info.nar_size);
-        let n = io::copy(&mut nar, remote.writer()).map_err(|source| CopyError::Io { what: "uploading", path: info.path.clone(), source })?;
-        if n != info.nar_size {
-            return Err(CopyError::Mismatch { path: info.path.clone(), what: "size", expected: info.nar_size.to_string(), got: n.to_string() });
-        }
-        sent += n;
+        sent += copy_nar(local, info, remote.writer())?;
     }
     remote.flush().map_err(|source| CopyError::Serve { side: "builder", source })?;
     for _ in &ordered {
@@ -230,11 +241,7 @@ pub fn upload_bulk<LR: Read, LW: Write, W: Write, R: Read + Send + 'static>(
     if missing.is_empty() {
         return Ok(Moved::default());
     }
-    let infos = local.query_path_infos(missing).map_err(|source| CopyError::Serve { side: "local store", source })?;
-    if let Some(p) = missing.iter().find(|p| !infos.iter().any(|i| &i.path == *p)) {
-        return Err(CopyError::MissingLocally { path: p.clone() });
-    }
-    let ordered = topo_sort(infos);
+    let ordered = local_infos(local, missing)?;
     let n = ordered.len();
     // Replies are read concurrently, so neither side can block on a full pipe.
     let reader = std::thread::spawn(move || -> Result<(), ServeError> {
@@ -255,12 +262,7 @@ pub fn upload_bulk<LR: Read, LW: Write, W: Write, R: Read + Send + 'static>(
         request_nars(local, &ordered)?;
         for info in &ordered {
             crate::serve::write_add_to_store_nar_header(&mut enc, info).map_err(io)?;
-            let got = io::copy(&mut local.reader().take(info.nar_size), &mut enc)
-                .map_err(|source| CopyError::Io { what: "uploading", path: info.path.clone(), source })?;
-            if got != info.nar_size {
-                return Err(CopyError::Mismatch { path: info.path.clone(), what: "size", expected: info.nar_size.to_string(), got: got.to_string() });
-            }
-            sent += got;
+            sent += copy_nar(local, info, &mut enc)?;
         }
         enc.finish().map_err(io)?.flush().map_err(io)
     })();
