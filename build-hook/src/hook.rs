@@ -24,6 +24,8 @@ use std::time::Duration;
 pub struct Hook {
     /// What was wrong in the machines list (already skipped).
     pub diagnostics: Vec<machines::Diagnostic>,
+    /// Where the machines list came from, for messages.
+    machines_source: String,
     cfg: Config,
     settings: Settings,
     pub machines: Vec<Machine>,
@@ -98,7 +100,7 @@ impl Hook {
             system_features: settings.system_features(),
             max_jobs: settings.max_jobs(),
         };
-        Hook { diagnostics: parsed.diagnostics, cfg, settings, machines: parsed.machines, local, load, health, ssh, local_cap, failed: BTreeMap::new() }
+        Hook { diagnostics: parsed.diagnostics, machines_source: source, cfg, settings, machines: parsed.machines, local, load, health, ssh, local_cap, failed: BTreeMap::new() }
     }
 
     /// Sends the machines-list diagnostics to Nix.
@@ -115,8 +117,7 @@ impl Hook {
     pub fn check(&self, connect: bool) -> (Vec<String>, bool) {
         let mut lines = Vec::new();
         let mut ok = true;
-        let (_, source) = self.cfg.builders(&self.settings);
-        lines.push(format!("machines from {source}: {} usable", self.machines.len()));
+        lines.push(format!("machines from {}: {} usable", self.machines_source, self.machines.len()));
         for d in &self.diagnostics {
             ok &= d.severity != Severity::Error;
             lines.push(d.to_string());
@@ -300,13 +301,17 @@ impl Hook {
             Ok(_) => {
                 self.health.update(&m.uri, |h| h.succeeded(health::now()));
             }
-            Err(why) => {
-                let (policy, j) = (self.cfg.backoff, health::jitter());
-                self.health.update(&m.uri, |h| h.failed(health::now(), why, policy, j));
-                self.failed.insert(index, why.clone());
-            }
+            Err(why) => self.mark_failed(index, why),
         }
         res
+    }
+
+    /// Records that machine `index` failed: every hook process skips it for a
+    /// back-off, and this job does not try it again.
+    fn mark_failed(&mut self, index: usize, why: &str) {
+        let (policy, j) = (self.cfg.backoff, health::jitter());
+        self.health.update(&self.machines[index].uri, |h| h.failed(health::now(), why, policy, j));
+        self.failed.insert(index, why.to_string());
     }
 
     fn try_connect(&self, m: &Machine) -> Result<Conn, String> {
@@ -398,9 +403,7 @@ impl Hook {
                             "" => format!("connection lost during a build ({})", error_chain(&*e)),
                             l => format!("connection lost during a build: {l}"),
                         };
-                        let (policy, j) = (self.cfg.backoff, health::jitter());
-                        self.health.update(&uri, |h| h.failed(health::now(), &why, policy, j));
-                        self.failed.insert(acc.index, why.clone());
+                        self.mark_failed(acc.index, &why);
                         tried.push(format!("{uri}: {why}"));
                         match self.move_job(req, &uri, &why, &tried) {
                             Some(next) => {
