@@ -461,11 +461,12 @@ impl Hook {
         }
         let mut h = self.health.get(&m.uri);
         if h.zstd.is_none() {
-            let has = transport::ssh_script(m, &self.ssh, transport::ZSTD_PROBE)
+            let code = transport::ssh_script(m, &self.ssh, transport::ZSTD_PROBE)
                 .ok()
                 .and_then(|mut c| c.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).status().ok())
-                .map(|s| s.success())
-                .unwrap_or(false);
+                .and_then(|s| s.code());
+            // Unknown (ssh failed): copy raw this time and ask again next time.
+            let Some(has) = transport::zstd_probe_result(code) else { return 0 };
             h = self.health.update(&m.uri, |h| h.zstd = Some(has));
             if !has {
                 out::msg(Level::Talkative, &format!("build-hook: '{}' has no zstd; copies to and from it are not compressed", m.uri));

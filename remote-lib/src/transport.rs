@@ -135,6 +135,18 @@ pub fn bulk_script(m: &Machine, bulk: Bulk) -> String {
 /// The command that checks whether the builder has `zstd`.
 pub const ZSTD_PROBE: &str = "zstd -q -c </dev/null >/dev/null";
 
+/// What the exit status of [`ZSTD_PROBE`] says: `Some(true)` it ran,
+/// `Some(false)` the builder's shell could not run it, `None` ssh itself
+/// failed (exit 255) or was killed, which says nothing about zstd and must not
+/// be remembered.
+pub fn zstd_probe_result(exit_code: Option<i32>) -> Option<bool> {
+    match exit_code {
+        Some(0) => Some(true),
+        Some(255) | None => None,
+        Some(_) => Some(false),
+    }
+}
+
 /// True when Nix would not use ssh at all (`ssh://localhost`).
 pub fn is_local(m: &Machine) -> bool {
     m.ssh.host == "localhost"
@@ -400,6 +412,14 @@ mod tests {
         assert_eq!(c.get_args().collect::<Vec<_>>(), ["--serve", "--write"]);
         let c = ssh_script(&m, &cfg(&dir), &bulk_script(&m, Bulk::Upload)).unwrap();
         assert_eq!(c.get_program(), "/bin/sh");
+    }
+
+    #[test]
+    fn a_failed_ssh_is_not_taken_for_a_missing_zstd() {
+        assert_eq!(zstd_probe_result(Some(0)), Some(true));
+        assert_eq!(zstd_probe_result(Some(127)), Some(false));
+        assert_eq!(zstd_probe_result(Some(255)), None);
+        assert_eq!(zstd_probe_result(None), None);
     }
 
     #[test]
