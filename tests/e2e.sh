@@ -345,6 +345,44 @@ test_check_command_says_why() {
   "$HOOK" check --builders "@$TB/machines" --connect || fail "check should exit 0 for a good setup"
 }
 
+# The ciphers negotiated by new SSH connections to builder I since line N of its log.
+ciphers_since() { tail -n +"$(( $2 + 1 ))" "$TB/b$1/sshd.log" | sed -n 's/.*kex: client->server cipher: \([^ ]*\).*/\1/p'; }
+close_shared_connections() {
+  local s
+  for s in "$LOAD"/build-hook/ssh/*; do [ -S "$s" ] && ssh -o ControlPath="$s" -O exit x >/dev/null 2>&1; done
+  rm -f "$LOAD"/build-hook/ssh/*
+}
+
+test_new_connections_prefer_aes_gcm_unless_the_user_chose() {
+  reset_health
+  machines 1:2
+  close_shared_connections
+  # 1st build: the builder is probed (zstd, AES) on the way.
+  nb "$NIX/chain.nix" -A dep --argstr nonce "$(nonce aes1)" >/dev/null 2>&1 || fail "first build failed"
+  local want=no; grep -qw aes /proc/cpuinfo && want=yes
+  [ "$(health_field 1 aes)" = "$want" ] || fail "health record says aes=$(health_field 1 aes), expected $want"
+  "$HOOK" check --builders "@$TB/machines" | grep "cipher for a new connection"
+  local expect=chacha20-poly1305@openssh.com; [ $want = yes ] && expect=aes128-gcm@openssh.com
+  # 2nd build on a new connection: AES-GCM first when both CPUs have AES.
+  close_shared_connections
+  "$HOOK" check --builders "@$TB/machines" | grep "cipher for a new connection"
+  n=$(wc -l < "$TB/b1/sshd.log")
+  nb "$NIX/chain.nix" -A dep --argstr nonce "$(nonce aes2)" >/dev/null 2>&1 || fail "second build failed"
+  got=$(ciphers_since 1 "$n"); echo "new connection negotiated: $got"
+  [ "$got" = "$expect" ] || fail "expected one new connection using $expect, got '$got'"
+  # The user's choice wins: NIX_SSHOPTS names a cipher, and the knob turns it off.
+  close_shared_connections
+  n=$(wc -l < "$TB/b1/sshd.log")
+  NIX_SSHOPTS="-c chacha20-poly1305@openssh.com" nb "$NIX/chain.nix" -A dep --argstr nonce "$(nonce aes3)" >/dev/null 2>&1 || fail "build with NIX_SSHOPTS failed"
+  got=$(ciphers_since 1 "$n"); echo "with NIX_SSHOPTS=-c chacha20-poly1305@openssh.com: $got"
+  [ "$got" = chacha20-poly1305@openssh.com ] || fail "NIX_SSHOPTS's cipher was not used: '$got'"
+  close_shared_connections
+  n=$(wc -l < "$TB/b1/sshd.log")
+  BUILD_HOOK_PREFER_AES_GCM=0 nb "$NIX/chain.nix" -A dep --argstr nonce "$(nonce aes4)" >/dev/null 2>&1 || fail "build with the knob off failed"
+  got=$(ciphers_since 1 "$n"); echo "with BUILD_HOOK_PREFER_AES_GCM=0: $got"
+  [ "$got" = chacha20-poly1305@openssh.com ] || fail "OpenSSH's first choice was not kept: '$got'"
+}
+
 main() {
   tb_up 2 >/dev/null || { echo "cannot bring up the test bed"; exit 1; }
   local all=(
@@ -356,6 +394,7 @@ main() {
     racing_hooks_keep_the_health_state_readable dead_builder_mid_run_is_skipped_then_used_again
     corrupted_or_truncated_streams_are_detected_and_nothing_is_registered sigterm_ends_the_job_cleanly
     stale_shared_connection_socket_is_replaced check_command_says_why
+    new_connections_prefer_aes_gcm_unless_the_user_chose
   )
   local sel=("$@"); [ ${#sel[@]} -eq 0 ] && sel=("${all[@]}")
   for t in "${sel[@]}"; do t_run "$t" "test_$t"; done

@@ -27,6 +27,9 @@ pub struct Config {
     pub slot_wait_ms: u64,
     /// zstd level for bulk copies: None = learn per builder, 0 = never.
     pub compress: Option<i32>,
+    /// Put AES-GCM first in ssh's cipher order for new connections when both
+    /// CPUs have AES instructions and the user chose no ciphers.
+    pub prefer_aes_gcm: bool,
     pub sshopts: String,
     pub current_load: Option<PathBuf>,
     pub remote_systems: Option<String>,
@@ -63,6 +66,11 @@ impl Config {
                 Some(v) => Some(v.parse::<i32>().ok().filter(|l| (0..=19).contains(l)).ok_or_else(|| {
                     format!("environment variable BUILD_HOOK_COMPRESS='{v}' must be 'auto' or a zstd level from 0 (off) to 19")
                 })?),
+            },
+            prefer_aes_gcm: match var("BUILD_HOOK_PREFER_AES_GCM").as_deref() {
+                None | Some("1") => true,
+                Some("0") => false,
+                Some(v) => return Err(format!("environment variable BUILD_HOOK_PREFER_AES_GCM='{v}' must be 1 (default) or 0")),
             },
             sshopts: var("NIX_SSHOPTS").unwrap_or_default(),
             current_load: var("NIX_CURRENT_LOAD").map(PathBuf::from),

@@ -86,6 +86,7 @@ impl Hook {
             control_persist: cfg.control_persist,
             known_hosts_dir: load.private_dir("known-hosts"),
             extra_opts: transport::split_sshopts(&cfg.sshopts),
+            ciphers: None,
         };
         let (text, source) = cfg.builders(&settings);
         let system = settings.system();
@@ -157,7 +158,8 @@ impl Hook {
                 (Some(true), None) => format!("zstd available; level not learned yet (the next copy uses {})", health::DEFAULT_LEVEL),
                 (None, _) => "not asked yet whether the builder has zstd".to_string(),
             };
-            lines.push(format!("  health: {state}\n  transfers: {zstd}"));
+            let cipher = self.cipher_choice(m).1;
+            lines.push(format!("  health: {state}\n  transfers: {zstd}\n  cipher for a new connection: {cipher}"));
             if connect {
                 let t = std::time::Instant::now();
                 match self.try_connect(m) {
@@ -314,8 +316,55 @@ impl Hook {
         self.failed.insert(index, why.to_string());
     }
 
+    /// The cipher order for a new connection to `m`, and why. AES-GCM goes
+    /// first when both CPUs have AES instructions, no shared connection is
+    /// open already (it would be used instead), and the user's ssh config and
+    /// `NIX_SSHOPTS` leave the ciphers at OpenSSH's defaults (`ssh -G`).
+    fn cipher_choice(&self, m: &Machine) -> (Option<String>, String) {
+        let no = |why: &str| (None, format!("OpenSSH's default order ({why})"));
+        if !self.cfg.prefer_aes_gcm {
+            return no("BUILD_HOOK_PREFER_AES_GCM=0");
+        }
+        if transport::is_local(m) {
+            return no("no ssh for localhost");
+        }
+        if !transport::local_cpu_has_aes() {
+            return no("this machine's CPU has no AES instructions");
+        }
+        match self.health.get(&m.uri).aes {
+            None => return no("not asked yet whether the builder's CPU has AES instructions"),
+            Some(false) => return no("the builder's CPU has no AES instructions"),
+            Some(true) => {}
+        }
+        let run = |c: Option<std::process::Command>| {
+            c.and_then(|mut c| c.stdin(std::process::Stdio::null()).stderr(std::process::Stdio::null()).output().ok())
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        };
+        let Some(user) = run(transport::ssh_settings_command(m, &self.ssh).ok()) else { return no("'ssh -G' failed") };
+        if let Some(cp) = transport::ssh_setting(&user, "controlpath").filter(|p| *p != "none") {
+            // A socket nobody listens on (its master was killed) is replaced by a new master.
+            if std::os::unix::net::UnixStream::connect(cp).is_ok() {
+                return (None, "none needed now: a shared connection is open (its cipher was chosen when it was opened)".into());
+            }
+        }
+        let Some(defaults) = run(Some(transport::ssh_defaults_command(m, &self.ssh))) else { return no("'ssh -F /dev/null -G' failed") };
+        let (u, d) = (transport::ssh_setting(&user, "ciphers"), transport::ssh_setting(&defaults, "ciphers"));
+        if u != d {
+            return no("your ssh config or NIX_SSHOPTS chooses the ciphers");
+        }
+        match u.and_then(transport::aes_gcm_first) {
+            Some(list) => (Some(list), "AES-GCM first (both CPUs have AES instructions)".into()),
+            None => no("no AES-GCM cipher to move first"),
+        }
+    }
+
     fn try_connect(&self, m: &Machine) -> Result<Conn, String> {
-        let cmd = transport::ssh_command(m, &self.ssh, &transport::serve_words(m)).map_err(|e| format!("{e:#}"))?;
+        let ssh = match self.cipher_choice(m) {
+            (Some(list), _) => SshConfig { ciphers: Some(list), ..self.ssh.clone() },
+            (None, _) => self.ssh.clone(),
+        };
+        let cmd = transport::ssh_command(m, &ssh, &transport::serve_words(m)).map_err(|e| format!("{e:#}"))?;
         let mut proc = RemoteProcess::spawn(cmd, StderrTap::default()).map_err(|e| error_chain(&e))?;
         signals::track_child(proc.child.id());
         let (r, w) = (proc.stdout.take().expect("piped"), proc.stdin.take().expect("piped"));
@@ -452,25 +501,35 @@ impl Hook {
         }
     }
 
+    /// The machine's record, after asking the builder (once, remembered)
+    /// whether it has zstd and AES instructions. If ssh itself fails the
+    /// answer stays unknown and is asked again next time.
+    fn caps(&self, m: &Machine) -> health::Health {
+        let h = self.health.get(&m.uri);
+        if h.zstd.is_some() && h.aes.is_some() {
+            return h;
+        }
+        let caps = transport::ssh_script(m, &self.ssh, transport::CAPS_PROBE)
+            .ok()
+            .and_then(|mut c| c.stdin(std::process::Stdio::null()).stderr(std::process::Stdio::null()).output().ok())
+            .and_then(|o| transport::parse_caps(o.status.code(), &String::from_utf8_lossy(&o.stdout)));
+        let Some(caps) = caps else { return h };
+        if !caps.zstd {
+            out::msg(Level::Talkative, &format!("build-hook: '{}' has no zstd; copies to and from it are not compressed", m.uri));
+        }
+        self.health.update(&m.uri, |h| {
+            h.zstd = Some(caps.zstd);
+            h.aes = Some(caps.aes);
+        })
+    }
+
     /// The zstd level for bulk copies with `m` (0: raw over the interactive
     /// session): forced by BUILD_HOOK_COMPRESS, else learned per builder;
     /// whether the builder has zstd is asked once and remembered.
     fn bulk_level(&self, m: &Machine) -> i32 {
+        let h = self.caps(m);
         if self.cfg.compress == Some(0) {
             return 0;
-        }
-        let mut h = self.health.get(&m.uri);
-        if h.zstd.is_none() {
-            let code = transport::ssh_script(m, &self.ssh, transport::ZSTD_PROBE)
-                .ok()
-                .and_then(|mut c| c.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).status().ok())
-                .and_then(|s| s.code());
-            // Unknown (ssh failed): copy raw this time and ask again next time.
-            let Some(has) = transport::zstd_probe_result(code) else { return 0 };
-            h = self.health.update(&m.uri, |h| h.zstd = Some(has));
-            if !has {
-                out::msg(Level::Talkative, &format!("build-hook: '{}' has no zstd; copies to and from it are not compressed", m.uri));
-            }
         }
         if h.zstd != Some(true) {
             return 0;

@@ -22,11 +22,21 @@ pub struct Health {
     pub reason: String,
     /// Whether the builder has `zstd` (None: not probed yet).
     pub zstd: Option<bool>,
+    /// Whether the builder's CPU has AES instructions (None: not probed yet).
+    pub aes: Option<bool>,
     /// zstd level for bulk copies to and from this builder, learned from
     /// past transfers (0: raw; None: not learned yet).
     pub compress: Option<i32>,
     /// NAR MB/s of the last uncompressed bulk transfer (the link's raw rate).
     pub raw_mbps: Option<f64>,
+}
+
+fn yes_no(v: &str) -> Option<bool> {
+    match v {
+        "yes" => Some(true),
+        "no" => Some(false),
+        _ => None,
+    }
 }
 
 /// Back-off policy.
@@ -82,11 +92,11 @@ impl Health {
                     true
                 }
                 "zstd" => {
-                    h.zstd = match v {
-                        "yes" => Some(true),
-                        "no" => Some(false),
-                        _ => None,
-                    };
+                    h.zstd = yes_no(v);
+                    true
+                }
+                "aes" => {
+                    h.aes = yes_no(v);
                     true
                 }
                 _ => true,
@@ -99,15 +109,16 @@ impl Health {
     }
 
     pub fn render(&self) -> String {
-        let z = match self.zstd {
+        let yn = |b: Option<bool>| match b {
             Some(true) => "yes",
             Some(false) => "no",
             None => "unknown",
         };
+        let (z, a) = (yn(self.zstd), yn(self.aes));
         let c = self.compress.map(|c| c.to_string()).unwrap_or_else(|| "unknown".into());
         let r = self.raw_mbps.map(|r| format!("{r:.1}")).unwrap_or_else(|| "unknown".into());
         format!(
-            "build-hook-health v1\nlast_success={}\nfailures={}\nretry_after={}\nreason={}\nzstd={z}\nraw_mbps={r}\ncompress={c}\n",
+            "build-hook-health v1\nlast_success={}\nfailures={}\nretry_after={}\nreason={}\nzstd={z}\naes={a}\nraw_mbps={r}\ncompress={c}\n",
             self.last_success,
             self.failures,
             self.retry_after,
@@ -263,10 +274,13 @@ mod tests {
         let mut h = Health::default();
         h.failed(100, "connection refused\nby b1", Backoff::default(), 0.5);
         h.zstd = Some(true);
+        h.aes = Some(false);
         let back = Health::parse(&h.render());
         assert_eq!(back.failures, 1);
         assert_eq!(back.reason, "connection refused by b1");
-        assert_eq!(back.zstd, Some(true));
+        assert_eq!((back.zstd, back.aes), (Some(true), Some(false)));
+        // Records written before a field existed read it as unknown.
+        assert_eq!(Health::parse("build-hook-health v1\nfailures=0\nzstd=yes\n").aes, None);
         for junk in ["", "garbage", "build-hook-health v1\nfailures=x", "build-hook-health v2\nfailures=1"] {
             assert_eq!(Health::parse(junk), Health::default(), "{junk:?}");
         }

@@ -51,6 +51,9 @@ pub struct SshConfig {
     pub known_hosts_dir: PathBuf,
     /// `NIX_SSHOPTS`, already split.
     pub extra_opts: Vec<String>,
+    /// A cipher preference list for a new connection (see [`aes_gcm_first`]);
+    /// `None` leaves ssh's own choice.
+    pub ciphers: Option<String>,
 }
 
 /// Splits `NIX_SSHOPTS` like a shell would (quotes, backslashes), as Nix 2.26+.
@@ -132,19 +135,30 @@ pub fn bulk_script(m: &Machine, bulk: Bulk) -> String {
     }
 }
 
-/// The command that checks whether the builder has `zstd`.
-pub const ZSTD_PROBE: &str = "zstd -q -c </dev/null >/dev/null";
+/// What a builder offers besides Nix, asked once and remembered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caps {
+    /// `zstd` runs there.
+    pub zstd: bool,
+    /// Its CPU has AES instructions (Linux `/proc/cpuinfo`, macOS `sysctl`).
+    pub aes: bool,
+}
 
-/// What the exit status of [`ZSTD_PROBE`] says: `Some(true)` it ran,
-/// `Some(false)` the builder's shell could not run it, `None` ssh itself
-/// failed (exit 255) or was killed, which says nothing about zstd and must not
-/// be remembered.
-pub fn zstd_probe_result(exit_code: Option<i32>) -> Option<bool> {
-    match exit_code {
-        Some(0) => Some(true),
-        Some(255) | None => None,
-        Some(_) => Some(false),
+/// The probe run on a builder: one line per capability found, then `done`.
+/// Only fixed text; `sh -c` so that any login shell runs it the same way.
+pub const CAPS_PROBE: &str = "sh -c 'zstd -q -c </dev/null >/dev/null 2>&1 && echo zstd; \
+grep -qw aes /proc/cpuinfo 2>/dev/null && echo aes; \
+sysctl -n hw.optional.aes hw.optional.arm.FEAT_AES 2>/dev/null | grep -qx 1 && echo aes; echo done'";
+
+/// What the probe's exit status and output say. `None` when the probe did
+/// not run to its end (ssh failed, exit 255, or was killed): that says
+/// nothing about the builder and must not be remembered.
+pub fn parse_caps(exit_code: Option<i32>, stdout: &str) -> Option<Caps> {
+    let words: Vec<&str> = stdout.lines().map(str::trim).collect();
+    if exit_code != Some(0) || words.last() != Some(&"done") {
+        return None;
     }
+    Some(Caps { zstd: words.contains(&"zstd"), aes: words.contains(&"aes") })
 }
 
 /// True when Nix would not use ssh at all (`ssh://localhost`).
@@ -187,6 +201,67 @@ pub fn ssh_script(m: &Machine, cfg: &SshConfig, script: &str) -> Result<Command,
         c.arg("-c").arg(script);
         return Ok(c);
     }
+    let mut c = ssh_with_options(m, cfg)?;
+    c.arg("--").arg(&m.ssh.host);
+    c.arg(script);
+    Ok(c)
+}
+
+/// `ssh -G` with every option we would connect to `m` with: prints the
+/// settings ssh would use (after the user's ssh config and `NIX_SSHOPTS`),
+/// without connecting. See [`ssh_setting`].
+pub fn ssh_settings_command(m: &Machine, cfg: &SshConfig) -> Result<Command, TransportError> {
+    let mut c = ssh_with_options(m, cfg)?;
+    c.arg("-G").arg("--").arg(&m.ssh.host);
+    Ok(c)
+}
+
+/// `ssh -F /dev/null -G host`: OpenSSH's built-in defaults, no config read.
+pub fn ssh_defaults_command(m: &Machine, cfg: &SshConfig) -> Command {
+    let mut c = Command::new(&cfg.program);
+    c.args(["-F", "/dev/null", "-G", "--"]).arg(&m.ssh.host);
+    c
+}
+
+/// One setting (`key value...`) from `ssh -G` output.
+pub fn ssh_setting<'a>(settings: &'a str, key: &str) -> Option<&'a str> {
+    settings.lines().find_map(|l| l.split_once(' ').filter(|(k, _)| *k == key).map(|(_, v)| v.trim()))
+}
+
+/// The cipher list `list` (ssh's comma-separated order of preference) with the
+/// AES-GCM ciphers moved to the front, order otherwise kept; `None` when it
+/// has none or already starts with one. With AES instructions on both ends,
+/// AES-GCM costs ssh a fraction of the CPU of chacha20-poly1305 (OpenSSH's
+/// default first choice), which is what limits ssh on fast links.
+pub fn aes_gcm_first(list: &str) -> Option<String> {
+    let all: Vec<&str> = list.split(',').map(str::trim).filter(|c| !c.is_empty()).collect();
+    let is_gcm = |c: &&str| c.starts_with("aes") && c.contains("-gcm");
+    if all.first().is_none_or(is_gcm) || !all.iter().any(is_gcm) {
+        return None;
+    }
+    let (gcm, rest): (Vec<&str>, Vec<&str>) = all.into_iter().partition(is_gcm);
+    Some(gcm.into_iter().chain(rest).collect::<Vec<_>>().join(","))
+}
+
+/// Whether this CPU has AES and carry-less multiply instructions (what makes
+/// AES-GCM fast).
+pub fn local_cpu_has_aes() -> bool {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        std::arch::is_x86_feature_detected!("aes") && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("aes") && std::arch::is_aarch64_feature_detected!("pmull")
+    }
+    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
+    }
+}
+
+/// The builder's options of ours and the user's, up to (not including) the host.
+fn ssh_with_options(m: &Machine, cfg: &SshConfig) -> Result<Command, TransportError> {
     let mut c = Command::new(&cfg.program);
     c.arg("-x").arg("-T");
     let o = |c: &mut Command, s: String| {
@@ -198,6 +273,9 @@ pub fn ssh_script(m: &Machine, cfg: &SshConfig, script: &str) -> Result<Command,
     o(&mut c, format!("ServerAliveCountMax={}", cfg.server_alive_count_max));
     o(&mut c, "Compression=no".into());
     c.args(&cfg.extra_opts);
+    if let Some(ciphers) = &cfg.ciphers {
+        o(&mut c, format!("Ciphers={ciphers}"));
+    }
     if let Some(k) = &m.ssh_key {
         c.arg("-i").arg(k);
     }
@@ -216,8 +294,6 @@ pub fn ssh_script(m: &Machine, cfg: &SshConfig, script: &str) -> Result<Command,
         o(&mut c, format!("ControlPath={}/%C", dir.display()));
         o(&mut c, format!("ControlPersist={}", cfg.control_persist));
     }
-    c.arg("--").arg(&m.ssh.host);
-    c.arg(script);
     Ok(c)
 }
 
@@ -368,6 +444,7 @@ mod tests {
             control_persist: 60,
             known_hosts_dir: dir.join("kh"),
             extra_opts: split_sshopts("-F /etc/x -o 'IdentityAgent none'"),
+            ciphers: None,
         }
     }
 
@@ -415,11 +492,54 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_ssh_is_not_taken_for_a_missing_zstd() {
-        assert_eq!(zstd_probe_result(Some(0)), Some(true));
-        assert_eq!(zstd_probe_result(Some(127)), Some(false));
-        assert_eq!(zstd_probe_result(Some(255)), None);
-        assert_eq!(zstd_probe_result(None), None);
+    fn a_failed_ssh_is_not_taken_for_a_missing_capability() {
+        assert_eq!(parse_caps(Some(0), "zstd\naes\naes\ndone\n"), Some(Caps { zstd: true, aes: true }));
+        assert_eq!(parse_caps(Some(0), "done\n"), Some(Caps { zstd: false, aes: false }));
+        assert_eq!(parse_caps(Some(255), ""), None);
+        assert_eq!(parse_caps(None, "zstd\n"), None);
+        assert_eq!(parse_caps(Some(0), "zstd\n"), None, "cut short before 'done'");
+    }
+
+    #[test]
+    fn caps_probe_runs_in_a_posix_shell() {
+        let out = Command::new("sh").arg("-c").arg(CAPS_PROBE).output().unwrap();
+        let caps = parse_caps(out.status.code(), &String::from_utf8_lossy(&out.stdout)).expect("probe ran to its end");
+        let has_zstd = Command::new("sh").arg("-c").arg("command -v zstd").output().unwrap().status.success();
+        assert_eq!(caps.zstd, has_zstd);
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        assert_eq!(caps.aes, cpuinfo.split_whitespace().any(|w| w == "aes"));
+    }
+
+    #[test]
+    fn aes_gcm_moves_to_the_front_of_the_default_order() {
+        let openssh_9 = "chacha20-poly1305@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr,aes128-gcm@openssh.com,aes256-gcm@openssh.com";
+        assert_eq!(
+            aes_gcm_first(openssh_9).as_deref(),
+            Some("aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr")
+        );
+        assert_eq!(aes_gcm_first("aes256-gcm@openssh.com,chacha20-poly1305@openssh.com"), None);
+        assert_eq!(aes_gcm_first("chacha20-poly1305@openssh.com,aes128-ctr"), None);
+        assert_eq!(aes_gcm_first(""), None);
+    }
+
+    #[test]
+    fn ssh_settings_are_read_from_ssh_g_output() {
+        let out = "user root\nciphers chacha20-poly1305@openssh.com,aes128-ctr\ncontrolpath /run/x/ab12\n";
+        assert_eq!(ssh_setting(out, "ciphers"), Some("chacha20-poly1305@openssh.com,aes128-ctr"));
+        assert_eq!(ssh_setting(out, "controlpath"), Some("/run/x/ab12"));
+        assert_eq!(ssh_setting(out, "cipher"), None);
+    }
+
+    #[test]
+    fn ciphers_are_passed_when_chosen() {
+        let dir = std::env::temp_dir();
+        let m = machine("ssh://b1");
+        let mut c = cfg(&dir);
+        c.ciphers = Some("aes128-gcm@openssh.com,chacha20-poly1305@openssh.com".into());
+        let args: Vec<String> = ssh_command(&m, &c, &serve_words(&m)).unwrap().get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert!(args.join(" ").contains("-o Ciphers=aes128-gcm@openssh.com,chacha20-poly1305@openssh.com"), "{args:?}");
+        let g: Vec<String> = ssh_settings_command(&m, &c).unwrap().get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert_eq!(&g[g.len() - 3..], ["-G", "--", "b1"]);
     }
 
     #[test]

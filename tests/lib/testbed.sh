@@ -104,6 +104,8 @@ MaxStartups 64:30:128
 PrintMotd no
 StrictModes no
 AcceptEnv LANG
+# DEBUG1 logs each new connection's negotiated cipher (tests check it).
+LogLevel DEBUG1
 CFG
   ip netns add "$ns"
   ip link add "bhv$i" type veth peer name "bhp$i"
