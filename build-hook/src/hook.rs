@@ -614,7 +614,15 @@ impl Hook {
             }
         }
 
-        // 2. Build.
+        // 2. Build. A compressed download session is opened now, so that it is
+        // ready when the build ends (opening one costs round trips and a
+        // remote nix-store start), unless that could take more sessions than
+        // sshd allows on one connection.
+        let down_level = self.bulk_level(m);
+        let mut ready = Spare(None);
+        if down_level > 0 && m.max_jobs <= MAX_JOBS_FOR_SPARE_SESSION {
+            ready.0 = Some(self.bulk_session(m, transport::Bulk::Download { level: down_level })?);
+        }
         let opts = self.settings.build_options();
         let res = conn.serve.build_derivation(drv_path.as_str(), &drv, &inputs, &opts).map_err(anyhow::Error::from)?;
         if !res.success() {
@@ -628,11 +636,14 @@ impl Hook {
         let fetch: Vec<StorePath> = wanted.into_iter().filter(|p| !valid.iter().any(|v| v == p.as_str())).collect();
         if !fetch.is_empty() {
             let _act = Activity::start(Level::Info, &format!("copying outputs from '{}'", m.uri));
-            let level = self.bulk_level(m);
+            let level = down_level;
             let t = std::time::Instant::now();
             let moved = if level > 0 {
                 let infos = copy::remote_infos(&mut conn.serve, &fetch).map_err(anyhow::Error::from)?;
-                let mut bulk = self.bulk_session(m, transport::Bulk::Download { level })?;
+                let mut bulk = match ready.0.take() {
+                    Some(b) => b,
+                    None => self.bulk_session(m, transport::Bulk::Download { level })?,
+                };
                 let (w, r) = (bulk.stdin.take().expect("piped"), bulk.stdout.take().expect("piped"));
                 let res = copy::download_bulk(w, r, infos, &self.local, &fetch, registrar, &mut |p| signals::track_temp(p));
                 finish_bulk(bulk, res)?
@@ -646,6 +657,22 @@ impl Hook {
         drop(c);
         let _ = p.finish();
         Ok(())
+    }
+}
+
+/// sshd allows 10 sessions per connection by default (`MaxSessions`); with
+/// a spare download session, each build on a builder holds two. Beyond this
+/// many jobs per builder the spare is not opened (OpenSSH would fall back to
+/// a new connection for sessions over the limit, which costs more).
+const MAX_JOBS_FOR_SPARE_SESSION: u64 = 4;
+
+/// A bulk session opened ahead of need; killed if it was not used.
+struct Spare(Option<RemoteProcess>);
+impl Drop for Spare {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = p.kill();
+        }
     }
 }
 
