@@ -239,13 +239,35 @@ impl HealthStore {
         fs::read_to_string(self.file(uri)).map(|t| Health::parse(&t)).unwrap_or_default()
     }
 
-    /// Read-modify-write of a machine's record. Writes are atomic; a failed
-    /// write is ignored (health is advice, never a reason to fail a build).
+    /// Read-modify-write of a machine's record, under an exclusive `flock` on
+    /// `<dir>/.lock` so that hook processes updating at the same instant do
+    /// not lose each other's counts. Writes are atomic; a failed write or lock
+    /// is ignored (health is advice, never a reason to fail a build).
     pub fn update(&self, uri: &str, f: impl FnOnce(&mut Health)) -> Health {
+        let _lock = self.lock();
         let mut h = self.get(uri);
         f(&mut h);
         let _ = write_atomic(&self.file(uri), h.render().as_bytes());
         h
+    }
+}
+
+impl HealthStore {
+    /// Takes the directory's update lock (released when the file is closed);
+    /// `None` if it cannot be had (read-only load directory, …).
+    fn lock(&self) -> Option<fs::File> {
+        use std::os::fd::AsRawFd;
+        let _ = fs::create_dir_all(&self.dir);
+        let f = fs::OpenOptions::new().create(true).truncate(false).write(true).open(self.dir.join(".lock")).ok()?;
+        loop {
+            // SAFETY: flock on a valid, owned file descriptor.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                return Some(f);
+            }
+            if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                return None;
+            }
+        }
     }
 }
 
@@ -338,6 +360,28 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_updates_lose_no_count() {
+        let dir = std::env::temp_dir().join(format!("health-count-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let store = HealthStore::new(dir.clone());
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let s = store.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..100 {
+                        s.update("ssh://b1", |h| h.failed(1000, "down", Backoff::default(), 0.5));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(store.get("ssh://b1").failures, 800);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn racing_writers_never_leave_a_corrupt_record() {
         let dir = std::env::temp_dir().join(format!("health-race-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
@@ -358,7 +402,9 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
-        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "temporary files left behind");
+        let names: Vec<String> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert_eq!(names.len(), 2, "temporary files left behind: {names:?}");
+        assert!(names.contains(&".lock".to_string()), "{names:?}");
         fn dir_file(s: &HealthStore) -> PathBuf {
             s.file("ssh://b1")
         }
