@@ -363,6 +363,7 @@ mod tests {
     fn concurrent_updates_lose_no_count() {
         let dir = std::env::temp_dir().join(format!("health-count-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
         let store = HealthStore::new(dir.clone());
         let threads: Vec<_> = (0..8)
             .map(|_| {
