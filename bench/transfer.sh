@@ -22,9 +22,12 @@ mkdir -p "$DATA"
 bash bench/make-data.sh "$DATA" 20 5 mixed > "$DATA/mixed.nix"
 bash bench/make-data.sh "$DATA" 20 5 random > "$DATA/random.nix"
 
-# one HOOK INPUTS -> seconds for a fresh build on a fresh builder store
+# one HOOK INPUTS [WIPE] -> seconds for a fresh build on a fresh builder store.
+# WIPE is tb_wipe_store (default: the builder restarts, so every build opens a
+# new ssh connection) or tb_empty_store (the builder stays up; a connection
+# build-hook opened for the previous build is still there, as in repeated use).
 one() {
-  tb_wipe_store 1 >/dev/null
+  "${3:-tb_wipe_store}" 1 >/dev/null
   local t0; t0=$(date +%s.%N)
   nix-build bench/transfer.nix --arg inputsFile "$2" --argstr nonce "t$(date +%s%N)" \
     --max-jobs 0 --builders "@$TB/machines" --option build-hook "$1" --no-out-link >/dev/null 2>"$TB/transfer.err" \
@@ -32,27 +35,32 @@ one() {
   python3 -c "print(f'{$(date +%s.%N)-$t0:.2f}')"
 }
 
-compare() { # compare LABEL INPUTS
+compare() { # compare LABEL INPUTS WIPE
   local o=() b=() r
   # One untimed warm-up each: build-hook learns its zstd level per builder
   # from the previous transfer (it then keeps it), as it would in real use.
-  one "$OURS" "$2" >/dev/null; one "$BUILTIN" "$2" >/dev/null
-  for r in $(seq 1 "$ROUNDS"); do o+=("$(one "$OURS" "$2")"); b+=("$(one "$BUILTIN" "$2")"); done
+  one "$OURS" "$2" "$3" >/dev/null; one "$BUILTIN" "$2" "$3" >/dev/null
+  for r in $(seq 1 "$ROUNDS"); do o+=("$(one "$OURS" "$2" "$3")"); b+=("$(one "$BUILTIN" "$2" "$3")"); done
   python3 - "$1" "${o[*]}" "${b[*]}" <<'PY'
 import sys, statistics
 label, o, b = sys.argv[1], [float(x) for x in sys.argv[2].split()], [float(x) for x in sys.argv[3].split()]
 mo, mb = statistics.median(o), statistics.median(b)
-print(f"{label:34s} build-hook {mo:6.2f} s  nix build-remote {mb:6.2f} s  ratio {mb/mo:5.2f}x   (runs: {o} vs {b})")
+print(f"{label:44s} build-hook {mo:6.2f} s  nix build-remote {mb:6.2f} s  ratio {mb/mo:5.2f}x   (runs: {o} vs {b})")
 PY
 }
 
 echo "== 20 inputs, 100 MB, out copies them back; fresh builder store each run; median of $ROUNDS after a warm-up"
-tb_unshape 1
-compare "mixed, unshaped veth" "$DATA/mixed.nix"
-compare "all random, unshaped veth" "$DATA/random.nix"
-tb_shape 1 100mbit
-compare "mixed, 100 Mbit/s tbf" "$DATA/mixed.nix"
-compare "all random, 100 Mbit/s tbf" "$DATA/random.nix"
+echo "   'new connection': the builder restarts before every build, so both hooks start with an ssh handshake"
+echo "   'connection open': the builder stays up; build-hook reuses the connection it shares between builds"
+echo "   (Nix's hook opens a new connection for every build either way)"
+for link in unshaped 100mbit; do
+  if [ "$link" = unshaped ]; then tb_unshape 1; name="unshaped veth"; else tb_shape 1 100mbit; name="100 Mbit/s tbf"; fi
+  for data in mixed random; do
+    [ "$data" = mixed ] && what=mixed || what="all random"
+    compare "$what, $name, new connection" "$DATA/$data.nix" tb_wipe_store
+    compare "$what, $name, connection open" "$DATA/$data.nix" tb_empty_store
+  done
+done
 tb_unshape 1
 
 echo "== peak RSS of build-hook moving a 1 GiB path (input up, output down)"

@@ -153,6 +153,22 @@ tb_wipe_store() {
   tb_start_sshd "$i"
 }
 
+# Empty builder I's store but keep its sshd and open ssh sessions (as a
+# builder that is up and reachable but lacks the closure): only Nix
+# processes are stopped.
+tb_empty_store() {
+  local p
+  for p in $(ip netns pids "$(tb_ns "$1")" 2>/dev/null); do
+    case "$(cat "/proc/$p/comm" 2>/dev/null)" in nix-store|nix-daemon|nix) kill -9 "$p" 2>/dev/null || true ;; esac
+  done
+  for _ in $(seq 1 50); do
+    ip netns pids "$(tb_ns "$1")" 2>/dev/null | while read -r p; do cat "/proc/$p/comm" 2>/dev/null; done | grep -qx 'nix-store\|nix-daemon\|nix' || break
+    sleep 0.02
+  done
+  # The directory itself stays: it is bind-mounted on the builder's /nix.
+  find "$TB/b$1/nix" -mindepth 1 -maxdepth 1 -exec rm -rf {} +
+}
+
 tb_down() {
   local n i
   n=$(cat "$TB/count" 2>/dev/null || echo 0)
