@@ -345,6 +345,29 @@ test_check_command_says_why() {
   "$HOOK" check --builders "@$TB/machines" --connect || fail "check should exit 0 for a good setup"
 }
 
+test_incompressible_inputs_are_copied_uncompressed() {
+  machines 1:2
+  local rec="$LOAD/build-hook/health/ssh:__root@10.201.1.2" kind input log
+  for kind in random text; do
+    # A slow link, as learned from earlier copies: zstd -6 unless the data says otherwise.
+    reset_health; mkdir -p "$(dirname "$rec")"
+    printf 'build-hook-health v1\nlast_success=%s\nfailures=0\nretry_after=0\nreason=\nzstd=yes\naes=yes\nraw_mbps=12.0\ncompress=6\n' "$(date +%s)" > "$rec"
+    if [ $kind = random ]; then head -c 4000000 /dev/urandom > "$TB/sample-$kind"; else seq 1 600000 > "$TB/sample-$kind"; fi
+    echo "$kind $(date +%s%N)" >> "$TB/sample-$kind"
+    input=$(nix-store --add "$TB/sample-$kind")
+    log="$TB/sample-$kind.log"
+    nb "$NIX/big.nix" --argstr nonce "$(nonce sample)" --arg input "$input" -vv >"$log" 2>&1 || { tail "$log"; fail "$kind build failed"; }
+    grep "build-hook: \(copied\|the paths\)" "$log"
+    if [ $kind = random ]; then
+      assert_contains "$log" "look incompressible"
+      grep -q "copied 1 paths to 'ssh://root@10.201.1.2': .* (uncompressed)" "$log" || fail "random input was not sent uncompressed"
+    else
+      assert_not_contains "$log" "look incompressible"
+      grep -q "copied 1 paths to 'ssh://root@10.201.1.2': .* (zstd -6, " "$log" || fail "text input was not compressed"
+    fi
+  done
+}
+
 # The ciphers negotiated by new SSH connections to builder I since line N of its log.
 ciphers_since() { tail -n +"$(( $2 + 1 ))" "$TB/b$1/sshd.log" | sed -n 's/.*kex: client->server cipher: \([^ ]*\).*/\1/p'; }
 close_shared_connections() {
@@ -394,7 +417,7 @@ main() {
     racing_hooks_keep_the_health_state_readable dead_builder_mid_run_is_skipped_then_used_again
     corrupted_or_truncated_streams_are_detected_and_nothing_is_registered sigterm_ends_the_job_cleanly
     stale_shared_connection_socket_is_replaced check_command_says_why
-    new_connections_prefer_aes_gcm_unless_the_user_chose
+    new_connections_prefer_aes_gcm_unless_the_user_chose incompressible_inputs_are_copied_uncompressed
   )
   local sel=("$@"); [ ${#sel[@]} -eq 0 ] && sel=("${all[@]}")
   for t in "${sel[@]}"; do t_run "$t" "test_$t"; done

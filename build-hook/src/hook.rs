@@ -7,6 +7,7 @@ use crate::config::Config;
 use crate::out::{self, Activity};
 use crate::signals;
 use remote_lib::copy;
+use remote_lib::sample;
 use remote_lib::health::{self, HealthStore};
 use remote_lib::hook_protocol::{Accepted, Reply, Settings, TryRequest};
 use remote_lib::local_store::{LocalServe, LocalStore};
@@ -537,6 +538,30 @@ impl Hook {
         self.cfg.compress.unwrap_or_else(|| h.compress.unwrap_or(health::DEFAULT_LEVEL))
     }
 
+    /// The level for uploading `ordered` to `m`: [`Self::bulk_level`], unless
+    /// a sample of the paths says zstd would save under 5 % (already
+    /// compressed sources, images, random data): then the open session,
+    /// uncompressed. A level forced by BUILD_HOOK_COMPRESS is kept.
+    fn upload_level(&self, m: &Machine, ordered: &[remote_lib::serve::PathInfo]) -> i32 {
+        let level = self.bulk_level(m);
+        if level == 0 || self.cfg.compress.is_some() {
+            return level;
+        }
+        let parts: Vec<(u64, f64)> = ordered
+            .iter()
+            .map(|i| {
+                let sample = StorePath::parse(&self.local.store_dir, &i.path).map(|p| sample::sample_path(&self.local.real_path(&p))).unwrap_or_default();
+                (i.nar_size, sample::ratio(&sample, 1))
+            })
+            .collect();
+        let r = sample::weighted_ratio(&parts);
+        if r < sample::WORTH_COMPRESSING {
+            out::msg(Level::Talkative, &format!("build-hook: the paths for '{}' look incompressible (sampled zstd ratio {r:.2}); copying them uncompressed", m.uri));
+            return 0;
+        }
+        level
+    }
+
     fn bulk_session(&self, m: &Machine, bulk: transport::Bulk) -> Result<RemoteProcess, JobError> {
         let cmd = transport::ssh_script(m, &self.ssh, &transport::bulk_script(m, bulk)).map_err(anyhow::Error::from)?;
         let p = RemoteProcess::spawn(cmd, StderrTap::default()).map_err(anyhow::Error::from)?;
@@ -591,26 +616,28 @@ impl Hook {
         // The local nix-store started meanwhile.
         let mut ls: LocalServe = self.local.serve_handshake(local_proc).map_err(anyhow::Error::from)?;
         if !missing.is_empty() {
+            // Everything that needs only the local store happens before the lock.
+            let ordered = copy::local_infos(&mut ls.1, &missing).map_err(anyhow::Error::from)?;
+            let level = self.upload_level(m, &ordered);
             let wait = Activity::start(Level::Talkative, &format!("waiting for the upload lock to '{}'", m.uri));
             let _upload = self.load.upload_lock(&m.uri).map_err(anyhow::Error::from)?;
             drop(wait);
             // Another hook may have uploaded some of them while we waited.
             let valid = conn.serve.query_valid_paths(&missing, true, false).map_err(anyhow::Error::from)?;
-            let missing: Vec<String> = missing.into_iter().filter(|p| !valid.contains(p)).collect();
-            if !missing.is_empty() {
-                let _act = Activity::start(Level::Info, &format!("copying {} paths to '{}'", missing.len(), m.uri));
-                let level = self.bulk_level(m);
+            let ordered: Vec<_> = ordered.into_iter().filter(|i| !valid.contains(&i.path)).collect();
+            if !ordered.is_empty() {
+                let _act = Activity::start(Level::Info, &format!("copying {} paths to '{}'", ordered.len(), m.uri));
                 let t = std::time::Instant::now();
                 let moved = if level > 0 {
                     let mut bulk = self.bulk_session(m, transport::Bulk::Upload)?;
                     let (w, r) = (bulk.stdin.take().expect("piped"), bulk.stdout.take().expect("piped"));
-                    let res = copy::upload_bulk(&mut ls.1, w, r, &missing, level);
+                    let res = copy::upload_bulk(&mut ls.1, w, r, &ordered, level);
                     finish_bulk(bulk, res)?
                 } else {
-                    let nar = copy::upload(&mut ls.1, &mut conn.serve, &missing).map_err(anyhow::Error::from)?;
+                    let nar = copy::upload(&mut ls.1, &mut conn.serve, &ordered).map_err(anyhow::Error::from)?;
                     copy::Moved { nar, wire: nar }
                 };
-                self.learn(m, level, moved, t, &format!("copied {} paths to", missing.len()));
+                self.learn(m, level, moved, t, &format!("copied {} paths to", ordered.len()));
             }
         }
 

@@ -74,7 +74,7 @@ pub fn topo_sort(infos: Vec<PathInfo>) -> Vec<PathInfo> {
 
 /// Asks the local store for the metadata of `missing` (one question), every
 /// one of which must be valid there, in dependency order.
-fn local_infos<LR: Read, LW: Write>(local: &mut ServeConn<LR, LW>, missing: &[String]) -> Result<Vec<PathInfo>, CopyError> {
+pub fn local_infos<LR: Read, LW: Write>(local: &mut ServeConn<LR, LW>, missing: &[String]) -> Result<Vec<PathInfo>, CopyError> {
     let infos = local.query_path_infos(missing).map_err(|source| CopyError::Serve { side: "local store", source })?;
     if let Some(p) = missing.iter().find(|p| !infos.iter().any(|i| &i.path == *p)) {
         return Err(CopyError::MissingLocally { path: p.clone() });
@@ -102,27 +102,26 @@ fn request_nars<LR: Read, LW: Write>(local: &mut ServeConn<LR, LW>, ordered: &[P
     local.flush().map_err(|source| CopyError::Serve { side: "local store", source })
 }
 
-/// Copies `missing` (already known to be absent on the builder) from the local
-/// store to the builder: one metadata question locally, then every path as
+/// Copies `ordered` (from [`local_infos`]: absent on the builder, in
+/// dependency order) from the local store to the builder: every path as
 /// `AddToStoreNar` back to back, acknowledgements read at the end. Returns the
 /// bytes of NAR sent.
 pub fn upload<LR: Read, LW: Write, RR: Read, RW: Write>(
     local: &mut ServeConn<LR, LW>,
     remote: &mut ServeConn<RR, RW>,
-    missing: &[String],
+    ordered: &[PathInfo],
 ) -> Result<u64, CopyError> {
-    if missing.is_empty() {
+    if ordered.is_empty() {
         return Ok(0);
     }
-    let ordered = local_infos(local, missing)?;
-    request_nars(local, &ordered)?;
+    request_nars(local, ordered)?;
     let mut sent = 0;
-    for info in &ordered {
+    for info in ordered {
         remote.send_add_to_store_nar_header(info).map_err(|source| CopyError::Serve { side: "builder", source })?;
         sent += copy_nar(local, info, remote.writer())?;
     }
     remote.flush().map_err(|source| CopyError::Serve { side: "builder", source })?;
-    for _ in &ordered {
+    for _ in ordered {
         remote.read_ack("AddToStoreNar").map_err(|source| CopyError::Serve { side: "builder", source })?;
     }
     Ok(sent)
@@ -225,7 +224,7 @@ pub fn download_bulk<W: Write, R: Read>(
     Ok(Moved { nar, wire: wire.count })
 }
 
-/// Uploads `missing` over a one-directional bulk session whose requests are
+/// Uploads `ordered` (as for [`upload`]) over a one-directional bulk session whose requests are
 /// zstd-compressed at `level` (`zstd -d | nix-store --serve --write` on the
 /// builder): handshake, every `AddToStoreNar` with its NAR in dependency
 /// order, end of stream; then the server's raw handshake and one
@@ -235,13 +234,12 @@ pub fn upload_bulk<LR: Read, LW: Write, W: Write, R: Read + Send + 'static>(
     local: &mut ServeConn<LR, LW>,
     requests: W,
     replies: R,
-    missing: &[String],
+    ordered: &[PathInfo],
     level: i32,
 ) -> Result<Moved, CopyError> {
-    if missing.is_empty() {
+    if ordered.is_empty() {
         return Ok(Moved::default());
     }
-    let ordered = local_infos(local, missing)?;
     let n = ordered.len();
     // Replies are read concurrently, so neither side can block on a full pipe.
     let reader = std::thread::spawn(move || -> Result<(), ServeError> {
@@ -259,8 +257,8 @@ pub fn upload_bulk<LR: Read, LW: Write, W: Write, R: Read + Send + 'static>(
     let res = (|| -> Result<(), CopyError> {
         let mut enc = zstd::stream::write::Encoder::new(&mut wire, level).map_err(io)?;
         crate::serve::write_client_hello(&mut enc).map_err(io)?;
-        request_nars(local, &ordered)?;
-        for info in &ordered {
+        request_nars(local, ordered)?;
+        for info in ordered {
             crate::serve::write_add_to_store_nar_header(&mut enc, info).map_err(io)?;
             sent += copy_nar(local, info, &mut enc)?;
         }

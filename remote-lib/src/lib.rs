@@ -4,7 +4,7 @@
 //! - decide (pure, plus the load directory): [`hook_protocol`], [`machines`],
 //!   [`select`], [`slots`], [`health`];
 //! - move bytes: [`transport`], [`serve`], [`copy`], [`nar`], [`wire`],
-//!   [`local_store`];
+//!   [`local_store`], [`sample`];
 //! - know things: [`derivation`], [`store_path`], [`hash`], [`nixlog`].
 //!
 //! The library never prints: it returns values and errors, and the binary
@@ -19,6 +19,7 @@ pub mod local_store;
 pub mod machines;
 pub mod nar;
 pub mod nixlog;
+pub mod sample;
 pub mod select;
 pub mod serve;
 pub mod slots;
