@@ -359,25 +359,30 @@ mod tests {
         assert!(!h.backing_off(2000) && h.recently_good(2010, 60) && !h.recently_good(2100, 60));
     }
 
+    /// Runs `work(store, thread index)` on 8 threads at once and joins them.
+    fn from_8_threads(store: &HealthStore, work: fn(&HealthStore, u64)) {
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let s = store.clone();
+                std::thread::spawn(move || work(&s, i))
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
     #[test]
     fn concurrent_updates_lose_no_count() {
         let dir = std::env::temp_dir().join(format!("health-count-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         let store = HealthStore::new(dir.clone());
-        let threads: Vec<_> = (0..8)
-            .map(|_| {
-                let s = store.clone();
-                std::thread::spawn(move || {
-                    for _ in 0..100 {
-                        s.update("ssh://b1", |h| h.failed(1000, "down", Backoff::default(), 0.5));
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
+        from_8_threads(&store, |s, _| {
+            for _ in 0..100 {
+                s.update("ssh://b1", |h| h.failed(1000, "down", Backoff::default(), 0.5));
+            }
+        });
         assert_eq!(store.get("ssh://b1").failures, 800);
         let _ = fs::remove_dir_all(&dir);
     }
@@ -388,21 +393,13 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         let store = HealthStore::new(dir.clone());
-        let threads: Vec<_> = (0..8)
-            .map(|i| {
-                let s = store.clone();
-                std::thread::spawn(move || {
-                    for n in 0..200 {
-                        s.update("ssh://b1", |h| if (i + n) % 2 == 0 { h.succeeded(n) } else { h.failed(n, "down", Backoff::default(), 0.1) });
-                        let text = fs::read_to_string(dir_file(&s)).unwrap();
-                        assert!(text.starts_with("build-hook-health v1\n") && text.ends_with("compress=unknown\n"), "{text:?}");
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
+        from_8_threads(&store, |s, i| {
+            for n in 0..200 {
+                s.update("ssh://b1", |h| if (i + n) % 2 == 0 { h.succeeded(n) } else { h.failed(n, "down", Backoff::default(), 0.1) });
+                let text = fs::read_to_string(dir_file(s)).unwrap();
+                assert!(text.starts_with("build-hook-health v1\n") && text.ends_with("compress=unknown\n"), "{text:?}");
+            }
+        });
         let names: Vec<String> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         assert_eq!(names.len(), 2, "temporary files left behind: {names:?}");
         assert!(names.contains(&".lock".to_string()), "{names:?}");

@@ -156,13 +156,18 @@ tb_wipe_store() {
 # Empty builder I's store but keep its sshd and open ssh sessions (as a
 # builder that is up and reachable but lacks the closure): only Nix
 # processes are stopped.
-tb_empty_store() {
+tb_nix_pids() { # the Nix processes running in builder I's namespace
   local p
   for p in $(ip netns pids "$(tb_ns "$1")" 2>/dev/null); do
-    case "$(cat "/proc/$p/comm" 2>/dev/null)" in nix-store|nix-daemon|nix) kill -9 "$p" 2>/dev/null || true ;; esac
+    case "$(cat "/proc/$p/comm" 2>/dev/null)" in nix-store|nix-daemon|nix) echo "$p" ;; esac
   done
+}
+tb_empty_store() {
+  local pids
+  pids=$(tb_nix_pids "$1")
+  if [ -n "$pids" ]; then kill -9 $pids 2>/dev/null || true; fi
   for _ in $(seq 1 50); do
-    ip netns pids "$(tb_ns "$1")" 2>/dev/null | while read -r p; do cat "/proc/$p/comm" 2>/dev/null; done | grep -qx 'nix-store\|nix-daemon\|nix' || break
+    [ -z "$(tb_nix_pids "$1")" ] && break
     sleep 0.02
   done
   # The directory itself stays: it is bind-mounted on the builder's /nix.
