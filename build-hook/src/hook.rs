@@ -337,22 +337,20 @@ impl Hook {
             Some(false) => return no("the builder's CPU has no AES instructions"),
             Some(true) => {}
         }
-        // Both questions at once: each is a process start (a few ms).
-        use std::process::{Command, Stdio};
-        let start = |c: Option<Command>| c.and_then(|mut c| c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().ok());
-        let (user, defaults) = (start(transport::ssh_settings_command(m, &self.ssh).ok()), start(Some(transport::ssh_defaults_command(m, &self.ssh))));
-        let finish = |c: Option<std::process::Child>| {
-            c.and_then(|c| c.wait_with_output().ok()).filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        let run = |c: Option<std::process::Command>| {
+            c.and_then(|mut c| c.stdin(std::process::Stdio::null()).stderr(std::process::Stdio::null()).output().ok())
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         };
-        let (user, defaults) = (finish(user), finish(defaults));
-        let Some(user) = user else { return no("'ssh -G' failed") };
+        let Some(user) = run(transport::ssh_settings_command(m, &self.ssh).ok()) else { return no("'ssh -G' failed") };
         if let Some(cp) = transport::ssh_setting(&user, "controlpath").filter(|p| *p != "none") {
             // A socket nobody listens on (its master was killed) is replaced by a new master.
             if std::os::unix::net::UnixStream::connect(cp).is_ok() {
                 return (None, "none needed now: a shared connection is open (its cipher was chosen when it was opened)".into());
             }
         }
-        let Some(defaults) = defaults else { return no("'ssh -F /dev/null -G' failed") };
+        // Only now, when a new connection will be made, OpenSSH's defaults are asked for.
+        let Some(defaults) = run(Some(transport::ssh_defaults_command(m, &self.ssh))) else { return no("'ssh -F /dev/null -G' failed") };
         let (u, d) = (transport::ssh_setting(&user, "ciphers"), transport::ssh_setting(&defaults, "ciphers"));
         if u != d {
             return no("your ssh config or NIX_SSHOPTS chooses the ciphers");
