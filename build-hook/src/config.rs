@@ -6,7 +6,13 @@ use remote_lib::health::Backoff;
 use remote_lib::hook_protocol::Settings;
 use remote_lib::local_store::LocalStore;
 use remote_lib::machines;
+use remote_lib::session::Timeouts;
 use std::path::PathBuf;
+use std::time::Duration;
+
+/// Seconds a remote build may go without a log line when neither Nix's
+/// `max-silent-time` nor `BUILD_HOOK_BUILD_SILENT_TIMEOUT` says otherwise.
+pub const DEFAULT_BUILD_SILENT: u64 = 3 * 3600;
 
 /// Tunables, with their defaults.
 #[derive(Clone, Debug)]
@@ -30,6 +36,12 @@ pub struct Config {
     /// Put AES-GCM first in ssh's cipher order for new connections when both
     /// CPUs have AES instructions and the user chose no ciphers.
     pub prefer_aes_gcm: bool,
+    /// Seconds any exchange with a builder other than the build itself may
+    /// go without a byte moving.
+    pub stall_timeout: u64,
+    /// Seconds the remote build may go without a log line; `None`: from
+    /// Nix's `max-silent-time` (see [`Config::timeouts`]).
+    pub build_silent_timeout: Option<u64>,
     pub sshopts: String,
     pub current_load: Option<PathBuf>,
     pub remote_systems: Option<String>,
@@ -72,12 +84,32 @@ impl Config {
                 Some("0") => false,
                 Some(v) => return Err(format!("environment variable BUILD_HOOK_PREFER_AES_GCM='{v}' must be 1 (default) or 0")),
             },
+            stall_timeout: num("BUILD_HOOK_STALL_TIMEOUT", 300)?,
+            build_silent_timeout: match var("BUILD_HOOK_BUILD_SILENT_TIMEOUT") {
+                None => None,
+                Some(_) => Some(num("BUILD_HOOK_BUILD_SILENT_TIMEOUT", 0)?),
+            },
             sshopts: var("NIX_SSHOPTS").unwrap_or_default(),
             current_load: var("NIX_CURRENT_LOAD").map(PathBuf::from),
             remote_systems: var("NIX_REMOTE_SYSTEMS"),
             conf_dir: var("NIX_CONF_DIR").map(PathBuf::from).unwrap_or_else(|| "/etc/nix".into()),
             state_dir: var("NIX_STATE_DIR").map(PathBuf::from),
         })
+    }
+
+    /// Every wait's limit. The build may be silent for
+    /// `BUILD_HOOK_BUILD_SILENT_TIMEOUT` seconds (0: no limit); by default for
+    /// Nix's `max-silent-time` plus the stall timeout when Nix sets one (the
+    /// builder enforces it and reports a timeout first), else 3 hours.
+    pub fn timeouts(&self, max_silent_time: u64) -> Timeouts {
+        let stall = Duration::from_secs(self.stall_timeout.max(1));
+        let build_silent = match self.build_silent_timeout {
+            Some(0) => None,
+            Some(s) => Some(Duration::from_secs(s)),
+            None if max_silent_time > 0 => Some(Duration::from_secs(max_silent_time) + stall),
+            None => Some(Duration::from_secs(DEFAULT_BUILD_SILENT)),
+        };
+        Timeouts { handshake: Duration::from_secs(self.connect_timeout as u64 * 2 + 5), stall, build_silent }
     }
 
     /// The load directory: `NIX_CURRENT_LOAD`, else `<state dir>/current-load`.

@@ -2,8 +2,9 @@
 //! Set `build-hook = /path/to/build-hook` in nix.conf. This binary only
 //! composes `remote-lib`: it reads the protocol, decides, and runs the job.
 
+mod check;
 mod config;
-mod hook;
+mod dispatch;
 mod out;
 mod signals;
 
@@ -69,8 +70,8 @@ fn check(args: &[String]) -> anyhow::Result<i32> {
         }
     }
     let cfg = config::Config::from_env().map_err(anyhow::Error::msg)?;
-    let hook = hook::Hook::new(cfg, settings);
-    let (lines, ok) = hook.check(connect);
+    let d = dispatch::Dispatcher::new(cfg, settings);
+    let (lines, ok) = check::check(&d, connect);
     for l in lines {
         println!("{l}");
     }
@@ -83,7 +84,7 @@ fn run(args: &[String]) -> anyhow::Result<i32> {
     let cfg = config::Config::from_env().map_err(anyhow::Error::msg)?;
     let mut stdin = BufReader::new(std::io::stdin().lock());
     let settings = Settings::read(&mut stdin)?;
-    let mut hook = hook::Hook::new(cfg, settings);
+    let mut hook = dispatch::Dispatcher::new(cfg, settings);
     hook.report_diagnostics();
     if hook.machines.is_empty() {
         out::reply(&Reply::DeclinePermanently);

@@ -51,3 +51,25 @@ impl Drop for Activity {
         write(&nixlog::stop(self.0));
     }
 }
+
+/// The job's events, as Nix log records (and temporaries remembered for the
+/// signal handler).
+pub struct NixEvents;
+
+impl remote_lib::job::Events for NixEvents {
+    fn log(&self, level: Level, text: &str) {
+        msg(level, text);
+    }
+    fn start(&self, level: Level, text: &str) -> u64 {
+        let a = Activity::start(level, text);
+        let id = a.0;
+        std::mem::forget(a);
+        id
+    }
+    fn stop(&self, id: u64) {
+        drop(Activity(id));
+    }
+    fn temp(&self, path: &std::path::Path) {
+        crate::signals::track_temp(path);
+    }
+}

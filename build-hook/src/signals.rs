@@ -1,21 +1,15 @@
 //! SIGTERM/SIGINT/SIGHUP end the job cleanly: a dedicated thread waits for
-//! them, kills the remote-session children, removes half-unpacked outputs and
+//! them, kills the children not yet reaped, removes half-unpacked outputs and
 //! exits. Slot and upload locks die with the process.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 static TEMPS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
-static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 
 /// Remembers a temporary path to remove if we are killed.
 pub fn track_temp(p: &Path) {
     TEMPS.lock().unwrap_or_else(|e| e.into_inner()).push(p.to_path_buf());
-}
-
-/// Remembers a child to kill if we are killed.
-pub fn track_child(pid: u32) {
-    CHILDREN.lock().unwrap_or_else(|e| e.into_inner()).push(pid);
 }
 
 /// Blocks the signals in this (the main) thread, before any other thread
@@ -33,9 +27,12 @@ pub fn install() {
         std::thread::spawn(move || {
             let mut sig: libc::c_int = 0;
             if libc::sigwait(&set_copy, &mut sig) == 0 {
-                for pid in CHILDREN.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-                    libc::kill(*pid as libc::pid_t, libc::SIGTERM);
-                }
+                // Only children not yet reaped: their PIDs cannot have been reused.
+                remote_lib::transport::with_live_children(|pids| {
+                    for pid in pids {
+                        libc::kill(*pid as libc::pid_t, libc::SIGTERM);
+                    }
+                });
                 for p in TEMPS.lock().unwrap_or_else(|e| e.into_inner()).iter() {
                     // Only our own temporary names, never a final output path.
                     if p.file_name().map(|n| n.to_string_lossy().contains(".build-hook-")).unwrap_or(false) {

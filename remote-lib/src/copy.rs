@@ -1,23 +1,40 @@
 //! Moving closures between stores over serve sessions: which inputs the
-//! builder lacks (one question), uploading them in dependency order as one
-//! pipelined stream, and downloading outputs into the local store with every
-//! NAR hash and size verified before anything is registered.
+//! builder lacks, uploading them in dependency order as one pipelined
+//! stream, and downloading outputs into the local store with every NAR read
+//! through its announced size, hashed, checked and (for fixed outputs)
+//! compared with the `.drv`'s hash before anything is registered.
+//!
+//! No pipe is filled before its other end is read: at most [`WINDOW`]
+//! requests are ahead of the replies read, acknowledgements are read while
+//! uploading, and a bulk session's requests are written by their own thread.
 
 use crate::hash::{HashingReader, Sha256Hash};
 use crate::local_store::{LocalStore, LocalStoreError, Registrar};
 use crate::nar::{self, NarError};
+use crate::path_info::{self, Bounded, FixedHash, PathInfoError};
 use crate::serve::{PathInfo, ServeConn, ServeError};
 use crate::store_path::StorePath;
-use std::collections::{BTreeMap, BTreeSet};
+use crate::wire::WireError;
+use std::collections::BTreeSet;
 use std::io::{self, Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+/// Requests sent ahead of the replies read (each a few hundred bytes, so
+/// the window never fills a pipe).
+pub const WINDOW: usize = 64;
 
 /// What went wrong while copying.
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
-    #[error("while talking to the {side}")]
-    Serve {
-        side: &'static str,
+    #[error("talking to the builder")]
+    Builder {
+        during: &'static str,
+        #[source]
+        source: ServeError,
+    },
+    #[error("talking to the local nix-store")]
+    LocalServe {
+        during: &'static str,
         #[source]
         source: ServeError,
     },
@@ -25,16 +42,8 @@ pub enum CopyError {
     MissingLocally { path: String },
     #[error("the builder did not report '{path}' as valid after building it")]
     MissingRemotely { path: String },
-    #[error("NAR of '{path}' is corrupt")]
-    Nar {
-        path: String,
-        #[source]
-        source: NarError,
-    },
-    #[error("'{path}': NAR {what} mismatch: expected {expected}, got {got}; nothing was registered")]
-    Mismatch { path: String, what: &'static str, expected: String, got: String },
-    #[error("'{path}': bad NAR hash '{hash}' from the builder")]
-    BadHash { path: String, hash: String },
+    #[error("rejected what the builder sent (nothing was registered)")]
+    Rejected(#[from] PathInfoError),
     #[error("I/O error while {what} '{path}'")]
     Io {
         what: &'static str,
@@ -46,119 +55,201 @@ pub enum CopyError {
     Local(#[from] LocalStoreError),
 }
 
-/// Orders `infos` so that every path comes after the paths it references.
+impl CopyError {
+    /// The builder's stream ended (EOF or a broken pipe): whether the
+    /// connection was lost or the builder refused is decided from how its
+    /// process ended.
+    pub fn builder_closed(&self) -> bool {
+        matches!(self, CopyError::Builder { source: ServeError::Closed { .. }, .. })
+    }
+    /// The fault is on this machine, not the builder's.
+    pub fn is_local(&self) -> bool {
+        matches!(self, CopyError::LocalServe { .. } | CopyError::MissingLocally { .. } | CopyError::Io { .. } | CopyError::Local(_))
+    }
+}
+
+fn builder(during: &'static str) -> impl Fn(ServeError) -> CopyError {
+    move |source| CopyError::Builder { during, source }
+}
+fn local_serve(during: &'static str) -> impl Fn(ServeError) -> CopyError {
+    move |source| CopyError::LocalServe { during, source }
+}
+/// A write to the builder failed: a broken pipe means its stream closed.
+fn builder_io(during: &'static str) -> impl Fn(io::Error) -> CopyError {
+    move |e| {
+        let source = if e.kind() == io::ErrorKind::BrokenPipe { ServeError::Closed { during } } else { ServeError::Io { during, source: e } };
+        CopyError::Builder { during, source }
+    }
+}
+
+/// Orders `infos` so that every path comes after the paths it references
+/// (references outside `infos` and cycles through self-references are
+/// ignored). Iterative, so a deep closure cannot overflow the stack.
 pub fn topo_sort(infos: Vec<PathInfo>) -> Vec<PathInfo> {
-    let mut by_path: BTreeMap<String, PathInfo> = infos.into_iter().map(|i| (i.path.clone(), i)).collect();
-    let mut done = BTreeSet::new();
-    let mut out = Vec::with_capacity(by_path.len());
-    let keys: Vec<String> = by_path.keys().cloned().collect();
-    fn visit(p: &str, by_path: &mut BTreeMap<String, PathInfo>, done: &mut BTreeSet<String>, out: &mut Vec<PathInfo>) {
-        if done.contains(p) {
-            return;
+    let index: std::collections::HashMap<&str, usize> = infos.iter().enumerate().map(|(i, p)| (p.path.as_str(), i)).collect();
+    // 0: not seen, 1: on the stack, 2: placed
+    let mut state = vec![0u8; infos.len()];
+    let mut order = Vec::with_capacity(infos.len());
+    let mut stack: Vec<(usize, usize)> = Vec::new();
+    for start in 0..infos.len() {
+        if state[start] != 0 {
+            continue;
         }
-        done.insert(p.to_string());
-        if let Some(info) = by_path.get(p).cloned() {
-            for r in &info.references {
-                if r != p {
-                    visit(r, by_path, done, out);
+        state[start] = 1;
+        stack.push((start, 0));
+        while let Some((node, next)) = stack.last_mut() {
+            let (node, refs) = (*node, &infos[*node].references);
+            if *next < refs.len() {
+                let r = refs[*next].as_str();
+                *next += 1;
+                if let Some(&j) = index.get(r) {
+                    if state[j] == 0 {
+                        state[j] = 1;
+                        stack.push((j, 0));
+                    }
                 }
+            } else {
+                state[node] = 2;
+                order.push(node);
+                stack.pop();
             }
-            out.push(by_path.remove(p).expect("present"));
         }
     }
-    for k in keys {
-        visit(&k, &mut by_path, &mut done, &mut out);
-    }
-    out
+    drop(index);
+    let mut slots: Vec<Option<PathInfo>> = infos.into_iter().map(Some).collect();
+    order.into_iter().filter_map(|i| slots[i].take()).collect()
 }
 
 /// Asks the local store for the metadata of `missing` (one question), every
 /// one of which must be valid there, in dependency order.
 pub fn local_infos<LR: Read, LW: Write>(local: &mut ServeConn<LR, LW>, missing: &[String]) -> Result<Vec<PathInfo>, CopyError> {
-    let infos = local.query_path_infos(missing).map_err(|source| CopyError::Serve { side: "local store", source })?;
-    if let Some(p) = missing.iter().find(|p| !infos.iter().any(|i| &i.path == *p)) {
-        return Err(CopyError::MissingLocally { path: p.clone() });
+    let infos = local.query_path_infos(missing).map_err(local_serve("QueryPathInfos"))?;
+    if infos.len() != missing.len() {
+        let have: BTreeSet<&str> = infos.iter().map(|i| i.path.as_str()).collect();
+        if let Some(p) = missing.iter().find(|p| !have.contains(p.as_str())) {
+            return Err(CopyError::MissingLocally { path: p.clone() });
+        }
     }
     Ok(topo_sort(infos))
 }
 
-/// Copies the next NAR from the local store's replies to `w`: exactly
-/// `info.nar_size` bytes, or an error.
+/// Copies the next NAR from the local store's replies to the builder:
+/// exactly `info.nar_size` bytes. A failed read is the local store's fault,
+/// a failed write the builder's.
 fn copy_nar<LR: Read, LW: Write, W: Write + ?Sized>(local: &mut ServeConn<LR, LW>, info: &PathInfo, w: &mut W) -> Result<u64, CopyError> {
-    let got = io::copy(&mut local.reader().take(info.nar_size), w).map_err(|source| CopyError::Io { what: "uploading", path: info.path.clone(), source })?;
+    let mut r = local.reader().take(info.nar_size);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0;
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(CopyError::LocalServe { during: "DumpStorePath", source: ServeError::Io { during: "DumpStorePath", source: e } }),
+        };
+        w.write_all(&buf[..n]).map_err(builder_io("AddToStoreNar"))?;
+        got += n as u64;
+    }
     if got != info.nar_size {
-        return Err(CopyError::Mismatch { path: info.path.clone(), what: "size", expected: info.nar_size.to_string(), got: got.to_string() });
+        return Err(CopyError::LocalServe { during: "DumpStorePath", source: ServeError::Closed { during: "DumpStorePath" } });
     }
     Ok(got)
 }
 
-/// Asks the local store for all NARs at once; they are then read in order,
-/// so the local `nix-store` never waits for us between paths. (Its replies
-/// queue in the pipe; we read them as fast as the builder takes them.)
-fn request_nars<LR: Read, LW: Write>(local: &mut ServeConn<LR, LW>, ordered: &[PathInfo]) -> Result<(), CopyError> {
-    for info in ordered {
-        local.send_dump_store_path(&info.path).map_err(|source| CopyError::Serve { side: "local store", source })?;
+/// Keeps the local store's `DumpStorePath` requests at most [`WINDOW`]
+/// paths ahead of the NAR being read (`upto`: the index being read now).
+fn request_nars<LR: Read, LW: Write>(local: &mut ServeConn<LR, LW>, ordered: &[PathInfo], requested: &mut usize, upto: usize) -> Result<(), CopyError> {
+    let target = (upto + WINDOW).min(ordered.len());
+    if *requested >= target {
+        return Ok(());
     }
-    local.flush().map_err(|source| CopyError::Serve { side: "local store", source })
+    while *requested < target {
+        local.send_dump_store_path(&ordered[*requested].path).map_err(local_serve("DumpStorePath"))?;
+        *requested += 1;
+    }
+    local.flush().map_err(local_serve("DumpStorePath"))
 }
 
 /// Copies `ordered` (from [`local_infos`]: absent on the builder, in
-/// dependency order) from the local store to the builder: every path as
-/// `AddToStoreNar` back to back, acknowledgements read at the end. Returns the
-/// bytes of NAR sent.
-pub fn upload<LR: Read, LW: Write, RR: Read, RW: Write>(
-    local: &mut ServeConn<LR, LW>,
-    remote: &mut ServeConn<RR, RW>,
-    ordered: &[PathInfo],
-) -> Result<u64, CopyError> {
-    if ordered.is_empty() {
-        return Ok(0);
-    }
-    request_nars(local, ordered)?;
-    let mut sent = 0;
-    for info in ordered {
-        remote.send_add_to_store_nar_header(info).map_err(|source| CopyError::Serve { side: "builder", source })?;
+/// dependency order) from the local store to the builder as back-to-back
+/// `AddToStoreNar` requests, reading acknowledgements as it goes so that at
+/// most 2 × [`WINDOW`] are ever pending. Returns the bytes of NAR sent.
+pub fn upload<LR: Read, LW: Write, RR: Read, RW: Write>(local: &mut ServeConn<LR, LW>, remote: &mut ServeConn<RR, RW>, ordered: &[PathInfo]) -> Result<u64, CopyError> {
+    let (mut requested, mut acked, mut sent) = (0, 0, 0);
+    let ack = |remote: &mut ServeConn<RR, RW>, acked: &mut usize| -> Result<(), CopyError> {
+        remote.read_ack("AddToStoreNar").map_err(builder("AddToStoreNar"))?;
+        *acked += 1;
+        Ok(())
+    };
+    for (i, info) in ordered.iter().enumerate() {
+        request_nars(local, ordered, &mut requested, i)?;
+        remote.send_add_to_store_nar_header(info).map_err(builder("AddToStoreNar"))?;
         sent += copy_nar(local, info, remote.writer())?;
+        if i + 1 - acked >= 2 * WINDOW {
+            remote.flush().map_err(builder("AddToStoreNar"))?;
+            while i + 1 - acked > WINDOW {
+                ack(remote, &mut acked)?;
+            }
+        }
     }
-    remote.flush().map_err(|source| CopyError::Serve { side: "builder", source })?;
-    for _ in ordered {
-        remote.read_ack("AddToStoreNar").map_err(|source| CopyError::Serve { side: "builder", source })?;
+    remote.flush().map_err(builder("AddToStoreNar"))?;
+    while acked < ordered.len() {
+        ack(remote, &mut acked)?;
     }
     Ok(sent)
 }
 
-/// Asks the builder for the metadata of `outputs` (one question); every one
-/// must be valid there.
-pub fn remote_infos<RR: Read, RW: Write>(remote: &mut ServeConn<RR, RW>, outputs: &[StorePath]) -> Result<Vec<PathInfo>, CopyError> {
+/// Asks the builder for the metadata of `outputs` (one question): every one
+/// must be valid there, and every entry is checked ([`path_info::check`]).
+pub fn remote_infos<RR: Read, RW: Write>(remote: &mut ServeConn<RR, RW>, store_dir: &str, outputs: &[StorePath]) -> Result<Vec<PathInfo>, CopyError> {
     let names: Vec<String> = outputs.iter().map(|p| p.to_string()).collect();
-    let infos = remote.query_path_infos(&names).map_err(|source| CopyError::Serve { side: "builder", source })?;
-    for p in &names {
-        if !infos.iter().any(|i| &i.path == p) {
-            return Err(CopyError::MissingRemotely { path: p.clone() });
-        }
+    let infos = remote.query_path_infos(&names).map_err(builder("QueryPathInfos"))?;
+    let infos = infos.iter().map(|i| path_info::check(store_dir, i)).collect::<Result<Vec<_>, _>>()?;
+    if let Some(p) = names.iter().find(|p| !infos.iter().any(|i| &i.path == *p)) {
+        return Err(CopyError::MissingRemotely { path: p.clone() });
     }
     Ok(infos)
 }
 
-/// Downloads `outputs` over the interactive session: metadata in one
-/// question, NAR requests pipelined, then [`receive_nars`]. Returns the NAR
-/// bytes received.
-pub fn download<RR: Read, RW: Write>(
-    remote: &mut ServeConn<RR, RW>,
-    local: &LocalStore,
-    outputs: &[StorePath],
-    registrar: Registrar,
-    on_temp: &mut dyn FnMut(&std::path::Path),
-) -> Result<u64, CopyError> {
-    if outputs.is_empty() {
-        return Ok(0);
+/// References of `infos` that are neither among them nor valid in the local
+/// store (asked through `local`) make the reply a lie: such a path would be
+/// registered with a dangling reference.
+pub fn check_references<LR: Read, LW: Write>(local: &mut ServeConn<LR, LW>, infos: &[PathInfo]) -> Result<(), CopyError> {
+    let ours: BTreeSet<&str> = infos.iter().map(|i| i.path.as_str()).collect();
+    let others: BTreeSet<String> = infos.iter().flat_map(|i| i.references.iter()).filter(|r| !ours.contains(r.as_str())).cloned().collect();
+    if others.is_empty() {
+        return Ok(());
     }
-    let infos = remote_infos(remote, outputs)?;
-    for i in &infos {
-        remote.send_dump_store_path(&i.path).map_err(|source| CopyError::Serve { side: "builder", source })?;
+    let others: Vec<String> = others.into_iter().collect();
+    let valid: BTreeSet<String> = local.query_valid_paths(&others, false, false).map_err(local_serve("QueryValidPaths"))?.into_iter().collect();
+    for i in infos {
+        if let Some(r) = i.references.iter().find(|r| !ours.contains(r.as_str()) && !valid.contains(*r)) {
+            return Err(PathInfoError { path: i.path.clone(), why: format!("it references '{r}', which is neither an output of this build nor valid locally") }.into());
+        }
     }
-    remote.flush().map_err(|source| CopyError::Serve { side: "builder", source })?;
-    receive_nars(remote.reader(), infos, outputs, local, registrar, on_temp)
+    Ok(())
+}
+
+/// Downloads the outputs described by `infos` (from [`remote_infos`]) over
+/// the interactive session, with at most [`WINDOW`] `DumpStorePath`
+/// requests ahead of the NAR being read, then [`receive_nars`]. Returns the
+/// NAR bytes received.
+pub fn download<RR: Read, RW: Write>(remote: &mut ServeConn<RR, RW>, infos: Vec<PathInfo>, into: &Receive, registrar: Registrar, on_temp: &mut dyn FnMut(&Path)) -> Result<u64, CopyError> {
+    let mut requested = 0;
+    let paths: Vec<String> = infos.iter().map(|i| i.path.clone()).collect();
+    let (r, w) = remote.split();
+    let mut before = |i: usize| -> Result<(), CopyError> {
+        let target = (i + WINDOW).min(paths.len());
+        if requested < target {
+            while requested < target {
+                crate::serve::write_dump_store_path(w, &paths[requested]).map_err(builder_io("DumpStorePath"))?;
+                requested += 1;
+            }
+            w.flush().map_err(builder_io("DumpStorePath"))?;
+        }
+        Ok(())
+    };
+    receive_nars(r, infos, into, registrar, on_temp, &mut before)
 }
 
 /// Counts bytes passing through a reader or writer.
@@ -194,54 +285,54 @@ pub struct Moved {
 }
 
 /// Downloads outputs over a one-directional bulk session whose replies are
-/// zstd-compressed (`nix-store --serve --write | zstd` on the builder): all
-/// `DumpStorePath` requests are written and the input closed, then the
-/// decompressed replies go through [`receive_nars`]. `infos` come from
-/// [`remote_infos`] on the interactive session.
-pub fn download_bulk<W: Write, R: Read>(
+/// zstd-compressed (`nix-store --serve --write | zstd` on the builder): the
+/// `DumpStorePath` requests are written by a thread of their own (so the
+/// builder's replies are read while requests are still going out), then the
+/// decompressed replies go through [`receive_nars`].
+pub fn download_bulk<W: Write + Send + 'static, R: Read>(
     mut requests: W,
     replies: R,
     infos: Vec<PathInfo>,
-    local: &LocalStore,
-    outputs: &[StorePath],
+    into: &Receive,
     registrar: Registrar,
-    on_temp: &mut dyn FnMut(&std::path::Path),
+    on_temp: &mut dyn FnMut(&Path),
 ) -> Result<Moved, CopyError> {
-    let bulk = |source| CopyError::Serve { side: "builder (bulk session)", source };
-    let io = |source: io::Error| bulk(ServeError::Io { during: "sending requests", source });
-    crate::serve::write_client_hello(&mut requests).map_err(io)?;
-    for i in &infos {
-        crate::serve::write_dump_store_path(&mut requests, &i.path).map_err(io)?;
-    }
-    requests.flush().map_err(io)?;
-    drop(requests);
+    let during = "a bulk download";
+    let paths: Vec<String> = infos.iter().map(|i| i.path.clone()).collect();
+    let writer = std::thread::spawn(move || -> io::Result<()> {
+        crate::serve::write_client_hello(&mut requests)?;
+        for p in &paths {
+            crate::serve::write_dump_store_path(&mut requests, p)?;
+        }
+        requests.flush()
+        // dropping `requests` ends the builder's input
+    });
     let mut wire = Counter { inner: replies, count: 0 };
-    let dec = zstd::stream::read::Decoder::new(&mut wire).map_err(|e| bulk(ServeError::Io { during: "starting zstd", source: e }))?;
-    let mut dec = io::BufReader::with_capacity(256 * 1024, dec);
-    crate::serve::read_server_hello(&mut dec).map_err(bulk)?;
-    let nar = receive_nars(&mut dec, infos, outputs, local, registrar, on_temp)?;
-    drop(dec);
+    let res = (|| {
+        let dec = zstd::stream::read::Decoder::new(&mut wire).map_err(|e| CopyError::Builder { during, source: ServeError::Io { during: "starting zstd", source: e } })?;
+        let mut dec = io::BufReader::with_capacity(256 * 1024, dec);
+        crate::serve::read_server_hello(&mut dec).map_err(builder(during))?;
+        receive_nars(&mut dec, infos, into, registrar, on_temp, &mut |_| Ok(()))
+    })();
+    // The writer ends once its requests are written or the session is gone.
+    let sent = writer.join().unwrap_or_else(|_| Err(io::Error::other("the request writer panicked")));
+    let nar = res?;
+    sent.map_err(builder_io(during))?;
     Ok(Moved { nar, wire: wire.count })
 }
 
-/// Uploads `ordered` (as for [`upload`]) over a one-directional bulk session whose requests are
-/// zstd-compressed at `level` (`zstd -d | nix-store --serve --write` on the
-/// builder): handshake, every `AddToStoreNar` with its NAR in dependency
-/// order, end of stream; then the server's raw handshake and one
-/// acknowledgement per path. The builder's Nix verifies every NAR's hash and
-/// size before it registers the path.
-pub fn upload_bulk<LR: Read, LW: Write, W: Write, R: Read + Send + 'static>(
-    local: &mut ServeConn<LR, LW>,
-    requests: W,
-    replies: R,
-    ordered: &[PathInfo],
-    level: i32,
-) -> Result<Moved, CopyError> {
+/// Uploads `ordered` (as for [`upload`]) over a one-directional bulk session
+/// whose requests are zstd-compressed at `level` (`zstd -d | nix-store
+/// --serve --write` on the builder): handshake, every `AddToStoreNar` with
+/// its NAR in dependency order, end of stream. The server's handshake and
+/// acknowledgements are read by a thread meanwhile. The builder's Nix
+/// verifies every NAR's hash and size before it registers the path.
+pub fn upload_bulk<LR: Read, LW: Write, W: Write, R: Read + Send + 'static>(local: &mut ServeConn<LR, LW>, requests: W, replies: R, ordered: &[PathInfo], level: i32) -> Result<Moved, CopyError> {
     if ordered.is_empty() {
         return Ok(Moved::default());
     }
     let n = ordered.len();
-    // Replies are read concurrently, so neither side can block on a full pipe.
+    let during = "a bulk upload";
     let reader = std::thread::spawn(move || -> Result<(), ServeError> {
         let mut r = io::BufReader::new(replies);
         crate::serve::read_server_hello(&mut r)?;
@@ -250,27 +341,42 @@ pub fn upload_bulk<LR: Read, LW: Write, W: Write, R: Read + Send + 'static>(
         }
         Ok(())
     });
-    let bulk = |source| CopyError::Serve { side: "builder (bulk session)", source };
-    let io = |source: io::Error| bulk(ServeError::Io { during: "sending paths", source });
+    let io = builder_io(during);
     let mut wire = Counter { inner: requests, count: 0 };
     let mut sent = 0;
     let res = (|| -> Result<(), CopyError> {
-        let mut enc = zstd::stream::write::Encoder::new(&mut wire, level).map_err(io)?;
-        crate::serve::write_client_hello(&mut enc).map_err(io)?;
-        request_nars(local, ordered)?;
-        for info in ordered {
-            crate::serve::write_add_to_store_nar_header(&mut enc, info).map_err(io)?;
+        let mut enc = zstd::stream::write::Encoder::new(&mut wire, level).map_err(&io)?;
+        crate::serve::write_client_hello(&mut enc).map_err(&io)?;
+        let mut requested = 0;
+        for (i, info) in ordered.iter().enumerate() {
+            request_nars(local, ordered, &mut requested, i)?;
+            crate::serve::write_add_to_store_nar_header(&mut enc, info).map_err(&io)?;
             sent += copy_nar(local, info, &mut enc)?;
         }
-        enc.finish().map_err(io)?.flush().map_err(io)
+        enc.finish().map_err(&io)?.flush().map_err(&io)
     })();
     let wire_bytes = wire.count;
     drop(wire); // end of stream: the builder's zstd and nix-store finish
     let acks = reader.join().unwrap_or(Err(ServeError::Closed { during: "AddToStoreNar" }));
-    // An error on the builder shows up on both sides; its reply is the better message.
-    acks.map_err(bulk)?;
+    // A local failure is ours whatever the builder then said.
+    if let Err(e) = &res {
+        if e.is_local() {
+            return res.map(|_| Moved::default());
+        }
+    }
+    // An error on the builder shows up on both sides; its reply says more.
+    acks.map_err(builder(during))?;
     res?;
     Ok(Moved { nar: sent, wire: wire_bytes })
+}
+
+/// Where received outputs go and what they must be.
+pub struct Receive<'a> {
+    pub local: &'a LocalStore,
+    /// The outputs being fetched (each `infos` entry must be one of them).
+    pub outputs: &'a [StorePath],
+    /// Fixed-output outputs and the hash their `.drv` declares.
+    pub fixed: &'a [(StorePath, FixedHash)],
 }
 
 /// Removes partially unpacked outputs unless disarmed.
@@ -283,39 +389,60 @@ impl Drop for Cleanup {
     }
 }
 
-/// Receives one NAR per `infos` entry from `r`, in order: each is unpacked to
-/// a temporary name while being hashed, checked against the builder's hash and
-/// size, moved into place, and then all are registered in one transaction. On
-/// any error nothing is registered and nothing is left behind. `on_temp` is
-/// told each temporary path (so a signal handler can remove it).
+/// Receives one NAR per `infos` entry from `r`, in order (`before(i)` runs
+/// before NAR `i` is read). Each is read through a limit of its announced
+/// size, unpacked to a temporary name while hashed, checked against the
+/// builder's hash and size (and the `.drv`'s hash for a fixed output), moved
+/// into place, and then all are registered in one transaction. On any error
+/// nothing is registered and nothing is left behind. `on_temp` is told each
+/// temporary path (so a signal handler can remove it).
 pub fn receive_nars<R: Read>(
     r: &mut R,
     infos: Vec<PathInfo>,
-    outputs: &[StorePath],
-    local: &LocalStore,
+    into: &Receive,
     registrar: Registrar,
-    on_temp: &mut dyn FnMut(&std::path::Path),
+    on_temp: &mut dyn FnMut(&Path),
+    before: &mut dyn FnMut(usize) -> Result<(), CopyError>,
 ) -> Result<u64, CopyError> {
     let mut cleanup = Cleanup(Vec::new());
     let mut finals = Vec::new();
     let mut received = 0;
-    for info in &infos {
-        let sp = outputs.iter().find(|p| p.as_str() == info.path).ok_or_else(|| CopyError::MissingRemotely { path: info.path.clone() })?;
-        let final_path = local.real_path(sp);
+    let mut infos = infos;
+    for (i, info) in infos.iter_mut().enumerate() {
+        let rejected = |why: String| CopyError::Rejected(PathInfoError { path: info.path.clone(), why });
+        let sp = into.outputs.iter().find(|p| p.as_str() == info.path).ok_or_else(|| rejected("it is not an output being fetched".into()))?;
+        let expected = Sha256Hash::parse(&info.nar_hash).map_err(|_| rejected(format!("bad NAR hash '{}'", info.nar_hash)))?;
+        before(i)?;
+        let final_path = into.local.real_path(sp);
         let tmp = final_path.with_file_name(format!(".{}.build-hook-{}", sp.base_name(), std::process::id()));
         let _ = nar::remove_tree(&tmp);
         on_temp(&tmp);
         cleanup.0.push(tmp.clone());
-        let mut hr = HashingReader::new(&mut *r);
+        let mut hr = HashingReader::new(Bounded::new(&mut *r, info.nar_size));
         let res = nar::restore(&mut hr, &tmp);
-        let (hash, size, _) = hr.finish();
-        res.map_err(|source| CopyError::Nar { path: info.path.clone(), source })?;
-        let expected = Sha256Hash::parse(&info.nar_hash).map_err(|_| CopyError::BadHash { path: info.path.clone(), hash: info.nar_hash.clone() })?;
+        let (hash, size, bounded) = hr.finish();
+        match res {
+            Ok(()) => {}
+            Err(NarError::Wire(WireError::Eof { .. })) if bounded.exhausted() => {
+                return Err(rejected(format!("the NAR is longer than the {} bytes the builder announced", info.nar_size)));
+            }
+            Err(NarError::Wire(WireError::Eof { .. })) => return Err(CopyError::Builder { during: "DumpStorePath", source: ServeError::Closed { during: "DumpStorePath" } }),
+            Err(NarError::Write { path, source }) => return Err(CopyError::Io { what: "unpacking", path: path.display().to_string(), source }),
+            Err(e) => return Err(rejected(e.to_string())),
+        }
         if size != info.nar_size {
-            return Err(CopyError::Mismatch { path: info.path.clone(), what: "size", expected: info.nar_size.to_string(), got: size.to_string() });
+            return Err(rejected(format!("NAR size mismatch: announced {}, got {size}", info.nar_size)));
         }
         if hash != expected {
-            return Err(CopyError::Mismatch { path: info.path.clone(), what: "hash", expected: expected.to_nix32_prefixed(), got: hash.to_nix32_prefixed() });
+            return Err(rejected(format!("NAR hash mismatch: expected {}, got {}", expected.to_nix32_prefixed(), hash.to_nix32_prefixed())));
+        }
+        if let Some((_, fixed)) = into.fixed.iter().find(|(p, _)| p == sp) {
+            fixed.verify(&info.path, &tmp, &hash)?;
+            let ca = fixed.ca();
+            if !info.ca.is_empty() && info.ca != ca {
+                return Err(rejected(format!("content address '{}' does not match the derivation's '{ca}'", info.ca)));
+            }
+            info.ca = ca;
         }
         received += size;
         finals.push((tmp, final_path, info.path.clone()));
@@ -327,14 +454,6 @@ pub fn receive_nars<R: Read>(
         cleanup.0.retain(|p| p != tmp);
         cleanup.0.push(fin.clone());
     }
-    let infos: Vec<PathInfo> = infos
-        .into_iter()
-        .map(|mut i| {
-            // Registration wants the hash in a form --hash-given parses.
-            i.nar_hash = Sha256Hash::parse(&i.nar_hash).map(|h| h.to_nix32_prefixed()).unwrap_or(i.nar_hash);
-            i
-        })
-        .collect();
     registrar.commit(&topo_sort(infos))?;
     cleanup.0.clear();
     Ok(received)
@@ -345,15 +464,7 @@ mod tests {
     use super::*;
 
     fn info(p: &str, refs: &[&str]) -> PathInfo {
-        PathInfo {
-            path: p.into(),
-            deriver: String::new(),
-            references: refs.iter().map(|s| s.to_string()).collect(),
-            nar_size: 0,
-            nar_hash: String::new(),
-            ca: String::new(),
-            sigs: vec![],
-        }
+        PathInfo { path: p.into(), deriver: String::new(), references: refs.iter().map(|s| s.to_string()).collect(), nar_size: 0, nar_hash: String::new(), ca: String::new(), sigs: vec![] }
     }
 
     #[test]
@@ -361,5 +472,20 @@ mod tests {
         let sorted = topo_sort(vec![info("a", &["b", "c", "a"]), info("b", &["c", "z"]), info("c", &[])]);
         let order: Vec<_> = sorted.iter().map(|i| i.path.as_str()).collect();
         assert_eq!(order, ["c", "b", "a"]);
+    }
+
+    #[test]
+    fn topo_sort_handles_a_deep_chain() {
+        let n = 200_000;
+        let names: Vec<String> = (0..n).map(|i| format!("p{i}")).collect();
+        let infos: Vec<PathInfo> = (0..n).map(|i| info(&names[i], if i + 1 < n { &[] } else { &[] })).collect();
+        let mut infos = infos;
+        for i in 0..n - 1 {
+            infos[i].references = vec![names[i + 1].clone()];
+        }
+        let sorted = topo_sort(infos);
+        assert_eq!(sorted.len(), n);
+        assert_eq!(sorted[0].path, names[n - 1]);
+        assert_eq!(sorted[n - 1].path, names[0]);
     }
 }

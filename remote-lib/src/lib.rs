@@ -10,18 +10,22 @@
 //! The library never prints: it returns values and errors, and the binary
 //! owns stderr.
 
+pub mod compress;
 pub mod copy;
 pub mod derivation;
 pub mod hash;
 pub mod health;
 pub mod hook_protocol;
+pub mod job;
 pub mod local_store;
 pub mod machines;
 pub mod nar;
 pub mod nixlog;
+pub mod path_info;
 pub mod sample;
 pub mod select;
 pub mod serve;
+pub mod session;
 pub mod slots;
 pub mod store_path;
 pub mod transport;

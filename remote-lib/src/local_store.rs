@@ -12,10 +12,11 @@
 use crate::derivation::{Derivation, DerivationError};
 use crate::serve::{PathInfo, ServeConn, ServeError};
 use crate::store_path::StorePath;
-use crate::transport::{RemoteProcess, StderrTap, TransportError};
+use crate::transport::{ProcIn, ProcOut, RemoteProcess, StderrTap, TransportError};
 use std::io::{self, Write};
 use std::path::PathBuf;
-use std::process::{ChildStdin, ChildStdout, Command, Stdio};
+use std::process::Command;
+use std::time::Duration;
 
 /// A problem with the local store.
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +57,7 @@ pub struct LocalStore {
 }
 
 /// A local `nix-store --serve` session.
-pub type LocalServe = (RemoteProcess, ServeConn<ChildStdout, ChildStdin>);
+pub type LocalServe = (RemoteProcess, ServeConn<ProcOut, ProcIn>);
 
 impl LocalStore {
     /// From the `store` setting: `local?root=R` (or `R` itself when it is a
@@ -109,12 +110,16 @@ impl LocalStore {
         RemoteProcess::spawn(c, StderrTap::default()).map_err(LocalStoreError::Spawn)
     }
 
-    /// Completes a session started by [`LocalStore::spawn_serve`].
-    pub fn serve_handshake(&self, mut p: RemoteProcess) -> Result<LocalServe, LocalStoreError> {
-        let (r, w) = (p.stdout.take().expect("piped"), p.stdin.take().expect("piped"));
+    /// Completes a session started by [`LocalStore::spawn_serve`]; the
+    /// session may stay silent for at most `limit` at a time.
+    pub fn serve_handshake(&self, mut p: RemoteProcess, limit: Duration) -> Result<LocalServe, LocalStoreError> {
+        p.watch.phase("the local nix-store --serve", Some(limit));
+        let (Some(r), Some(w)) = (p.stdout.take(), p.stdin.take()) else {
+            return Err(LocalStoreError::Serve { stderr: p.kill().tail, source: ServeError::Closed { during: "the handshake" } });
+        };
         match ServeConn::handshake(r, w) {
             Ok(conn) => Ok((p, conn)),
-            Err(source) => Err(LocalStoreError::Serve { stderr: p.kill(), source }),
+            Err(source) => Err(LocalStoreError::Serve { stderr: p.kill().tail, source }),
         }
     }
 
@@ -123,25 +128,24 @@ impl LocalStore {
     /// registrar dropped without commit is killed, so nothing is registered.
     pub fn start_registrar(&self) -> Result<Registrar, LocalStoreError> {
         let mut c = self.command();
-        c.args(["--register-validity", "--hash-given"]).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
-        Ok(Registrar { child: Some(c.spawn().map_err(LocalStoreError::RegisterIo)?) })
+        c.args(["--register-validity", "--hash-given"]);
+        Ok(Registrar { proc: Some(RemoteProcess::spawn(c, StderrTap::default()).map_err(LocalStoreError::Spawn)?) })
     }
-
 }
 
 /// A waiting `nix-store --register-validity` (see [`LocalStore::start_registrar`]).
 pub struct Registrar {
-    child: Option<std::process::Child>,
+    proc: Option<RemoteProcess>,
 }
 
-impl Registrar {
-    /// The process id (to kill it on a signal).
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
-    }
+/// How long registration may take without a sign of life.
+const REGISTER_LIMIT: Duration = Duration::from_secs(600);
 
+impl Registrar {
     /// Sends `infos` and waits for the registration, one transaction. `infos`
-    /// must be closed under references together with what is already valid.
+    /// must be checked ([`crate::path_info::check`]: no newline can reach
+    /// this line format) and closed under references together with what is
+    /// already valid.
     pub fn commit(mut self, infos: &[PathInfo]) -> Result<(), LocalStoreError> {
         let mut input = String::new();
         for i in infos {
@@ -151,28 +155,27 @@ impl Registrar {
                 input.push('\n');
             }
         }
-        let mut child = self.child.take().expect("not yet committed");
-        let mut stdin = child.stdin.take().expect("piped");
-        let w = stdin.write_all(input.as_bytes());
-        drop(stdin);
-        let out = child.wait_with_output().map_err(LocalStoreError::RegisterIo)?;
-        w.map_err(LocalStoreError::RegisterIo)?;
-        if !out.status.success() {
-            return Err(LocalStoreError::Register {
-                paths: infos.iter().map(|i| i.path.as_str()).collect::<Vec<_>>().join(", "),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
+        let Some(mut proc) = self.proc.take() else { return Err(LocalStoreError::RegisterIo(io::Error::other("already committed"))) };
+        proc.watch.phase("registering outputs", Some(REGISTER_LIMIT));
+        let w = match proc.stdin.take() {
+            Some(mut stdin) => stdin.write_all(input.as_bytes()),
+            None => Err(io::Error::other("no input pipe")),
+        };
+        let ended = proc.finish();
+        let paths = || infos.iter().map(|i| i.path.as_str()).collect::<Vec<_>>().join(", ");
+        if !ended.status.is_some_and(|s| s.success()) || ended.stalled.is_some() {
+            return Err(LocalStoreError::Register { paths: paths(), stderr: ended.tail });
         }
+        w.map_err(LocalStoreError::RegisterIo)?;
         Ok(())
     }
 }
 
 impl Drop for Registrar {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
+        if let Some(p) = self.proc.take() {
             // Killed before its input was closed: it has registered nothing.
-            let _ = c.kill();
-            let _ = c.wait();
+            let _ = p.kill();
         }
     }
 }

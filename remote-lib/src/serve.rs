@@ -15,6 +15,17 @@ pub const CLIENT_VERSION: ServeVersion = ServeVersion(2, 7);
 
 const MAX_PATH: usize = 4096;
 const MAX_MSG: usize = 16 * 1024 * 1024;
+/// Outputs one `BuildDerivation` reply may list.
+const MAX_BUILT_OUTPUTS: u64 = 4096;
+
+/// A list of at most `max` strings of at most `limit` bytes each.
+fn read_list<R: Read + ?Sized>(r: &mut R, max: usize, limit: usize, what: &'static str) -> Result<Vec<String>, WireError> {
+    let n = wire::read_u64(r, what)?;
+    if n > max as u64 {
+        return Err(WireError::TooLong { what, len: n, limit: max as u64 });
+    }
+    (0..n).map(|_| wire::read_string(r, limit, what)).collect()
+}
 
 /// A protocol version `major.minor`, ordered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -52,6 +63,8 @@ pub enum ServeError {
     },
     #[error("the server answered {got} to {during}, expected 1")]
     Ack { during: &'static str, got: u64 },
+    #[error("bad reply to {during}: {why}")]
+    Reply { during: &'static str, why: String },
 }
 
 fn wire_err(during: &'static str) -> impl Fn(WireError) -> ServeError {
@@ -85,10 +98,67 @@ pub struct PathInfo {
     pub sigs: Vec<String>,
 }
 
+/// `BuildResult.status` (§5.5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BuildStatus {
+    Built,
+    Substituted,
+    AlreadyValid,
+    PermanentFailure,
+    InputRejected,
+    OutputRejected,
+    TransientFailure,
+    CachedFailure,
+    TimedOut,
+    MiscFailure,
+    DependencyFailed,
+    LogLimitExceeded,
+    NotDeterministic,
+    ResolvesToAlreadyValid,
+    NoSubstituters,
+    Unknown(u64),
+}
+
+impl BuildStatus {
+    const ALL: [BuildStatus; 15] = [
+        BuildStatus::Built,
+        BuildStatus::Substituted,
+        BuildStatus::AlreadyValid,
+        BuildStatus::PermanentFailure,
+        BuildStatus::InputRejected,
+        BuildStatus::OutputRejected,
+        BuildStatus::TransientFailure,
+        BuildStatus::CachedFailure,
+        BuildStatus::TimedOut,
+        BuildStatus::MiscFailure,
+        BuildStatus::DependencyFailed,
+        BuildStatus::LogLimitExceeded,
+        BuildStatus::NotDeterministic,
+        BuildStatus::ResolvesToAlreadyValid,
+        BuildStatus::NoSubstituters,
+    ];
+    pub fn from_wire(v: u64) -> Self {
+        Self::ALL.get(v as usize).copied().unwrap_or(BuildStatus::Unknown(v))
+    }
+    /// The outputs are valid on the builder.
+    pub fn success(self) -> bool {
+        matches!(self, BuildStatus::Built | BuildStatus::Substituted | BuildStatus::AlreadyValid | BuildStatus::ResolvesToAlreadyValid)
+    }
+}
+
+impl std::fmt::Display for BuildStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BuildStatus::Unknown(v) => write!(f, "unknown status {v}"),
+            s => write!(f, "{s:?}"),
+        }
+    }
+}
+
 /// The reply to `BuildDerivation`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BuildResult {
-    pub status: u64,
+    pub status: BuildStatus,
     pub error_msg: String,
     pub times_built: u64,
     pub start_time: u64,
@@ -96,33 +166,43 @@ pub struct BuildResult {
 }
 
 impl BuildResult {
-    /// Built, Substituted, AlreadyValid, ResolvesToAlreadyValid.
     pub fn success(&self) -> bool {
-        matches!(self.status, 0 | 1 | 2 | 13)
-    }
-    pub fn status_name(&self) -> &'static str {
-        [
-            "Built",
-            "Substituted",
-            "AlreadyValid",
-            "PermanentFailure",
-            "InputRejected",
-            "OutputRejected",
-            "TransientFailure",
-            "CachedFailure",
-            "TimedOut",
-            "MiscFailure",
-            "DependencyFailed",
-            "LogLimitExceeded",
-            "NotDeterministic",
-            "ResolvesToAlreadyValid",
-            "NoSubstituters",
-        ]
-        .get(self.status as usize)
-        .copied()
-        .unwrap_or("unknown status")
+        self.status.success()
     }
 }
+
+/// Caps how many bytes a reply may take, so a peer cannot make us hold an
+/// unbounded reply in memory: past the limit reads fail (a protocol error,
+/// not a lost connection).
+struct Limited<'a, R> {
+    inner: &'a mut R,
+    left: u64,
+    limit: u64,
+    what: &'static str,
+}
+
+impl<R: Read> Read for Limited<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.left == 0 && !buf.is_empty() {
+            return Err(io::Error::other(format!("the reply to {} is larger than the {} bytes this request allows", self.what, self.limit)));
+        }
+        let want = buf.len().min(self.left.min(usize::MAX as u64) as usize);
+        let n = self.inner.read(&mut buf[..want])?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// Bytes a `QueryPathInfos` reply may take: a fixed allowance plus 64 KiB
+/// per path asked for (paths, deriver, hash, content address, signatures and
+/// about a thousand references each).
+fn path_infos_budget(asked: usize) -> u64 {
+    (1 << 20) + asked as u64 * (64 << 10)
+}
+/// References one path may have in a reply.
+const MAX_REFS: usize = 1 << 20;
+/// Signatures one path may carry in a reply.
+const MAX_SIGS: usize = 64;
 
 /// An open serve session.
 pub struct ServeConn<R: Read, W: Write> {
@@ -155,6 +235,10 @@ impl<R: Read, W: Write> ServeConn<R, W> {
     pub fn writer(&mut self) -> &mut BufWriter<W> {
         &mut self.w
     }
+    /// Both halves at once (to keep requests flowing while replies are read).
+    pub fn split(&mut self) -> (&mut BufReader<R>, &mut BufWriter<W>) {
+        (&mut self.r, &mut self.w)
+    }
 
     pub fn flush(&mut self) -> Result<(), ServeError> {
         self.w.flush().map_err(io_err("sending a request"))
@@ -171,7 +255,21 @@ impl<R: Read, W: Write> ServeConn<R, W> {
             self.w.flush()
         })()
         .map_err(io_err(d))?;
-        wire::read_strings(&mut self.r, MAX_PATH, "valid paths").map_err(wire_err(d))
+        // The reply is a subset of the question: anything else is a protocol error.
+        let n = wire::read_u64(&mut self.r, "valid paths").map_err(wire_err(d))?;
+        if n > paths.len() as u64 {
+            return Err(ServeError::Reply { during: d, why: format!("{n} valid paths for {} asked", paths.len()) });
+        }
+        let asked: std::collections::HashSet<&str> = paths.iter().map(String::as_str).collect();
+        let mut out = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let p = wire::read_string(&mut self.r, MAX_PATH, "valid path").map_err(wire_err(d))?;
+            if !asked.contains(p.as_str()) {
+                return Err(ServeError::Reply { during: d, why: format!("'{}' was not asked for", p.escape_debug()) });
+            }
+            out.push(p);
+        }
+        Ok(out)
     }
 
     /// cmd 2: metadata of the valid ones among `paths`.
@@ -184,23 +282,29 @@ impl<R: Read, W: Write> ServeConn<R, W> {
         })()
         .map_err(io_err(d))?;
         let minor = self.minor();
-        let r = &mut self.r;
+        let budget = path_infos_budget(paths.len());
+        let r = &mut Limited { inner: &mut self.r, left: budget, limit: budget, what: d };
         let e = wire_err(d);
+        let mut asked: std::collections::HashSet<&str> = paths.iter().map(String::as_str).collect();
         let mut out = Vec::new();
         loop {
             let path = wire::read_string(r, MAX_PATH, "path").map_err(&e)?;
             if path.is_empty() {
                 return Ok(out);
             }
+            // Each path asked for is answered at most once.
+            if !asked.remove(path.as_str()) {
+                return Err(ServeError::Reply { during: d, why: format!("'{}' was not asked for, or came twice", path.escape_debug()) });
+            }
             let deriver = wire::read_string(r, MAX_PATH, "deriver").map_err(&e)?;
-            let references = wire::read_strings(r, MAX_PATH, "references").map_err(&e)?;
+            let references = read_list(r, MAX_REFS, MAX_PATH, "references").map_err(&e)?;
             let _download = wire::read_u64(r, "downloadSize").map_err(&e)?;
             let nar_size = wire::read_u64(r, "narSize").map_err(&e)?;
             let (nar_hash, ca, sigs) = if minor >= 4 {
                 (
                     wire::read_string(r, 256, "narHash").map_err(&e)?,
                     wire::read_string(r, 1024, "ca").map_err(&e)?,
-                    wire::read_strings(r, 1024, "sigs").map_err(&e)?,
+                    read_list(r, MAX_SIGS, 1024, "sigs").map_err(&e)?,
                 )
             } else {
                 Default::default()
@@ -239,7 +343,7 @@ impl<R: Read, W: Write> ServeConn<R, W> {
         .map_err(io_err(d))?;
         let r = &mut self.r;
         let e = wire_err(d);
-        let status = wire::read_u64(r, "status").map_err(&e)?;
+        let status = BuildStatus::from_wire(wire::read_u64(r, "status").map_err(&e)?);
         let error_msg = wire::read_string(r, MAX_MSG, "errorMsg").map_err(&e)?;
         let mut res = BuildResult { status, error_msg, times_built: 0, start_time: 0, stop_time: 0 };
         if minor >= 3 {
@@ -251,6 +355,9 @@ impl<R: Read, W: Write> ServeConn<R, W> {
         if minor >= 6 {
             // builtOutputs: consumed; input-addressed outputs are known from the drv.
             let n = wire::read_u64(r, "builtOutputs").map_err(&e)?;
+            if n > MAX_BUILT_OUTPUTS {
+                return Err(ServeError::Reply { during: d, why: format!("{n} built outputs") });
+            }
             for _ in 0..n {
                 wire::read_string(r, MAX_PATH, "output id").map_err(&e)?;
                 wire::read_string(r, MAX_MSG, "realisation").map_err(&e)?;
@@ -259,10 +366,6 @@ impl<R: Read, W: Write> ServeConn<R, W> {
         Ok(res)
     }
 
-    /// Gives back the underlying streams (after flushing).
-    pub fn into_inner(self) -> (BufReader<R>, Result<W, io::Error>) {
-        (self.r, self.w.into_inner().map_err(|e| e.into_error()))
-    }
 }
 
 /// The client's half of the handshake, for one-directional bulk sessions
@@ -380,8 +483,9 @@ mod tests {
         let res = c.build_derivation("/nix/store/x.drv", &drv, &[], &BuildOptions::default()).unwrap();
         assert!(res.success(), "{res:?}");
         assert_eq!(res.times_built, 1);
-        let infos = c.query_path_infos(&[]).unwrap();
+        let infos = c.query_path_infos(&["/nix/store/6wbb50jfsk0zbj684jhd2jf10mwkccng-hello".to_string()]).unwrap();
         assert_eq!(infos.len(), 1);
+        assert_eq!(infos[0].path, "/nix/store/6wbb50jfsk0zbj684jhd2jf10mwkccng-hello");
         assert!(infos[0].nar_hash.starts_with("sha256:"));
         assert_eq!(infos[0].nar_size, 120);
         let mut hr = crate::hash::HashingReader::new(c.reader());
@@ -389,6 +493,60 @@ mod tests {
         let (h, n, _) = hr.finish();
         assert_eq!((n, h.to_nix32_prefixed()), (120, infos[0].nar_hash.clone()));
         assert!(c.reader().fill_buf_empty());
+    }
+
+    #[test]
+    fn replies_must_answer_the_question() {
+        let hello = "/nix/store/6wbb50jfsk0zbj684jhd2jf10mwkccng-hello".to_string();
+        let mut reply = Vec::new();
+        write_server_hello_for_tests(&mut reply);
+        // QueryValidPaths: one path that was not asked for
+        wire::write_strings(&mut reply, &[hello.clone()]).unwrap();
+        let mut c = ServeConn::handshake(&reply[..], io::sink()).unwrap();
+        let e = c.query_valid_paths(&["/nix/store/00000000000000000000000000000000-x".to_string()], false, false).unwrap_err();
+        assert!(e.to_string().contains("was not asked for"), "{e}");
+        // QueryPathInfos: the same path twice
+        let mut reply = Vec::new();
+        write_server_hello_for_tests(&mut reply);
+        for _ in 0..2 {
+            wire::write_bytes(&mut reply, hello.as_bytes()).unwrap();
+            wire::write_bytes(&mut reply, b"").unwrap();
+            wire::write_strings::<_, String>(&mut reply, &[]).unwrap();
+            wire::write_u64(&mut reply, 0).unwrap();
+            wire::write_u64(&mut reply, 120).unwrap();
+            for _ in 0..2 {
+                wire::write_bytes(&mut reply, b"").unwrap();
+            }
+            wire::write_strings::<_, String>(&mut reply, &[]).unwrap();
+        }
+        wire::write_bytes(&mut reply, b"").unwrap();
+        let mut c = ServeConn::handshake(&reply[..], io::sink()).unwrap();
+        let e = c.query_path_infos(std::slice::from_ref(&hello)).unwrap_err();
+        assert!(e.to_string().contains("came twice"), "{e}");
+    }
+
+    #[test]
+    fn a_huge_reply_is_refused_not_held() {
+        let hello = "/nix/store/6wbb50jfsk0zbj684jhd2jf10mwkccng-hello".to_string();
+        let mut reply = Vec::new();
+        write_server_hello_for_tests(&mut reply);
+        wire::write_bytes(&mut reply, hello.as_bytes()).unwrap();
+        wire::write_bytes(&mut reply, b"").unwrap();
+        // 20,000 references of 4 KiB each would be 80 MB for one path asked
+        wire::write_u64(&mut reply, 20_000).unwrap();
+        let long = format!("/nix/store/{}", "a".repeat(4000));
+        for _ in 0..20_000 {
+            wire::write_bytes(&mut reply, long.as_bytes()).unwrap();
+        }
+        let mut c = ServeConn::handshake(&reply[..], io::sink()).unwrap();
+        let e = c.query_path_infos(std::slice::from_ref(&hello)).unwrap_err();
+        assert!(matches!(e, ServeError::Wire { .. }), "{e:?}");
+        assert!(crate::session::chain(&e).contains("larger than"), "{}", crate::session::chain(&e));
+    }
+
+    fn write_server_hello_for_tests(w: &mut Vec<u8>) {
+        wire::write_u64(w, SERVE_MAGIC_2).unwrap();
+        wire::write_u64(w, CLIENT_VERSION.to_wire()).unwrap();
     }
 
     trait Empty {

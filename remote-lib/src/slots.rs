@@ -121,6 +121,22 @@ impl LoadDir {
         self.lock_blocking(&format!("{h}.upload-lock"))
     }
 
+    /// Tries the machine's upload lock until `deadline`; `None` when it is
+    /// still held then (the caller may upload without it).
+    pub fn upload_lock_until(&self, uri: &str, deadline: std::time::Instant) -> Result<Option<FileLock>, SlotError> {
+        let name = format!("{}.upload-lock", escape_uri(uri));
+        let (file, path) = self.open(&name)?;
+        loop {
+            if Self::flock(&file, &path, libc::LOCK_EX | libc::LOCK_NB)? {
+                return Ok(Some(FileLock { file, path }));
+            }
+            if std::time::Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// Probes the slots of a machine: the first free one is kept, the others
     /// released. Returns the slot (if any) and the number of busy slots.
     pub fn probe(&self, uri: &str, max_jobs: u64) -> Result<(Option<Slot>, u64), SlotError> {

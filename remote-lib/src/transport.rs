@@ -16,8 +16,10 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// Why a builder could not be reached.
 #[derive(Debug, thiserror::Error)]
@@ -260,6 +262,13 @@ pub fn local_cpu_has_aes() -> bool {
     }
 }
 
+/// `s` with every `%` doubled: ssh expands `%` tokens in file names given
+/// as options (`-i`, `UserKnownHostsFile`, `ControlPath`), so a literal `%`
+/// in a key path, a store URI or the load directory must be escaped.
+pub fn percent_escape(s: &str) -> String {
+    s.replace('%', "%%")
+}
+
 /// The builder's options of ours and the user's, up to (not including) the host.
 fn ssh_with_options(m: &Machine, cfg: &SshConfig) -> Result<Command, TransportError> {
     let mut c = Command::new(&cfg.program);
@@ -277,11 +286,11 @@ fn ssh_with_options(m: &Machine, cfg: &SshConfig) -> Result<Command, TransportEr
         o(&mut c, format!("Ciphers={ciphers}"));
     }
     if let Some(k) = &m.ssh_key {
-        c.arg("-i").arg(k);
+        c.arg("-i").arg(percent_escape(k));
     }
     if let Some(key) = &m.host_key {
         let kh = pinned_known_hosts(m, key, &cfg.known_hosts_dir)?;
-        o(&mut c, format!("UserKnownHostsFile={}", kh.display()));
+        o(&mut c, format!("UserKnownHostsFile={}", percent_escape(&kh.to_string_lossy())));
         o(&mut c, "GlobalKnownHostsFile=/dev/null".into());
         o(&mut c, "StrictHostKeyChecking=yes".into());
         o(&mut c, "CheckHostIP=no".into());
@@ -291,10 +300,116 @@ fn ssh_with_options(m: &Machine, cfg: &SshConfig) -> Result<Command, TransportEr
     }
     if let Some(dir) = &cfg.control_dir {
         o(&mut c, "ControlMaster=auto".into());
-        o(&mut c, format!("ControlPath={}/%C", dir.display()));
+        o(&mut c, format!("ControlPath={}/%C", percent_escape(&dir.to_string_lossy())));
         o(&mut c, format!("ControlPersist={}", cfg.control_persist));
     }
     Ok(c)
+}
+
+/// How long a running process's streams may stay silent, and whether they
+/// did: every byte read from its stdout or stderr and every byte written to
+/// its stdin counts as progress. A watchdog thread kills the process when the
+/// current phase's limit passes without progress, so no remote phase can
+/// stall forever; [`Ended::stalled`] then says which phase it was.
+pub struct Watch {
+    start: Instant,
+    /// Milliseconds since `start` of the last progress.
+    last: AtomicU64,
+    /// Milliseconds of silence allowed now; 0 means no limit.
+    limit: AtomicU64,
+    phase: Mutex<&'static str>,
+    /// Set by the watchdog when it killed the process: (phase, limit in ms).
+    fired: Mutex<Option<(&'static str, u64)>>,
+}
+
+impl Watch {
+    fn new() -> Self {
+        Watch { start: Instant::now(), last: AtomicU64::new(0), limit: AtomicU64::new(0), phase: Mutex::new("starting"), fired: Mutex::new(None) }
+    }
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+    /// Something moved.
+    pub fn progress(&self) {
+        self.last.store(self.now_ms(), Ordering::Relaxed);
+    }
+    /// Enters `phase`, which may be silent for at most `limit` (`None`: no
+    /// limit). Counts as progress.
+    pub fn phase(&self, phase: &'static str, limit: Option<Duration>) {
+        *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = phase;
+        self.progress();
+        self.limit.store(limit.map(|l| (l.as_millis() as u64).max(1)).unwrap_or(0), Ordering::Relaxed);
+    }
+    /// The phase and allowed silence if the watchdog killed the process.
+    pub fn stalled(&self) -> Option<(&'static str, Duration)> {
+        self.fired.lock().unwrap_or_else(|e| e.into_inner()).map(|(p, ms)| (p, Duration::from_millis(ms)))
+    }
+    /// True (and the process must be killed) when the limit has passed.
+    fn expired(&self) -> bool {
+        let limit = self.limit.load(Ordering::Relaxed);
+        if limit == 0 || self.now_ms().saturating_sub(self.last.load(Ordering::Relaxed)) <= limit {
+            return false;
+        }
+        let phase = *self.phase.lock().unwrap_or_else(|e| e.into_inner());
+        *self.fired.lock().unwrap_or_else(|e| e.into_inner()) = Some((phase, limit));
+        true
+    }
+}
+
+/// A child's stream that reports progress to its [`Watch`].
+pub struct Watched<T> {
+    inner: T,
+    watch: Arc<Watch>,
+}
+
+impl<T: Read> Read for Watched<T> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            self.watch.progress();
+        }
+        Ok(n)
+    }
+}
+
+impl<T: Write> Write for Watched<T> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        if n > 0 {
+            self.watch.progress();
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// A child's stdin, watched.
+pub type ProcIn = Watched<ChildStdin>;
+/// A child's stdout, watched.
+pub type ProcOut = Watched<ChildStdout>;
+
+/// Children started through [`RemoteProcess`] and not yet reaped. A PID is
+/// removed under this lock before its process is waited for, so a signal
+/// handler that kills the PIDs listed here never hits a recycled PID.
+static LIVE: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// Runs `f` on the PIDs of every child not yet reaped (e.g. to signal them
+/// when the hook is terminated). The list is locked meanwhile, so none of
+/// them can be reaped and its PID reused while `f` runs.
+pub fn with_live_children(f: impl FnOnce(&[u32])) {
+    f(&LIVE.lock().unwrap_or_else(|e| e.into_inner()));
+}
+
+/// Registers a child that is not a [`RemoteProcess`] (see [`with_live_children`]).
+pub fn track_child(pid: u32) {
+    LIVE.lock().unwrap_or_else(|e| e.into_inner()).push(pid);
+}
+
+/// Removes a child from the list just before it is waited for.
+pub fn untrack_child(pid: u32) {
+    LIVE.lock().unwrap_or_else(|e| e.into_inner()).retain(|p| *p != pid);
 }
 
 /// Where the remote's stderr goes: kept as a tail for error messages and,
@@ -352,59 +467,146 @@ impl StderrTap {
     }
 }
 
-/// A running remote command with piped stdin/stdout and tapped stderr.
+/// How a process ended: its exit status (`None` if it could not be
+/// waited for), the last lines of its stderr, and the phase it stalled in if
+/// the watchdog killed it.
+#[derive(Debug)]
+pub struct Ended {
+    pub status: Option<std::process::ExitStatus>,
+    pub tail: String,
+    pub stalled: Option<(&'static str, Duration)>,
+}
+
+/// Silence allowed while a process that was told to end (its stdin closed)
+/// has not exited yet.
+const ENDING_LIMIT: Duration = Duration::from_secs(30);
+
+/// A running command (ssh to a builder, or a local `nix-store`) with watched
+/// stdin/stdout, tapped stderr and a watchdog (see [`Watch`]).
 pub struct RemoteProcess {
-    pub child: Child,
-    pub stdin: Option<ChildStdin>,
-    pub stdout: Option<ChildStdout>,
+    child: Child,
+    pub stdin: Option<ProcIn>,
+    pub stdout: Option<ProcOut>,
     pub tap: StderrTap,
+    pub watch: Arc<Watch>,
     pump: Option<JoinHandle<()>>,
+    dog: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
 }
 
 impl RemoteProcess {
-    /// Spawns `cmd` with all three standard streams piped.
+    /// Spawns `cmd` with all three standard streams piped. The watchdog
+    /// starts with no limit; see [`Watch::phase`].
     pub fn spawn(mut cmd: Command, tap: StderrTap) -> Result<Self, TransportError> {
         let program = cmd.get_program().to_string_lossy().into_owned();
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| TransportError::Spawn { program, source })?;
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = {
+            let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+            let child = cmd.spawn().map_err(|source| TransportError::Spawn { program, source })?;
+            live.push(child.id());
+            child
+        };
+        let watch = Arc::new(Watch::new());
         let mut err = child.stderr.take().expect("stderr is piped");
-        let t = tap.clone();
+        let (t, w) = (tap.clone(), watch.clone());
         let pump = std::thread::spawn(move || {
             let mut buf = [0u8; 8192];
             let mut partial = Vec::new();
             loop {
                 match err.read(&mut buf) {
                     Ok(0) => break,
-                    Ok(n) => t.feed(&buf[..n], &mut partial),
+                    Ok(n) => {
+                        w.progress();
+                        t.feed(&buf[..n], &mut partial)
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(_) => break,
                 }
             }
             t.finish(partial);
         });
-        Ok(RemoteProcess { stdin: child.stdin.take(), stdout: child.stdout.take(), child, tap, pump: Some(pump) })
+        let (tx, rx) = mpsc::channel::<()>();
+        let (w, pid) = (watch.clone(), child.id());
+        let dog = std::thread::spawn(move || loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if w.expired() {
+                        // SAFETY: our own child, not yet reaped: the watchdog is
+                        // stopped before the child is waited for.
+                        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                        return;
+                    }
+                }
+                _ => return,
+            }
+        });
+        let stdin = child.stdin.take().map(|inner| Watched { inner, watch: watch.clone() });
+        let stdout = child.stdout.take().map(|inner| Watched { inner, watch: watch.clone() });
+        Ok(RemoteProcess { stdin, stdout, child, tap, watch, pump: Some(pump), dog: Some((tx, dog)) })
     }
 
-    /// Closes stdin, waits for the process and its stderr, and returns the
-    /// exit status and the stderr tail.
-    pub fn finish(mut self) -> (Option<std::process::ExitStatus>, String) {
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Closes stdin and stdout, waits for the process (killing it if it stays
+    /// silent past the current limit, at most 30 s) and for its stderr, and
+    /// says how it ended.
+    pub fn finish(mut self) -> Ended {
         drop(self.stdin.take());
         drop(self.stdout.take());
-        let status = self.child.wait().ok();
-        if let Some(p) = self.pump.take() {
-            let _ = p.join();
+        if self.watch.stalled().is_none() {
+            let cur = Duration::from_millis(self.watch.limit.load(Ordering::Relaxed));
+            let limit = if cur.is_zero() { ENDING_LIMIT } else { cur.min(ENDING_LIMIT) };
+            self.watch.phase("ending the session", Some(limit));
         }
-        (status, self.tap.tail())
+        let status = self.reap();
+        if let Some((tx, dog)) = self.dog.take() {
+            let _ = tx.send(());
+            let _ = dog.join();
+        }
+        if let Some(p) = self.pump.take() {
+            // A grandchild may keep stderr open: don't wait for it long.
+            let until = Instant::now() + Duration::from_secs(1);
+            while !p.is_finished() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if p.is_finished() {
+                let _ = p.join();
+            }
+        }
+        Ended { status, tail: self.tap.tail(), stalled: self.watch.stalled() }
+    }
+
+    /// Waits for the child; it is reaped with the live list locked, so a
+    /// signal handler never kills its PID after the kernel may reuse it.
+    fn reap(&mut self) -> Option<std::process::ExitStatus> {
+        let pid = self.child.id();
+        let mut pause = Duration::from_micros(200);
+        loop {
+            {
+                let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+                match self.child.try_wait() {
+                    Ok(Some(st)) => {
+                        live.retain(|p| *p != pid);
+                        return Some(st);
+                    }
+                    Ok(None) => {}
+                    Err(_) => {
+                        live.retain(|p| *p != pid);
+                        return None;
+                    }
+                }
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
     }
 
     /// Kills the process and collects what it printed.
-    pub fn kill(mut self) -> String {
+    pub fn kill(mut self) -> Ended {
         let _ = self.child.kill();
-        self.finish().1
+        self.finish()
     }
 }
 
@@ -555,8 +757,9 @@ mod tests {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "for i in $(seq 1 30); do echo line $i >&2; done; printf 'no newline' >&2"]);
         let p = RemoteProcess::spawn(cmd, tap).unwrap();
-        let (st, tail) = p.finish();
-        assert!(st.unwrap().success());
+        let ended = p.finish();
+        let tail = ended.tail;
+        assert!(ended.status.unwrap().success());
         assert!(tail.starts_with("line 12\n") && tail.ends_with("line 30\nno newline"), "{tail}");
     }
 }

@@ -1,0 +1,70 @@
+//! Which zstd level a copy with a builder uses: a pure decision from the
+//! builder's health record (whether it has zstd, the level learned from
+//! earlier transfers), the user's override, and for uploads a sample of the
+//! data itself.
+
+use crate::health::{Health, DEFAULT_LEVEL};
+use crate::sample;
+
+/// The level for bulk copies with a builder (0: raw over the interactive
+/// session). `forced` is the user's `BUILD_HOOK_COMPRESS` (`None`: learn).
+pub fn bulk_level(h: &Health, forced: Option<i32>) -> i32 {
+    if forced == Some(0) || h.zstd != Some(true) {
+        return 0;
+    }
+    forced.unwrap_or_else(|| h.compress.unwrap_or(DEFAULT_LEVEL))
+}
+
+/// The level for an upload: `bulk`, unless the sampled zstd ratio of the
+/// paths (`(NAR size, sample)` per path) says compression would save under
+/// 5 % — then raw. A level the user forced is kept. Returns the level and
+/// the sampled ratio when sampling decided.
+pub fn upload_level(bulk: i32, forced: Option<i32>, parts: &[(u64, Vec<u8>)]) -> (i32, Option<f64>) {
+    if bulk == 0 || forced.is_some() {
+        return (bulk, None);
+    }
+    let ratios: Vec<(u64, f64)> = parts.iter().map(|(size, s)| (*size, sample::ratio(s, 1))).collect();
+    let r = sample::weighted_ratio(&ratios);
+    if r < sample::WORTH_COMPRESSING {
+        (0, Some(r))
+    } else {
+        (bulk, None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(zstd: Option<bool>, compress: Option<i32>) -> Health {
+        Health { zstd, compress, ..Health::default() }
+    }
+
+    #[test]
+    fn the_level_follows_zstd_the_record_and_the_user() {
+        assert_eq!(bulk_level(&h(None, Some(6)), None), 0, "zstd not known yet");
+        assert_eq!(bulk_level(&h(Some(false), Some(6)), Some(3)), 0, "no zstd on the builder");
+        assert_eq!(bulk_level(&h(Some(true), None), None), DEFAULT_LEVEL);
+        assert_eq!(bulk_level(&h(Some(true), Some(6)), None), 6);
+        assert_eq!(bulk_level(&h(Some(true), Some(6)), Some(3)), 3);
+        assert_eq!(bulk_level(&h(Some(true), Some(6)), Some(0)), 0);
+    }
+
+    #[test]
+    fn incompressible_uploads_go_raw_unless_forced() {
+        let mut x = 0x9e3779b97f4a7c15u64;
+        let noise: Vec<u8> = (0..65536)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let text = b"the quick brown fox jumps over the lazy dog\n".repeat(1500);
+        assert_eq!(upload_level(6, None, &[(1000, noise.clone())]).0, 0);
+        assert_eq!(upload_level(6, Some(6), &[(1000, noise.clone())]).0, 6);
+        assert_eq!(upload_level(6, None, &[(1000, text)]).0, 6);
+        assert_eq!(upload_level(0, None, &[(1000, noise)]).0, 0);
+    }
+}

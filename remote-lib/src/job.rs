@@ -1,0 +1,397 @@
+//! One remote build, in four steps: [`Plan::new`] works out from the local
+//! store what to send, build and fetch; then over an open [`Session`],
+//! [`Job::upload_inputs`], [`Job::build`] and [`Job::fetch_outputs`]. Every
+//! step returns a typed error; a builder's fault is classified by the
+//! session ([`crate::session::verdict`]), so every phase fails over the same
+//! way. The library never prints: progress goes through [`Events`].
+
+use crate::compress;
+use crate::copy::{self, CopyError, Moved, Receive};
+use crate::derivation::Derivation;
+use crate::health::{self, Health, HealthStore};
+use crate::hook_protocol::{Accepted, BuildOptions};
+use crate::local_store::{LocalServe, LocalStore, LocalStoreError, Registrar};
+use crate::machines::Machine;
+use crate::nixlog::Level;
+use crate::path_info::FixedHash;
+use crate::sample;
+use crate::serve::{BuildStatus, PathInfo};
+use crate::session::{self, BulkSession, Fault, Session, SessionError};
+use crate::slots::LoadDir;
+use crate::store_path::StorePath;
+use crate::transport::{self, SshConfig};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Why a job did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The builder failed us (see [`SessionError`]).
+    #[error(transparent)]
+    Builder(#[from] SessionError),
+    /// The build ran and failed there.
+    #[error("{msg}")]
+    BuildFailed { status: BuildStatus, msg: String },
+    /// Something failed on this machine before or between exchanges.
+    #[error("{during}: {why}")]
+    Local { during: &'static str, why: String },
+}
+
+fn local(during: &'static str) -> impl Fn(LocalStoreError) -> JobError {
+    move |e| JobError::Local { during, why: session::chain(&e) }
+}
+
+/// What the hook reports while a job runs (the binary turns these into
+/// Nix's log records, and remembers temporaries for its signal handler).
+pub trait Events {
+    fn log(&self, level: Level, text: &str);
+    /// Starts an activity shown while it lasts; returns its id.
+    fn start(&self, level: Level, text: &str) -> u64;
+    fn stop(&self, id: u64);
+    /// A temporary path in the store that must be removed if we are killed.
+    fn temp(&self, path: &Path);
+}
+
+/// An activity, stopped when dropped.
+struct Act<'a>(&'a dyn Events, u64);
+impl<'a> Act<'a> {
+    fn start(ev: &'a dyn Events, level: Level, text: &str) -> Self {
+        Act(ev, ev.start(level, text))
+    }
+}
+impl Drop for Act<'_> {
+    fn drop(&mut self) {
+        self.0.stop(self.1);
+    }
+}
+
+/// What a job sends, builds and fetches, from the local store.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub drv_path: StorePath,
+    pub drv: Derivation,
+    /// The input closure Nix sent after `# accept`.
+    pub inputs: Vec<String>,
+    /// The outputs Nix wants.
+    pub wanted: Vec<StorePath>,
+    /// Fixed-output outputs and their declared hashes.
+    pub fixed: Vec<(StorePath, FixedHash)>,
+}
+
+impl Plan {
+    /// Reads the `.drv` and checks every path Nix sent.
+    pub fn new(store: &LocalStore, drv_path: &str, sets: &Accepted) -> Result<Plan, JobError> {
+        let bad = |e: &dyn std::error::Error| JobError::Local { during: "reading the request", why: e.to_string() };
+        let sd = &store.store_dir;
+        let drv_path = StorePath::parse(sd, drv_path).map_err(|e| bad(&e))?;
+        let inputs = sets.inputs.iter().map(|p| StorePath::parse(sd, p).map(|p| p.to_string())).collect::<Result<Vec<_>, _>>().map_err(|e| bad(&e))?;
+        let drv = store.read_drv(&drv_path).map_err(local("reading the derivation"))?;
+        let mut wanted = Vec::new();
+        for w in &sets.wanted_outputs {
+            let path = if w.starts_with('/') {
+                w.clone()
+            } else {
+                match drv.outputs.iter().find(|o| &o.name == w) {
+                    Some(o) if o.path_known() => o.path.clone(),
+                    Some(_) => return Err(JobError::Local { during: "reading the derivation", why: format!("output '{w}' of '{drv_path}' has no known path (content-addressed); build-hook cannot fetch it") }),
+                    None => return Err(JobError::Local { during: "reading the derivation", why: format!("Nix asked for output '{w}', which '{drv_path}' does not have") }),
+                }
+            };
+            wanted.push(StorePath::parse(sd, &path).map_err(|e| bad(&e))?);
+        }
+        let mut fixed = Vec::new();
+        for o in drv.outputs.iter().filter(|o| o.path_known()) {
+            if let Some(h) = FixedHash::of_output(o).map_err(|e| bad(&e))? {
+                fixed.push((StorePath::parse(sd, &o.path).map_err(|e| bad(&e))?, h));
+            }
+        }
+        Ok(Plan { drv_path, drv, inputs, wanted, fixed })
+    }
+}
+
+/// Everything a job needs besides the session and the plan.
+pub struct Context<'a> {
+    pub local: &'a LocalStore,
+    pub ssh: &'a SshConfig,
+    pub load: &'a LoadDir,
+    pub health: &'a HealthStore,
+    /// `BUILD_HOOK_COMPRESS`: a forced zstd level (0: never), or `None` to learn.
+    pub forced_level: Option<i32>,
+    pub options: BuildOptions,
+    pub substitute: bool,
+}
+
+/// The builder's health record, after asking it once (remembered) whether
+/// it has zstd and AES instructions. If ssh fails the answer stays unknown.
+pub fn builder_caps(health: &HealthStore, m: &Machine, ssh: &SshConfig, limit: Duration) -> Health {
+    let h = health.get(&m.uri);
+    if h.zstd.is_some() && h.aes.is_some() {
+        return h;
+    }
+    let Some(caps) = session::probe_caps(m, ssh, limit) else { return h };
+    health.update(&m.uri, |h| {
+        h.zstd = Some(caps.zstd);
+        h.aes = Some(caps.aes);
+    })
+}
+
+/// sshd allows 10 sessions per connection by default (`MaxSessions`); with
+/// a spare download session, each build on a builder holds two. Beyond this
+/// many jobs per builder the spare is not opened (OpenSSH would fall back to
+/// a new connection for sessions over the limit, which costs more).
+const MAX_JOBS_FOR_SPARE_SESSION: u64 = 4;
+
+/// A job on one builder.
+pub struct Job<'a> {
+    ctx: &'a Context<'a>,
+    m: &'a Machine,
+    plan: &'a Plan,
+    ev: &'a dyn Events,
+    session: Option<Session>,
+    local: Option<LocalServe>,
+    registrar: Option<Registrar>,
+    /// A download session opened while the build runs.
+    spare: Option<BulkSession>,
+}
+
+impl<'a> Job<'a> {
+    /// Starts the local helpers (a local `nix-store --serve` and the
+    /// registration process), so they are ready when they are needed.
+    pub fn new(ctx: &'a Context<'a>, m: &'a Machine, plan: &'a Plan, session: Session, ev: &'a dyn Events) -> Result<Job<'a>, JobError> {
+        let stall = session.timeouts().stall;
+        let proc = ctx.local.spawn_serve().map_err(local("starting the local nix-store"))?;
+        let registrar = ctx.local.start_registrar().map_err(local("starting the local nix-store"))?;
+        let ls = ctx.local.serve_handshake(proc, stall).map_err(local("starting the local nix-store"))?;
+        Ok(Job { ctx, m, plan, ev, session: Some(session), local: Some(ls), registrar: Some(registrar), spare: None })
+    }
+
+    /// Runs the three remote steps and closes the session.
+    pub fn run(mut self) -> Result<(), JobError> {
+        self.upload_inputs()?;
+        self.build()?;
+        self.fetch_outputs()?;
+        if let Some(s) = self.session.take() {
+            s.close();
+        }
+        if let Some((p, c)) = self.local.take() {
+            drop(c);
+            let _ = p.finish();
+        }
+        Ok(())
+    }
+
+    fn session(&mut self) -> &mut Session {
+        self.session.as_mut().expect("the session is open until a step fails")
+    }
+
+    /// Ends the session on a builder's fault and says what it was.
+    fn fail(&mut self, during: &'static str, fault: Fault) -> JobError {
+        match self.session.take() {
+            Some(s) => JobError::Builder(s.fail(during, fault)),
+            None => JobError::Local { during, why: "the session is already closed".into() },
+        }
+    }
+
+    fn copy_err(&mut self, during: &'static str, e: CopyError) -> JobError {
+        if e.is_local() {
+            return JobError::Local { during, why: session::chain(&e) };
+        }
+        self.fail(during, Fault::from(&e))
+    }
+
+    fn local_serve(&mut self) -> &mut LocalServe {
+        self.local.as_mut().expect("open until the job ends")
+    }
+
+    /// Step 1: the inputs the builder lacks (one question), uploaded under
+    /// the builder's upload lock in dependency order.
+    pub fn upload_inputs(&mut self) -> Result<(), JobError> {
+        let (ctx, m, plan) = (self.ctx, self.m, self.plan);
+        self.session().phase("QueryValidPaths");
+        let valid = match self.session().serve.query_valid_paths(&plan.inputs, true, ctx.substitute) {
+            Ok(v) => v,
+            Err(e) => return Err(self.fail("QueryValidPaths", Fault::from(&e))),
+        };
+        let valid: std::collections::HashSet<String> = valid.into_iter().collect();
+        let missing: Vec<String> = plan.inputs.iter().filter(|p| !valid.contains(*p)).cloned().collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        self.session().idle();
+        // Everything that needs only the local store happens before the lock.
+        let ordered = copy::local_infos(&mut self.local_serve().1, &missing).map_err(|e| JobError::Local { during: "reading the inputs", why: session::chain(&e) })?;
+        let level = self.upload_level(&ordered);
+        let stall = self.session().timeouts().stall;
+        let lock = {
+            let _wait = Act::start(self.ev, Level::Talkative, &format!("waiting for the upload lock to '{}'", m.uri));
+            // The lock only saves duplicate uploads: after the stall timeout, go on without it.
+            ctx.load.upload_lock_until(&m.uri, Instant::now() + stall).map_err(|e| JobError::Local { during: "taking the upload lock", why: session::chain(&e) })?
+        };
+        if lock.is_none() {
+            self.ev.log(Level::Talkative, &format!("build-hook: the upload lock of '{}' is still held after {} s; uploading without it", m.uri, stall.as_secs()));
+        }
+        // Another hook may have uploaded some of them while we waited.
+        self.session().phase("QueryValidPaths");
+        let valid = match self.session().serve.query_valid_paths(&missing, true, false) {
+            Ok(v) => v,
+            Err(e) => return Err(self.fail("QueryValidPaths", Fault::from(&e))),
+        };
+        let valid: std::collections::HashSet<String> = valid.into_iter().collect();
+        let ordered: Vec<PathInfo> = ordered.into_iter().filter(|i| !valid.contains(&i.path)).collect();
+        if ordered.is_empty() {
+            return Ok(());
+        }
+        let _act = Act::start(self.ev, Level::Info, &format!("copying {} paths to '{}'", ordered.len(), m.uri));
+        let t = Instant::now();
+        let moved = if level > 0 {
+            let mut bulk = BulkSession::open(m, ctx.ssh, transport::Bulk::Upload, stall)?;
+            let Some((w, r)) = bulk.streams("a bulk upload") else { return Err(JobError::Local { during: "a bulk upload", why: "no pipes".into() }) };
+            let res = copy::upload_bulk(&mut self.local_serve().1, w, r, &ordered, level);
+            bulk.finish("a bulk upload", res)?
+        } else {
+            self.session().phase("AddToStoreNar");
+            let (Some(s), Some(ls)) = (self.session.as_mut(), self.local.as_mut()) else { unreachable!("open") };
+            match copy::upload(&mut ls.1, &mut s.serve, &ordered) {
+                Ok(nar) => Moved { nar, wire: nar },
+                Err(e) => return Err(self.copy_err("uploading inputs", e)),
+            }
+        };
+        drop(lock);
+        self.learn(level, moved, t, &format!("copied {} paths to", ordered.len()));
+        Ok(())
+    }
+
+    /// The level for uploading `ordered`: the builder's bulk level, unless a
+    /// sample of the paths says zstd would save under 5 %.
+    fn upload_level(&self, ordered: &[PathInfo]) -> i32 {
+        let h = builder_caps(self.ctx.health, self.m, self.ctx.ssh, self.ctx_stall());
+        let bulk = compress::bulk_level(&h, self.ctx.forced_level);
+        if bulk == 0 || self.ctx.forced_level.is_some() {
+            return bulk;
+        }
+        let parts: Vec<(u64, Vec<u8>)> = ordered
+            .iter()
+            .map(|i| {
+                let s = StorePath::parse(&self.ctx.local.store_dir, &i.path).map(|p| sample::sample_path(&self.ctx.local.real_path(&p))).unwrap_or_default();
+                (i.nar_size, s)
+            })
+            .collect();
+        let (level, ratio) = compress::upload_level(bulk, self.ctx.forced_level, &parts);
+        if let Some(r) = ratio {
+            self.ev.log(Level::Talkative, &format!("build-hook: the paths for '{}' look incompressible (sampled zstd ratio {r:.2}); copying them uncompressed", self.m.uri));
+        }
+        level
+    }
+
+    fn ctx_stall(&self) -> Duration {
+        self.session.as_ref().map(|s| s.timeouts().stall).unwrap_or(Duration::from_secs(60))
+    }
+
+    /// Step 2: `BuildDerivation`, the log streaming to Nix meanwhile. A
+    /// compressed download session is opened now, so that it is ready when
+    /// the build ends, unless that could take more sessions than sshd allows
+    /// on one connection.
+    pub fn build(&mut self) -> Result<(), JobError> {
+        let (ctx, m, plan) = (self.ctx, self.m, self.plan);
+        let h = builder_caps(ctx.health, m, ctx.ssh, self.ctx_stall());
+        let level = compress::bulk_level(&h, ctx.forced_level);
+        if level > 0 && m.max_jobs <= MAX_JOBS_FOR_SPARE_SESSION {
+            self.spare = Some(BulkSession::open(m, ctx.ssh, transport::Bulk::Download { level }, self.ctx_stall())?);
+        }
+        self.session().building();
+        let res = self.session().serve.build_derivation(plan.drv_path.as_str(), &plan.drv, &plan.inputs, &ctx.options);
+        let res = match res {
+            Ok(r) => r,
+            Err(e) => return Err(self.fail("the build", Fault::from(&e))),
+        };
+        if !res.success() {
+            let msg = if res.error_msg.is_empty() { res.status.to_string() } else { res.error_msg.clone() };
+            return Err(JobError::BuildFailed { status: res.status, msg });
+        }
+        Ok(())
+    }
+
+    /// Step 3: the wanted outputs not yet valid here, checked and registered.
+    pub fn fetch_outputs(&mut self) -> Result<(), JobError> {
+        let (ctx, m, plan) = (self.ctx, self.m, self.plan);
+        let spare = self.spare.take();
+        let want: Vec<String> = plan.wanted.iter().map(|p| p.to_string()).collect();
+        let valid = self.local_serve().1.query_valid_paths(&want, false, false).map_err(|e| JobError::Local { during: "asking the local store", why: session::chain(&e) })?;
+        let fetch: Vec<StorePath> = plan.wanted.iter().filter(|p| !valid.iter().any(|v| v == p.as_str())).cloned().collect();
+        if fetch.is_empty() {
+            if let Some(s) = spare {
+                s.discard();
+            }
+            return Ok(());
+        }
+        let _act = Act::start(self.ev, Level::Info, &format!("copying outputs from '{}'", m.uri));
+        self.session().phase("QueryPathInfos");
+        let sd = ctx.local.store_dir.clone();
+        let infos = match copy::remote_infos(&mut self.session().serve, &sd, &fetch) {
+            Ok(i) => i,
+            Err(e) => return Err(self.copy_err("QueryPathInfos", e)),
+        };
+        if let Err(e) = copy::check_references(&mut self.local_serve().1, &infos) {
+            return Err(self.copy_err("checking the outputs' references", e));
+        }
+        let h = builder_caps(ctx.health, m, ctx.ssh, self.ctx_stall());
+        let level = compress::bulk_level(&h, ctx.forced_level);
+        let registrar = self.registrar.take().expect("one fetch per job");
+        let into = Receive { local: ctx.local, outputs: &fetch, fixed: &plan.fixed };
+        let ev = self.ev;
+        let t = Instant::now();
+        let moved = if level > 0 {
+            let mut bulk = match spare {
+                Some(b) => b,
+                None => BulkSession::open(m, ctx.ssh, transport::Bulk::Download { level }, self.ctx_stall())?,
+            };
+            let Some((w, r)) = bulk.streams("a bulk download") else { return Err(JobError::Local { during: "a bulk download", why: "no pipes".into() }) };
+            let res = copy::download_bulk(w, r, infos, &into, registrar, &mut |p| ev.temp(p));
+            match res {
+                Err(e) if e.is_local() => {
+                    bulk.discard();
+                    return Err(JobError::Local { during: "receiving outputs", why: session::chain(&e) });
+                }
+                res => bulk.finish("a bulk download", res)?,
+            }
+        } else {
+            if let Some(s) = spare {
+                s.discard();
+            }
+            self.session().phase("DumpStorePath");
+            match copy::download(&mut self.session().serve, infos, &into, registrar, &mut |p| ev.temp(p)) {
+                Ok(nar) => Moved { nar, wire: nar },
+                Err(e) => return Err(self.copy_err("receiving outputs", e)),
+            }
+        };
+        self.learn(level, moved, t, &format!("copied {} outputs from", fetch.len()));
+        Ok(())
+    }
+
+    /// Reports a transfer and learns the level for the next one.
+    fn learn(&self, level: i32, moved: Moved, t: Instant, what: &str) {
+        let secs = t.elapsed().as_secs_f64();
+        let how = if level > 0 { format!("zstd -{level}, {:.1} MB on the wire", moved.wire as f64 / 1e6) } else { "uncompressed".into() };
+        let mb = moved.nar as f64 / 1e6;
+        self.ev.log(Level::Talkative, &format!("build-hook: {what} '{}': {mb:.1} MB of NAR in {secs:.2} s ({:.1} MB/s) ({how})", self.m.uri, mb / secs.max(1e-6)));
+        if self.ctx.forced_level.is_none() {
+            let tr = health::Transfer { level, nar: moved.nar, wire: moved.wire, secs };
+            self.ctx.health.update(&self.m.uri, |h| h.learn(tr));
+        }
+    }
+}
+
+impl Drop for Job<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.spare.take() {
+            s.discard();
+        }
+        if let Some(s) = self.session.take() {
+            s.close();
+        }
+        if let Some((p, c)) = self.local.take() {
+            drop(c);
+            let _ = p.kill();
+        }
+    }
+}

@@ -1,0 +1,381 @@
+//! A live session with a builder: connecting (with a handshake deadline and
+//! the cipher choice), the interactive `nix-store --serve` session, bulk
+//! sessions for compressed copies, the capability probe — and the one place
+//! that decides, from facts, whether a failed exchange means the connection
+//! was lost, the builder refused, or something failed here ([`verdict`]).
+
+use crate::copy::CopyError;
+use crate::machines::Machine;
+use crate::serve::{ServeConn, ServeError};
+use crate::transport::{self, Bulk, Caps, Ended, ProcIn, ProcOut, RemoteProcess, SshConfig, StderrTap};
+use std::io::Read;
+use std::os::unix::process::ExitStatusExt;
+use std::time::Duration;
+
+/// How long each kind of wait may last without progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Connecting and the protocol handshake.
+    pub handshake: Duration,
+    /// Any other exchange with a builder (queries, copies, ending a
+    /// session): no byte moving for this long means it stalled.
+    pub stall: Duration,
+    /// The remote build itself: no log line for this long means it stalled
+    /// (`None`: no limit).
+    pub build_silent: Option<Duration>,
+}
+
+/// What went wrong with a builder, decided by [`verdict`].
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SessionError {
+    /// The builder or the connection went away, or stopped moving: the job
+    /// may move to another builder, and this one is marked as failing.
+    #[error("{why}")]
+    Lost { machine: String, during: &'static str, why: String },
+    /// The builder's Nix refused or failed a request, or sent something we
+    /// reject: it is reachable, so it keeps its health, and the user sees its
+    /// own words.
+    #[error("{why}{}", said(builder_said))]
+    Refused { machine: String, during: &'static str, why: String, builder_said: String },
+    /// Something failed on this machine.
+    #[error("{during} failed on this machine: {why}")]
+    Local { machine: String, during: &'static str, why: String },
+}
+
+fn said(s: &str) -> String {
+    if s.is_empty() {
+        String::new()
+    } else {
+        format!("\n  the builder said: {}", s.replace('\n', "\n    "))
+    }
+}
+
+impl SessionError {
+    /// True when the job may move to another builder.
+    pub fn is_lost(&self) -> bool {
+        matches!(self, SessionError::Lost { .. })
+    }
+}
+
+/// What this side saw go wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// The builder's stream ended (EOF) or its pipe broke.
+    Closed(String),
+    /// The builder sent something malformed or false.
+    Builder(String),
+    /// A failure on this machine.
+    Local(String),
+}
+
+impl From<&ServeError> for Fault {
+    fn from(e: &ServeError) -> Self {
+        match e {
+            ServeError::Closed { .. } => Fault::Closed(e.to_string()),
+            ServeError::Io { .. } => Fault::Local(chain(e)),
+            _ => Fault::Builder(chain(e)),
+        }
+    }
+}
+
+impl From<&CopyError> for Fault {
+    fn from(e: &CopyError) -> Self {
+        if e.is_local() {
+            Fault::Local(chain(e))
+        } else if e.builder_closed() {
+            Fault::Closed(chain(e))
+        } else {
+            Fault::Builder(chain(e))
+        }
+    }
+}
+
+/// An error and its sources, joined with ": ".
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// The one rule for "lost" versus "refused" versus "local", from facts:
+/// a watchdog that fired, or a closed stream whose process then ended with
+/// ssh's own exit status 255 or a signal (or could not be waited for), is a
+/// lost connection; a closed stream whose remote program exited with its
+/// own status, or data we reject, is the builder's refusal; `Fault::Local`
+/// is ours. The builder's stderr is only ever shown, never searched.
+pub fn verdict(machine: &str, during: &'static str, fault: Fault, ended: &Ended) -> SessionError {
+    let machine = machine.to_string();
+    if let Some((phase, limit)) = ended.stalled {
+        return SessionError::Lost { machine, during, why: format!("stalled: no progress for {} s during {phase}", limit.as_secs()) };
+    }
+    match fault {
+        Fault::Local(why) => SessionError::Local { machine, during, why },
+        Fault::Builder(why) => SessionError::Refused { machine, during, why, builder_said: ended.tail.clone() },
+        Fault::Closed(what) => {
+            let code = ended.status.and_then(|s| s.code());
+            let lost = |how: String| {
+                let ssh = last_line(&ended.tail);
+                SessionError::Lost { machine: machine.clone(), during, why: if ssh.is_empty() { how } else { format!("{how}: {ssh}") } }
+            };
+            match (ended.status, code) {
+                (None, _) => lost(format!("connection lost during {during} ({what})")),
+                (Some(_), Some(255)) => lost(format!("connection lost during {during}")),
+                (Some(s), None) => lost(format!("connection lost during {during} (killed by signal {})", s.signal().unwrap_or(0))),
+                (Some(_), Some(c)) => SessionError::Refused {
+                    machine,
+                    during,
+                    why: format!("the builder ended the session during {during} (exit status {c}): {what}"),
+                    builder_said: ended.tail.clone(),
+                },
+            }
+        }
+    }
+}
+
+fn last_line(s: &str) -> &str {
+    s.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("")
+}
+
+/// A live `nix-store --serve --write` session with a builder.
+pub struct Session {
+    pub machine: String,
+    proc: RemoteProcess,
+    pub serve: ServeConn<ProcOut, ProcIn>,
+    timeouts: Timeouts,
+}
+
+impl Session {
+    /// Connects to `m` (through the shared connection when there is one) and
+    /// does the handshake, which must finish within `t.handshake`.
+    pub fn connect(m: &Machine, ssh: &SshConfig, t: Timeouts) -> Result<Session, SessionError> {
+        let machine = m.uri.clone();
+        let local = |e: &dyn std::error::Error| SessionError::Local { machine: m.uri.clone(), during: "connecting", why: e.to_string() };
+        let cmd = transport::ssh_command(m, ssh, &transport::serve_words(m)).map_err(|e| local(&e))?;
+        let mut proc = RemoteProcess::spawn(cmd, StderrTap::default()).map_err(|e| local(&e))?;
+        proc.watch.phase("connecting", Some(t.handshake));
+        let (Some(r), Some(w)) = (proc.stdout.take(), proc.stdin.take()) else {
+            return Err(SessionError::Local { machine, during: "connecting", why: "no pipes to ssh".into() });
+        };
+        match ServeConn::handshake(r, w) {
+            Ok(serve) => {
+                proc.watch.phase("idle", None);
+                Ok(Session { machine, proc, serve, timeouts: t })
+            }
+            Err(e) => {
+                let ended = proc.kill();
+                let why = match transport::explain_ssh_failure(m, &ended.tail) {
+                    Some(advice) => format!("{advice}\n  ssh said: {}", last_line(&ended.tail)),
+                    None if ended.stalled.is_some() => format!("{e} (no answer within {} s)", t.handshake.as_secs()),
+                    None if ended.tail.is_empty() => e.to_string(),
+                    None => format!("{e}: {}", ended.tail),
+                };
+                Err(SessionError::Lost { machine, during: "connecting", why })
+            }
+        }
+    }
+
+    /// Enters an exchange that may be silent for at most the stall timeout.
+    pub fn phase(&self, phase: &'static str) {
+        self.proc.watch.phase(phase, Some(self.timeouts.stall));
+    }
+    /// Waits with no limit (the session is idle while we wait for something
+    /// local; ssh's keep-alives still watch the link).
+    pub fn idle(&self) {
+        self.proc.watch.phase("idle", None);
+    }
+    /// The remote build: silent for at most the build limit; every log line
+    /// counts as progress.
+    pub fn building(&self) {
+        self.proc.watch.phase("the build", self.timeouts.build_silent);
+    }
+    /// From now on, the builder's stderr (the build log) is copied to `log`.
+    pub fn forward_log(&self, log: std::fs::File) {
+        self.proc.tap.forward_to(log);
+    }
+    pub fn timeouts(&self) -> Timeouts {
+        self.timeouts
+    }
+
+    /// Ends a failed session and says what happened ([`verdict`]): a closed
+    /// stream waits for the process's exit status, anything else kills it.
+    pub fn fail(self, during: &'static str, fault: Fault) -> SessionError {
+        let Session { machine, proc, serve, .. } = self;
+        drop(serve);
+        let ended = if matches!(fault, Fault::Closed(_)) { proc.finish() } else { proc.kill() };
+        verdict(&machine, during, fault, &ended)
+    }
+
+    /// Ends the session normally (closing its input, so the builder's
+    /// nix-store exits) and returns what it printed last.
+    pub fn close(self) -> String {
+        drop(self.serve);
+        self.proc.finish().tail
+    }
+
+    /// The server's protocol version.
+    pub fn version(&self) -> (u8, u8) {
+        (self.serve.server_version.0, self.serve.server_version.1)
+    }
+}
+
+/// A one-directional session for a compressed bulk copy.
+pub struct BulkSession {
+    machine: String,
+    proc: RemoteProcess,
+    stall: Duration,
+}
+
+impl BulkSession {
+    /// Starts `bulk` on `m` over the shared connection.
+    pub fn open(m: &Machine, ssh: &SshConfig, bulk: Bulk, stall: Duration) -> Result<BulkSession, SessionError> {
+        let local = |e: &dyn std::error::Error| SessionError::Local { machine: m.uri.clone(), during: "opening a bulk session", why: e.to_string() };
+        let cmd = transport::ssh_script(m, ssh, &transport::bulk_script(m, bulk)).map_err(|e| local(&e))?;
+        let proc = RemoteProcess::spawn(cmd, StderrTap::default()).map_err(|e| local(&e))?;
+        Ok(BulkSession { machine: m.uri.clone(), proc, stall })
+    }
+
+    /// Its streams, for one copy; from now on it must keep moving.
+    pub fn streams(&mut self, phase: &'static str) -> Option<(ProcIn, ProcOut)> {
+        self.proc.watch.phase(phase, Some(self.stall));
+        Some((self.proc.stdin.take()?, self.proc.stdout.take()?))
+    }
+
+    /// Ends the session after a copy. A copy that completed (every path
+    /// acknowledged or received and checked) stands, whatever the process
+    /// then says; a failed one is judged by [`verdict`].
+    pub fn finish<T>(self, during: &'static str, res: Result<T, CopyError>) -> Result<T, SessionError> {
+        match res {
+            Ok(v) => {
+                let _ = self.proc.finish();
+                Ok(v)
+            }
+            Err(e) => {
+                let fault = Fault::from(&e);
+                let ended = if matches!(fault, Fault::Closed(_)) { self.proc.finish() } else { self.proc.kill() };
+                Err(verdict(&self.machine, during, fault, &ended))
+            }
+        }
+    }
+
+    /// Drops an unused session.
+    pub fn discard(self) {
+        let _ = self.proc.kill();
+    }
+}
+
+/// Asks the builder (one short ssh command, at most `limit`) whether it has
+/// zstd and AES instructions. `None` when the probe did not run to its end.
+pub fn probe_caps(m: &Machine, ssh: &SshConfig, limit: Duration) -> Option<Caps> {
+    let cmd = transport::ssh_script(m, ssh, transport::CAPS_PROBE).ok()?;
+    let mut p = RemoteProcess::spawn(cmd, StderrTap::default()).ok()?;
+    p.watch.phase("probing the builder", Some(limit));
+    drop(p.stdin.take());
+    let mut out = String::new();
+    let read = p.stdout.take().map(|o| o.take(4096).read_to_string(&mut out));
+    let ended = p.finish();
+    read?.ok()?;
+    if ended.stalled.is_some() {
+        return None;
+    }
+    transport::parse_caps(ended.status.and_then(|s| s.code()), &out)
+}
+
+/// The cipher order for a new connection to `m`, and why. AES-GCM goes
+/// first when `prefer` is set, both CPUs have AES instructions (`builder_aes`
+/// as probed), no shared connection is open already (it would be used
+/// instead), and the user's ssh config and `NIX_SSHOPTS` leave the ciphers
+/// at OpenSSH's defaults (`ssh -G`).
+pub fn cipher_choice(m: &Machine, ssh: &SshConfig, prefer: bool, builder_aes: Option<bool>) -> (Option<String>, String) {
+    let no = |why: &str| (None, format!("OpenSSH's default order ({why})"));
+    if !prefer {
+        return no("BUILD_HOOK_PREFER_AES_GCM=0");
+    }
+    if transport::is_local(m) {
+        return no("no ssh for localhost");
+    }
+    if !transport::local_cpu_has_aes() {
+        return no("this machine's CPU has no AES instructions");
+    }
+    match builder_aes {
+        None => return no("not asked yet whether the builder's CPU has AES instructions"),
+        Some(false) => return no("the builder's CPU has no AES instructions"),
+        Some(true) => {}
+    }
+    // `ssh -G` only prints settings: it neither connects nor waits.
+    let run = |c: Option<std::process::Command>| {
+        c.and_then(|mut c| c.stdin(std::process::Stdio::null()).stderr(std::process::Stdio::null()).output().ok())
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let Some(user) = run(transport::ssh_settings_command(m, ssh).ok()) else { return no("'ssh -G' failed") };
+    if let Some(cp) = transport::ssh_setting(&user, "controlpath").filter(|p| *p != "none") {
+        // A socket nobody listens on (its master was killed) is replaced by a new master.
+        if std::os::unix::net::UnixStream::connect(cp).is_ok() {
+            return (None, "none needed now: a shared connection is open (its cipher was chosen when it was opened)".into());
+        }
+    }
+    // Only now, when a new connection will be made, OpenSSH's defaults are asked for.
+    let Some(defaults) = run(Some(transport::ssh_defaults_command(m, ssh))) else { return no("'ssh -F /dev/null -G' failed") };
+    let (u, d) = (transport::ssh_setting(&user, "ciphers"), transport::ssh_setting(&defaults, "ciphers"));
+    if u != d {
+        return no("your ssh config or NIX_SSHOPTS chooses the ciphers");
+    }
+    match u.and_then(transport::aes_gcm_first) {
+        Some(list) => (Some(list), "AES-GCM first (both CPUs have AES instructions)".into()),
+        None => no("no AES-GCM cipher to move first"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::ExitStatus;
+
+    fn ended(raw_status: Option<i32>, tail: &str, stalled: Option<(&'static str, u64)>) -> Ended {
+        Ended { status: raw_status.map(ExitStatus::from_raw), tail: tail.into(), stalled: stalled.map(|(p, s)| (p, Duration::from_secs(s))) }
+    }
+    const M: &str = "ssh://b1";
+    fn exit(code: i32) -> Option<i32> {
+        Some(code << 8)
+    }
+
+    #[test]
+    fn ssh_failing_is_a_lost_connection() {
+        let e = verdict(M, "upload", Fault::Closed("the connection ended".into()), &ended(exit(255), "Connection to b1 closed by remote host.", None));
+        assert!(e.is_lost(), "{e:?}");
+        assert_eq!(e.to_string(), "connection lost during upload: Connection to b1 closed by remote host.");
+    }
+
+    #[test]
+    fn a_signal_or_no_status_is_lost_too() {
+        assert!(verdict(M, "build", Fault::Closed("x".into()), &ended(Some(9), "", None)).is_lost());
+        assert!(verdict(M, "build", Fault::Closed("x".into()), &ended(None, "", None)).is_lost());
+    }
+
+    #[test]
+    fn a_stall_is_lost_whatever_else_happened() {
+        let e = verdict(M, "download", Fault::Builder("garbage".into()), &ended(Some(9), "", Some(("DumpStorePath", 5))));
+        assert_eq!(e.to_string(), "stalled: no progress for 5 s during DumpStorePath");
+        assert!(e.is_lost());
+    }
+
+    #[test]
+    fn the_builders_nix_exiting_is_a_refusal_with_its_words() {
+        let e = verdict(M, "upload", Fault::Closed("the connection ended".into()), &ended(exit(1), "error: hash mismatch importing path '/nix/store/x'", None));
+        assert!(!e.is_lost());
+        assert!(e.to_string().contains("the builder said: error: hash mismatch importing path"), "{e}");
+        // what the builder printed is never searched: an 'error:'-free exit is a refusal too
+        assert!(matches!(verdict(M, "upload", Fault::Closed("x".into()), &ended(exit(0), "", None)), SessionError::Refused { .. }));
+    }
+
+    #[test]
+    fn bad_data_is_refused_and_local_faults_are_local() {
+        assert!(matches!(verdict(M, "download", Fault::Builder("NAR hash mismatch".into()), &ended(Some(9), "", None)), SessionError::Refused { .. }));
+        assert!(matches!(verdict(M, "download", Fault::Local("disk full".into()), &ended(exit(255), "", None)), SessionError::Local { .. }));
+    }
+}
