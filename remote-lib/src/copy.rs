@@ -444,6 +444,7 @@ pub fn receive_nars<R: Read>(
             }
             info.ca = ca;
         }
+        crate::local_store::canonicalise(&tmp).map_err(|source| CopyError::Io { what: "setting the metadata of", path: info.path.clone(), source })?;
         received += size;
         finals.push((tmp, final_path, info.path.clone()));
     }

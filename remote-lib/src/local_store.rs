@@ -3,11 +3,15 @@
 //! `nix-store --serve` for path metadata and NARs, and registering downloaded
 //! outputs.
 //!
-//! Outputs are registered with `nix-store --register-validity --hash-given`,
-//! which takes no path lock: the parent Nix holds the output locks while the
-//! hook runs (§2.7), so `nix-store --import` would deadlock on Nix 2.29+ (no
-//! `NIX_HELD_LOCKS`). The same method works on every Nix 2.x. We verify every
-//! NAR hash and size ourselves before anything is registered.
+//! Outputs are registered with `nix-store --load-db`, which takes the same
+//! lines as `--register-validity --hash-given` and, like it, no path lock:
+//! the parent Nix holds the output locks while the hook runs, so
+//! `nix-store --import` would deadlock on Nix 2.29+ (no `NIX_HELD_LOCKS`).
+//! Unlike `--register-validity`, it does not look at the paths through their
+//! logical names, so it also works for a store under another root
+//! (`local?root=`); we set the metadata Nix would have set
+//! ([`canonicalise`]) and verify every NAR hash and size ourselves before
+//! anything is registered.
 
 use crate::derivation::{Derivation, DerivationError};
 use crate::serve::{PathInfo, ServeConn, ServeError};
@@ -37,9 +41,9 @@ pub enum LocalStoreError {
         #[source]
         source: ServeError,
     },
-    #[error("'nix-store --register-validity' failed for {paths}: {stderr}")]
+    #[error("registering {paths} with 'nix-store --load-db' failed: {stderr}")]
     Register { paths: String, stderr: String },
-    #[error("cannot run 'nix-store --register-validity'")]
+    #[error("cannot run 'nix-store --load-db'")]
     RegisterIo(#[source] io::Error),
 }
 
@@ -123,17 +127,17 @@ impl LocalStore {
         }
     }
 
-    /// Starts `nix-store --register-validity --hash-given` ahead of time. It
+    /// Starts `nix-store --load-db` ahead of time. It
     /// registers nothing until [`Registrar::commit`] closes its input, and a
     /// registrar dropped without commit is killed, so nothing is registered.
     pub fn start_registrar(&self) -> Result<Registrar, LocalStoreError> {
         let mut c = self.command();
-        c.args(["--register-validity", "--hash-given"]);
+        c.arg("--load-db");
         Ok(Registrar { proc: Some(RemoteProcess::spawn(c, StderrTap::default()).map_err(LocalStoreError::Spawn)?) })
     }
 }
 
-/// A waiting `nix-store --register-validity` (see [`LocalStore::start_registrar`]).
+/// A waiting `nix-store --load-db` (see [`LocalStore::start_registrar`]).
 pub struct Registrar {
     proc: Option<RemoteProcess>,
 }
@@ -178,6 +182,28 @@ impl Drop for Registrar {
             let _ = p.kill();
         }
     }
+}
+
+/// Gives an unpacked tree the metadata of a store path: every entry's
+/// modification time is 1 (the Unix epoch plus one second), as Nix sets it;
+/// permissions were set when the NAR was unpacked. Children before parents,
+/// so that setting a child's time does not change its directory's again.
+pub fn canonicalise(p: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let md = std::fs::symlink_metadata(p)?;
+    if md.is_dir() {
+        for e in std::fs::read_dir(p)? {
+            canonicalise(&e?.path())?;
+        }
+    }
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let t = libc::timespec { tv_sec: 1, tv_nsec: 0 };
+    let times = [t, t];
+    // SAFETY: a valid NUL-terminated path and two timespecs.
+    if unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
