@@ -29,6 +29,8 @@ pub enum Ineligible {
     System { wanted: String, has: Vec<String> },
     MissingFeatures(Vec<String>),
     MandatoryNotRequired(Vec<String>),
+    /// max-jobs is 0: the machine is listed but never used.
+    NoJobs,
 }
 
 impl std::fmt::Display for Ineligible {
@@ -37,13 +39,19 @@ impl std::fmt::Display for Ineligible {
             Ineligible::System { wanted, has } => write!(f, "builds for {} only, not {wanted}", has.join(",")),
             Ineligible::MissingFeatures(v) => write!(f, "lacks the required features {}", v.join(",")),
             Ineligible::MandatoryNotRequired(v) => write!(f, "only takes builds that require {}", v.join(",")),
+            Ineligible::NoJobs => write!(f, "max-jobs is 0, so it takes no builds"),
         }
     }
 }
 
 /// Nix's eligibility rule: system (or `builtin`), supported ⊇ required,
-/// mandatory ⊆ required.
+/// mandatory ⊆ required. Unlike Nix, a machine with max-jobs 0 is not of the
+/// right type at all: Nix would postpone forever waiting for a slot it can
+/// never have.
 pub fn eligible(m: &Machine, req: &TryRequest) -> Result<(), Ineligible> {
+    if m.max_jobs == 0 {
+        return Err(Ineligible::NoJobs);
+    }
     if req.needed_system != "builtin" && !m.systems.contains(&req.needed_system) {
         return Err(Ineligible::System { wanted: req.needed_system.clone(), has: m.systems.clone() });
     }
@@ -129,6 +137,8 @@ mod tests {
         assert!(matches!(eligible(&m, &req("mips-linux", &[])), Err(Ineligible::MandatoryNotRequired(_))));
         assert!(eligible(&m, &req("mips-linux", &["kvm", "big"])).is_ok());
         assert_eq!(eligible(&m, &req("mips-linux", &["kvm", "cuda"])), Err(Ineligible::MissingFeatures(vec!["cuda".into()])));
+        let idle = machine("b mips-linux - 0 1");
+        assert_eq!(eligible(&idle, &req("mips-linux", &[])), Err(Ineligible::NoJobs));
     }
 
     #[test]

@@ -170,7 +170,7 @@ pub fn is_local(m: &Machine) -> bool {
 
 /// Writes (once) the pinned host key as a known_hosts file and returns its path.
 fn pinned_known_hosts(m: &Machine, key: &str, dir: &Path) -> Result<PathBuf, TransportError> {
-    let path = dir.join(crate::slots::escape_uri(&m.uri));
+    let path = dir.join(file_name_for(&m.uri));
     // `*` matches whatever name or address ssh checks: the file belongs to this machine only.
     let line = format!("* {key}\n");
     if std::fs::read_to_string(&path).ok().as_deref() != Some(line.as_str()) {
@@ -181,6 +181,17 @@ fn pinned_known_hosts(m: &Machine, key: &str, dir: &Path) -> Result<PathBuf, Tra
         std::fs::rename(&tmp, &path).map_err(err)?;
     }
     Ok(path)
+}
+
+/// A file name for a machine: its escaped URI, or a hash of it when that is
+/// too long for a file name.
+fn file_name_for(uri: &str) -> String {
+    let name = crate::slots::escape_uri(uri);
+    if name.len() <= 200 {
+        return name;
+    }
+    use sha2::Digest;
+    format!("uri-{}", crate::hash::nix32_encode(&sha2::Sha256::digest(uri.as_bytes())[..20]))
 }
 
 /// Builds the command that runs the words `remote` on `m` (each quoted for
@@ -286,7 +297,8 @@ fn ssh_with_options(m: &Machine, cfg: &SshConfig) -> Result<Command, TransportEr
         o(&mut c, format!("Ciphers={ciphers}"));
     }
     if let Some(k) = &m.ssh_key {
-        c.arg("-i").arg(percent_escape(k));
+        // Not `-i`: ssh checks that file before expanding `%` tokens.
+        o(&mut c, format!("IdentityFile={}", percent_escape(k)));
     }
     if let Some(key) = &m.host_key {
         let kh = pinned_known_hosts(m, key, &cfg.known_hosts_dir)?;
@@ -664,7 +676,7 @@ mod tests {
         let joined = args.join(" ");
         assert!(joined.contains("-o BatchMode=yes -o ConnectTimeout=5"), "{joined}");
         assert!(joined.contains("-F /etc/x -o IdentityAgent none"), "{joined}");
-        assert!(joined.contains("-i /k"), "{joined}");
+        assert!(joined.contains("-o IdentityFile=/k"), "{joined}");
         assert!(joined.contains("StrictHostKeyChecking=yes"), "{joined}");
         assert!(joined.contains("-p 2222"), "{joined}");
         assert_eq!(args[args.len() - 2], "root@b1");
@@ -672,6 +684,23 @@ mod tests {
         assert_eq!(args[args.len() - 1], "'/opt/my nix/nix-store' --serve --write");
         let kh = std::fs::read_to_string(dir.join("kh").join("ssh:__root@b1:2222?remote-program=_opt_my%20nix_nix-store")).unwrap();
         assert_eq!(kh, "* ssh-ed25519 AAAA\n");
+    }
+
+    #[test]
+    fn percent_signs_and_long_uris_reach_ssh_intact() {
+        let dir = std::env::temp_dir().join(format!("transport-pct-{}", std::process::id()));
+        let long = "x".repeat(300);
+        let m = machine(&format!("ssh://b1?remote-program=/opt/{long}/100%25/nix-store - /keys/100%key 1 1 - - c3NoLWVkMjU1MTkgQUFBQQ=="));
+        let mut c = cfg(&dir.join("load%dir"));
+        c.control_dir = Some(dir.join("load%dir").join("ssh"));
+        let args: Vec<String> = ssh_command(&m, &c, &serve_words(&m)).unwrap().get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let joined = args.join(" ");
+        assert!(joined.contains("-o IdentityFile=/keys/100%%key"), "{joined}");
+        assert!(joined.contains("load%%dir/ssh/%C"), "{joined}");
+        let kh = args.iter().find_map(|a| a.strip_prefix("UserKnownHostsFile=")).unwrap();
+        assert!(kh.contains("load%%dir/kh/uri-"), "a long URI gets a hashed file name: {kh}");
+        assert!(std::path::Path::new(&kh.replace("%%", "%")).exists());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
