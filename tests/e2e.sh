@@ -406,6 +406,38 @@ test_new_connections_prefer_aes_gcm_unless_the_user_chose() {
   [ "$got" = chacha20-poly1305@openssh.com ] || fail "OpenSSH's first choice was not kept: '$got'"
 }
 
+db_field() { # db_field PATH COLUMN: a column of the local store's ValidPaths row
+  python3 -c "import sqlite3,sys; r=sqlite3.connect('/nix/var/nix/db/db.sqlite').execute('select $2 from ValidPaths where path=?',(sys.argv[1],)).fetchone(); print(r[0] if r and r[0] else '')" "$1"
+}
+
+test_fixed_output_is_checked_and_registered_with_its_content_address_and_signatures() {
+  reset_health
+  machines 1:2
+  # The builder signs what it builds, as a signing builder would.
+  local d="$TB/b1/etc-nix"
+  [ -f "$d/sk" ] || nix-store --generate-binary-cache-key b1-test "$d/sk" "$d/pk"
+  grep -q secret-key-files "$d/nix.conf" || echo "secret-key-files = /etc/nix/sk" >> "$d/nix.conf"
+  out=$(nb "$NIX/fixed.nix" --argstr nonce "$(nonce fixed)" 2>&1 | tee /dev/stderr | tail -1)
+  sed -i '/secret-key-files/d' "$d/nix.conf"
+  [ "$(cat "$out")" = hello ] || fail "wrong content"
+  nix-store --verify-path "$out" || fail "not valid"
+  ca=$(db_field "$out" ca); sigs=$(db_field "$out" sigs)
+  echo "ca=$ca sigs=$sigs"
+  [ "$ca" = "fixed:sha256:$(nix-hash --type sha256 --to-base32 5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03)" ] || fail "content address not registered: '$ca'"
+  case "$sigs" in b1-test:*) ;; *) fail "the builder's signature was not kept: '$sigs'" ;; esac
+}
+
+test_percent_signs_in_key_uri_and_load_dir() {
+  reset_health
+  cp "$TB/client_key" "$TB/k%ey"
+  echo "ssh://root@10.201.1.2?remote-program=nix-store&x=%25 x86_64-linux $TB/k%ey 2 1 - - $(tb_hostkey_b64 1)" > "$TB/machines"
+  local load; load=$(mktemp -d /tmp/lo%adXXXX)
+  out=$(NIX_CURRENT_LOAD=$load nb "$NIX/chain.nix" -A dep --argstr nonce "$(nonce pct)" 2>&1 | tee /dev/stderr | tail -1)
+  [ -d "$out" ] || fail "no output"
+  nix-store --verify-path "$out" || fail "not valid"
+  rm -rf "$load"
+}
+
 main() {
   tb_up 2 >/dev/null || { echo "cannot bring up the test bed"; exit 1; }
   local all=(
@@ -418,6 +450,8 @@ main() {
     corrupted_or_truncated_streams_are_detected_and_nothing_is_registered sigterm_ends_the_job_cleanly
     stale_shared_connection_socket_is_replaced check_command_says_why
     new_connections_prefer_aes_gcm_unless_the_user_chose incompressible_inputs_are_copied_uncompressed
+    fixed_output_is_checked_and_registered_with_its_content_address_and_signatures
+    percent_signs_in_key_uri_and_load_dir
   )
   local sel=("$@"); [ ${#sel[@]} -eq 0 ] && sel=("${all[@]}")
   for t in "${sel[@]}"; do t_run "$t" "test_$t"; done

@@ -45,6 +45,13 @@ pub enum LocalStoreError {
     Register { paths: String, stderr: String },
     #[error("cannot run 'nix-store --load-db'")]
     RegisterIo(#[source] io::Error),
+    #[error("registered {paths}, but recording their content address and signatures in '{db}' failed (the paths are valid without them)")]
+    Metadata {
+        paths: String,
+        db: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
 }
 
 /// The local store.
@@ -133,13 +140,16 @@ impl LocalStore {
     pub fn start_registrar(&self) -> Result<Registrar, LocalStoreError> {
         let mut c = self.command();
         c.arg("--load-db");
-        Ok(Registrar { proc: Some(RemoteProcess::spawn(c, StderrTap::default()).map_err(LocalStoreError::Spawn)?) })
+        let db = self.state_dir().join("db/db.sqlite");
+        Ok(Registrar { proc: Some(RemoteProcess::spawn(c, StderrTap::default()).map_err(LocalStoreError::Spawn)?), db })
     }
 }
 
 /// A waiting `nix-store --load-db` (see [`LocalStore::start_registrar`]).
 pub struct Registrar {
     proc: Option<RemoteProcess>,
+    /// The store's database, for what `--load-db` cannot take.
+    db: PathBuf,
 }
 
 /// How long registration may take without a sign of life.
@@ -171,8 +181,32 @@ impl Registrar {
             return Err(LocalStoreError::Register { paths: paths(), stderr: ended.tail });
         }
         w.map_err(LocalStoreError::RegisterIo)?;
+        let extra: Vec<&PathInfo> = infos.iter().filter(|i| !i.ca.is_empty() || !i.sigs.is_empty()).collect();
+        if !extra.is_empty() {
+            record_metadata(&self.db, &extra).map_err(|source| LocalStoreError::Metadata { paths: paths(), db: self.db.clone(), source })?;
+        }
         Ok(())
     }
+}
+
+/// Records content addresses and signatures, which the registration line
+/// format has no room for, in the store's database (the `ca` and `sigs`
+/// columns of `ValidPaths`, present in every Nix 2.x and Lix schema), in one
+/// transaction. Each path must have been registered just before.
+fn record_metadata(db: &std::path::Path, infos: &[&PathInfo]) -> Result<(), rusqlite::Error> {
+    let mut conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+    // Nix holds the database only for short transactions.
+    conn.busy_timeout(Duration::from_secs(60))?;
+    let tx = conn.transaction()?;
+    for i in infos {
+        let ca = (!i.ca.is_empty()).then_some(i.ca.as_str());
+        let sigs = (!i.sigs.is_empty()).then(|| i.sigs.join(" "));
+        let n = tx.execute("UPDATE ValidPaths SET ca = ?1, sigs = ?2 WHERE path = ?3", rusqlite::params![ca, sigs, i.path])?;
+        if n != 1 {
+            return Err(rusqlite::Error::QueryReturnedNoRows);
+        }
+    }
+    tx.commit()
 }
 
 impl Drop for Registrar {
