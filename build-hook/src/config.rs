@@ -49,6 +49,8 @@ pub struct Config {
     pub state_dir: Option<PathBuf>,
 }
 
+/// The one reader of the environment (see the workspace lints).
+#[allow(clippy::disallowed_methods)]
 fn var(k: &str) -> Option<String> {
     std::env::var(k).ok().filter(|v| !v.is_empty())
 }

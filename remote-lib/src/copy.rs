@@ -483,8 +483,7 @@ mod tests {
     fn topo_sort_handles_a_deep_chain() {
         let n = 200_000;
         let names: Vec<String> = (0..n).map(|i| format!("p{i}")).collect();
-        let infos: Vec<PathInfo> = (0..n).map(|i| info(&names[i], if i + 1 < n { &[] } else { &[] })).collect();
-        let mut infos = infos;
+        let mut infos: Vec<PathInfo> = names.iter().map(|p| info(p, &[])).collect();
         for i in 0..n - 1 {
             infos[i].references = vec![names[i + 1].clone()];
         }

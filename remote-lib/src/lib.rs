@@ -31,6 +31,37 @@ pub mod store_path;
 pub mod transport;
 pub mod wire;
 
-/// The platform string of the machine this was compiled for, used when Nix
-/// does not send `system`.
-pub const LOCAL_SYSTEM: &str = concat!(env!("BUILD_HOOK_ARCH"), "-linux");
+/// Nix's platform string for the machine this was compiled for (its
+/// `system`), used when Nix does not send the `system` setting.
+pub const LOCAL_SYSTEM: &str = local_system();
+
+const fn local_system() -> &'static str {
+    macro_rules! pick {
+        ($($arch:literal => $nix:literal),* $(,)?) => {{
+            let linux = cfg!(target_os = "linux");
+            let darwin = cfg!(target_os = "macos");
+            $(
+                if cfg!(target_arch = $arch) && linux {
+                    return concat!($nix, "-linux");
+                }
+                if cfg!(target_arch = $arch) && darwin {
+                    return concat!($nix, "-darwin");
+                }
+            )*
+            "unknown-system"
+        }};
+    }
+    pick!("x86_64" => "x86_64", "aarch64" => "aarch64", "x86" => "i686", "arm" => "armv7l", "riscv64" => "riscv64", "powerpc64" => "powerpc64le")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_local_system_is_a_nix_system_string() {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        assert_eq!(super::LOCAL_SYSTEM, "x86_64-linux");
+        #[cfg(all(target_arch = "aarch64", target_os = "macos"))]
+        assert_eq!(super::LOCAL_SYSTEM, "aarch64-darwin");
+        assert!(super::LOCAL_SYSTEM.contains('-'));
+    }
+}

@@ -501,7 +501,7 @@ mod tests {
         let mut reply = Vec::new();
         write_server_hello_for_tests(&mut reply);
         // QueryValidPaths: one path that was not asked for
-        wire::write_strings(&mut reply, &[hello.clone()]).unwrap();
+        wire::write_strings(&mut reply, std::slice::from_ref(&hello)).unwrap();
         let mut c = ServeConn::handshake(&reply[..], io::sink()).unwrap();
         let e = c.query_valid_paths(&["/nix/store/00000000000000000000000000000000-x".to_string()], false, false).unwrap_err();
         assert!(e.to_string().contains("was not asked for"), "{e}");
