@@ -62,6 +62,9 @@ test_failing_build_reports_builder_message() {
   [ $rc -ne 0 ] || fail "nix-build succeeded"
   assert_contains "$log" "intentional failure on b1"
   assert_contains "$log" "failed with exit code 3"
+  # worded and ended as Nix's own hook does
+  assert_contains "$log" "error: build of '"
+  assert_contains "$log" "failed with exit code 1"
   slots_free 1 2 || fail "slot left locked after a failed build"
 }
 

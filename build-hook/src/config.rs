@@ -4,7 +4,7 @@
 
 use remote_lib::health::Backoff;
 use remote_lib::hook_protocol::Settings;
-use remote_lib::local_store::LocalStore;
+use remote_lib::local_store::{self, LocalStore};
 use remote_lib::machines;
 use remote_lib::session::Timeouts;
 use std::path::PathBuf;
@@ -47,6 +47,9 @@ pub struct Config {
     pub remote_systems: Option<String>,
     pub conf_dir: PathBuf,
     pub state_dir: Option<PathBuf>,
+    /// `NIX_STORE_DIR`: the logical store directory when the `store` setting
+    /// does not name one.
+    pub store_dir: Option<String>,
 }
 
 /// The one reader of the environment (see the workspace lints).
@@ -96,6 +99,7 @@ impl Config {
             remote_systems: var("NIX_REMOTE_SYSTEMS"),
             conf_dir: var("NIX_CONF_DIR").map(PathBuf::from).unwrap_or_else(|| "/etc/nix".into()),
             state_dir: var("NIX_STATE_DIR").map(PathBuf::from),
+            store_dir: var("NIX_STORE_DIR"),
         })
     }
 
@@ -114,14 +118,19 @@ impl Config {
         Timeouts { handshake: Duration::from_secs(self.connect_timeout as u64 * 2 + 5), stall, build_silent }
     }
 
-    /// The load directory: `NIX_CURRENT_LOAD`, else `<state dir>/current-load`.
+    /// The local store the `store` setting names, with `NIX_STORE_DIR` and
+    /// `NIX_STATE_DIR` as its defaults.
+    pub fn local_store(&self, store: Option<&str>) -> LocalStore {
+        let defaults = local_store::Defaults { store_dir: self.store_dir.clone(), state_dir: self.state_dir.clone() };
+        LocalStore::new(store, &self.nix_store, &defaults)
+    }
+
+    /// The load directory: `NIX_CURRENT_LOAD`, else the local store's state
+    /// directory's `current-load`, as Nix's own hook has it.
     pub fn load_dir(&self, store: &LocalStore) -> PathBuf {
-        if let Some(p) = &self.current_load {
-            return p.clone();
-        }
-        match (&self.state_dir, store.store_uri.is_some()) {
-            (Some(s), false) => s.join("current-load"),
-            _ => store.state_dir().join("current-load"),
+        match &self.current_load {
+            Some(p) => p.clone(),
+            None => store.state_dir().join("current-load"),
         }
     }
 

@@ -13,7 +13,6 @@ use remote_lib::local_store::LocalStore;
 use remote_lib::machines::{self, Machine, Severity};
 use remote_lib::nixlog::Level;
 use remote_lib::select::{self, Candidate, LocalCapability};
-use remote_lib::serve::BuildStatus;
 use remote_lib::session::{self, Session, SessionError, Timeouts};
 use remote_lib::slots::{LoadDir, Slot};
 use remote_lib::transport::{self, SshConfig};
@@ -52,7 +51,7 @@ enum Choice {
 
 impl Dispatcher {
     pub fn new(cfg: Config, settings: Settings) -> Dispatcher {
-        let local = LocalStore::from_setting(settings.store(), &cfg.nix_store);
+        let local = cfg.local_store(settings.store());
         let load = LoadDir::new(cfg.load_dir(&local));
         let health = HealthStore::new(load.private_dir("health"));
         let control_dir = if cfg.control_persist > 0 { control_dir(&load) } else { None };
@@ -256,9 +255,10 @@ impl Dispatcher {
                 Err(e) => e,
             };
             match e {
-                JobError::BuildFailed { status, msg } => {
-                    out::msg(Level::Error, &format!("build of '{}' on '{uri}' failed: {msg}", req.drv_path));
-                    return exit_status(status);
+                JobError::BuildFailed { msg, .. } => {
+                    // As Nix's own hook reports it, and with its exit status (1).
+                    out::msg(Level::Error, &format!("error: build of '{}' on '{uri}' failed: {msg}", req.drv_path));
+                    return 1;
                 }
                 JobError::Builder(e @ SessionError::Lost { .. }) => {
                     let why = e.to_string();
@@ -340,17 +340,6 @@ impl Dispatcher {
     }
 }
 
-/// Nix's exit status for a failed remote build: 100 for a permanent
-/// failure and 101 for a timeout (Nix ≤ 2.28 maps these; later versions
-/// treat every failure alike), else 1.
-pub fn exit_status(status: BuildStatus) -> i32 {
-    match status {
-        BuildStatus::PermanentFailure => 100,
-        BuildStatus::TimedOut => 101,
-        _ => 1,
-    }
-}
-
 /// Where shared-connection sockets go: the load directory when the socket
 /// path fits, else a private directory in /tmp; `None` disables sharing.
 fn control_dir(load: &LoadDir) -> Option<std::path::PathBuf> {
@@ -376,17 +365,4 @@ fn control_dir(load: &LoadDir) -> Option<std::path::PathBuf> {
 
 fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or(s)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exit_statuses_match_nix() {
-        assert_eq!(exit_status(BuildStatus::PermanentFailure), 100);
-        assert_eq!(exit_status(BuildStatus::TimedOut), 101);
-        assert_eq!(exit_status(BuildStatus::MiscFailure), 1);
-        assert_eq!(exit_status(BuildStatus::Unknown(77)), 1);
-    }
 }

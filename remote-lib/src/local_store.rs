@@ -61,6 +61,8 @@ pub struct LocalStore {
     pub store_dir: String,
     /// Where `/` of the store lives (`/` or the chroot root).
     pub root: PathBuf,
+    /// The state directory (its database, the load directory of a local store).
+    state_dir: PathBuf,
     /// The `store` setting to pass as `--store`, if not the default.
     pub store_uri: Option<String>,
     /// The `nix-store` program.
@@ -70,23 +72,49 @@ pub struct LocalStore {
 /// A local `nix-store --serve` session.
 pub type LocalServe = (RemoteProcess, ServeConn<ProcOut, ProcIn>);
 
+/// The store and state directories that apply when the `store` setting does
+/// not name them (Nix's `NIX_STORE_DIR` and `NIX_STATE_DIR`).
+#[derive(Clone, Debug, Default)]
+pub struct Defaults {
+    pub store_dir: Option<String>,
+    pub state_dir: Option<PathBuf>,
+}
+
 impl LocalStore {
-    /// From the `store` setting: `local?root=R` (or `R` itself when it is a
-    /// path) puts the store under R; anything else is the default store.
+    /// From the `store` setting with Nix's default directories.
     pub fn from_setting(store: Option<&str>, nix_store: &str) -> Self {
-        let mut root = PathBuf::from("/");
+        Self::new(store, nix_store, &Defaults::default())
+    }
+
+    /// From the `store` setting, as Nix opens a local store: `local?root=R`
+    /// (or `R` itself when it is a path) puts the store under R; `store=`
+    /// and `state=` parameters name the logical store and state directories;
+    /// otherwise `defaults` (the environment), then `/nix/store` and
+    /// `/nix/var/nix` (under R when there is one).
+    pub fn new(store: Option<&str>, nix_store: &str, defaults: &Defaults) -> Self {
+        let mut root: Option<PathBuf> = None;
+        let (mut store_dir, mut state) = (None, None);
         if let Some(s) = store {
-            let query = s.split_once('?').map(|x| x.1).unwrap_or("");
+            let (base, query) = s.split_once('?').unwrap_or((s, ""));
+            if base.starts_with('/') {
+                root = Some(PathBuf::from(base));
+            }
             for kv in query.split('&') {
-                if let Some(r) = kv.strip_prefix("root=") {
-                    root = PathBuf::from(r);
+                match kv.split_once('=') {
+                    Some(("root", r)) => root = Some(PathBuf::from(r)),
+                    Some(("store", d)) => store_dir = Some(d.to_string()),
+                    Some(("state", d)) => state = Some(PathBuf::from(d)),
+                    _ => {}
                 }
             }
-            if s.starts_with('/') {
-                root = PathBuf::from(s.split('?').next().unwrap_or(s));
-            }
         }
-        LocalStore { store_dir: "/nix/store".into(), root, store_uri: store.map(str::to_string), nix_store: nix_store.into() }
+        let store_dir = store_dir.or_else(|| defaults.store_dir.clone()).unwrap_or_else(|| "/nix/store".into());
+        let state_dir = match (state, &root) {
+            (Some(s), _) => s,
+            (None, Some(r)) => r.join("nix/var/nix"),
+            (None, None) => defaults.state_dir.clone().unwrap_or_else(|| "/nix/var/nix".into()),
+        };
+        LocalStore { store_dir, root: root.unwrap_or_else(|| PathBuf::from("/")), state_dir, store_uri: store.map(str::to_string), nix_store: nix_store.into() }
     }
 
     /// Where a store path is on disk.
@@ -96,7 +124,7 @@ impl LocalStore {
 
     /// The state directory (`/nix/var/nix`, or under the chroot root).
     pub fn state_dir(&self) -> PathBuf {
-        self.root.join("nix/var/nix")
+        self.state_dir.clone()
     }
 
     fn command(&self) -> Command {
@@ -254,5 +282,20 @@ mod tests {
         let d = LocalStore::from_setting(None, "nix-store");
         assert_eq!(d.state_dir(), PathBuf::from("/nix/var/nix"));
         assert_eq!(LocalStore::from_setting(Some("/tmp/x"), "nix-store").root, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn store_and_state_directories_as_nix_opens_them() {
+        let env = Defaults { store_dir: Some("/t/store".into()), state_dir: Some("/t/var/nix".into()) };
+        let d = LocalStore::new(None, "nix-store", &env);
+        assert_eq!((d.store_dir.as_str(), d.state_dir()), ("/t/store", PathBuf::from("/t/var/nix")));
+        let l = LocalStore::new(Some("local"), "nix-store", &env);
+        assert_eq!(l.state_dir(), PathBuf::from("/t/var/nix"), "no root: the environment's state directory");
+        let r = LocalStore::new(Some("local?root=/r"), "nix-store", &env);
+        assert_eq!((r.store_dir.as_str(), r.state_dir()), ("/t/store", PathBuf::from("/r/nix/var/nix")));
+        let q = LocalStore::new(Some("local?root=/r&store=/s&state=/st"), "nix-store", &env);
+        assert_eq!((q.store_dir.as_str(), q.state_dir()), ("/s", PathBuf::from("/st")));
+        let p = StorePath::parse("/s", "/s/42ka40fgb8k4q9lhi1l10fy6ak13bvs0-top").unwrap();
+        assert_eq!(q.real_path(&p), PathBuf::from("/r/s/42ka40fgb8k4q9lhi1l10fy6ak13bvs0-top"));
     }
 }
