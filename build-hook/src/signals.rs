@@ -30,7 +30,8 @@ pub fn install() {
                 // Only children not yet reaped: their PIDs cannot have been reused.
                 remote_lib::transport::with_live_children(|pids| {
                     for pid in pids {
-                        libc::kill(*pid as libc::pid_t, libc::SIGTERM);
+                        // Each child leads its own process group: end the whole pipeline.
+                        libc::kill(-(*pid as libc::pid_t), libc::SIGTERM);
                     }
                 });
                 for p in TEMPS.lock().unwrap_or_else(|e| e.into_inner()).iter() {

@@ -199,8 +199,20 @@ impl<'a> Job<'a> {
         self.fail(during, Fault::from(&e))
     }
 
-    fn local_serve(&mut self) -> &mut LocalServe {
-        self.local.as_mut().expect("open until the job ends")
+    /// The local `nix-store --serve`, in `phase`: it must keep moving for as
+    /// long as the stall timeout. Call [`Self::local_idle`] after use, so that
+    /// a long remote build does not count as the local store stalling.
+    fn local_serve(&mut self, phase: &'static str) -> &mut LocalServe {
+        let stall = self.ctx_stall();
+        let ls = self.local.as_mut().expect("open until the job ends");
+        ls.0.watch.phase(phase, Some(stall));
+        ls
+    }
+
+    fn local_idle(&mut self) {
+        if let Some(ls) = self.local.as_ref() {
+            ls.0.watch.phase("idle", None);
+        }
     }
 
     /// Step 1: the inputs the builder lacks (one question), uploaded under
@@ -219,7 +231,8 @@ impl<'a> Job<'a> {
         }
         self.session().idle();
         // Everything that needs only the local store happens before the lock.
-        let ordered = copy::local_infos(&mut self.local_serve().1, &missing).map_err(|e| JobError::Local { during: "reading the inputs", why: session::chain(&e) })?;
+        let ordered = copy::local_infos(&mut self.local_serve("QueryPathInfos").1, &missing).map_err(|e| JobError::Local { during: "reading the inputs", why: session::chain(&e) })?;
+        self.local_idle();
         let level = self.upload_level(&ordered);
         let stall = self.session().timeouts().stall;
         let lock = {
@@ -236,6 +249,7 @@ impl<'a> Job<'a> {
             Ok(v) => v,
             Err(e) => return Err(self.fail("QueryValidPaths", Fault::from(&e))),
         };
+        self.session().idle();
         let valid: std::collections::HashSet<String> = valid.into_iter().collect();
         let ordered: Vec<PathInfo> = ordered.into_iter().filter(|i| !valid.contains(&i.path)).collect();
         if ordered.is_empty() {
@@ -246,10 +260,11 @@ impl<'a> Job<'a> {
         let moved = if level > 0 {
             let mut bulk = BulkSession::open(m, ctx.ssh, transport::Bulk::Upload, stall)?;
             let Some((w, r)) = bulk.streams("a bulk upload") else { return Err(JobError::Local { during: "a bulk upload", why: "no pipes".into() }) };
-            let res = copy::upload_bulk(&mut self.local_serve().1, w, r, &ordered, level);
+            let res = copy::upload_bulk(&mut self.local_serve("DumpStorePath").1, w, r, &ordered, level);
             bulk.finish("a bulk upload", res)?
         } else {
             self.session().phase("AddToStoreNar");
+            self.local_serve("DumpStorePath");
             let (Some(s), Some(ls)) = (self.session.as_mut(), self.local.as_mut()) else { unreachable!("open") };
             match copy::upload(&mut ls.1, &mut s.serve, &ordered) {
                 Ok(nar) => Moved { nar, wire: nar },
@@ -257,6 +272,8 @@ impl<'a> Job<'a> {
             }
         };
         drop(lock);
+        self.local_idle();
+        self.session().idle();
         self.learn(level, moved, t, &format!("copied {} paths to", ordered.len()));
         Ok(())
     }
@@ -316,7 +333,8 @@ impl<'a> Job<'a> {
         let (ctx, m, plan) = (self.ctx, self.m, self.plan);
         let spare = self.spare.take();
         let want: Vec<String> = plan.wanted.iter().map(|p| p.to_string()).collect();
-        let valid = self.local_serve().1.query_valid_paths(&want, false, false).map_err(|e| JobError::Local { during: "asking the local store", why: session::chain(&e) })?;
+        let valid = self.local_serve("QueryValidPaths").1.query_valid_paths(&want, false, false).map_err(|e| JobError::Local { during: "asking the local store", why: session::chain(&e) })?;
+        self.local_idle();
         let fetch: Vec<StorePath> = plan.wanted.iter().filter(|p| !valid.iter().any(|v| v == p.as_str())).cloned().collect();
         if fetch.is_empty() {
             if let Some(s) = spare {
@@ -331,9 +349,10 @@ impl<'a> Job<'a> {
             Ok(i) => i,
             Err(e) => return Err(self.copy_err("QueryPathInfos", e)),
         };
-        if let Err(e) = copy::check_references(&mut self.local_serve().1, &infos) {
+        if let Err(e) = copy::check_references(&mut self.local_serve("QueryValidPaths").1, &infos) {
             return Err(self.copy_err("checking the outputs' references", e));
         }
+        self.local_idle();
         let h = builder_caps(ctx.health, m, ctx.ssh, self.ctx_stall());
         let level = compress::bulk_level(&h, ctx.forced_level);
         let registrar = self.registrar.take().expect("one fetch per job");
@@ -346,6 +365,8 @@ impl<'a> Job<'a> {
                 None => BulkSession::open(m, ctx.ssh, transport::Bulk::Download { level }, self.ctx_stall())?,
             };
             let Some((w, r)) = bulk.streams("a bulk download") else { return Err(JobError::Local { during: "a bulk download", why: "no pipes".into() }) };
+            // The bytes flow on the bulk session now.
+            self.session().idle();
             let res = copy::download_bulk(w, r, infos, &into, registrar, &mut |p| ev.temp(p));
             match res {
                 Err(e) if e.is_local() => {

@@ -150,14 +150,18 @@ impl LocalStore {
     }
 
     /// Completes a session started by [`LocalStore::spawn_serve`]; the
-    /// session may stay silent for at most `limit` at a time.
+    /// handshake may take at most `limit`. The session is then idle (no
+    /// limit) until its user sets a phase.
     pub fn serve_handshake(&self, mut p: RemoteProcess, limit: Duration) -> Result<LocalServe, LocalStoreError> {
         p.watch.phase("the local nix-store --serve", Some(limit));
         let (Some(r), Some(w)) = (p.stdout.take(), p.stdin.take()) else {
             return Err(LocalStoreError::Serve { stderr: p.kill().tail, source: ServeError::Closed { during: "the handshake" } });
         };
         match ServeConn::handshake(r, w) {
-            Ok(conn) => Ok((p, conn)),
+            Ok(conn) => {
+                p.watch.phase("idle", None);
+                Ok((p, conn))
+            }
             Err(source) => Err(LocalStoreError::Serve { stderr: p.kill().tail, source }),
         }
     }

@@ -409,19 +409,10 @@ static LIVE: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 
 /// Runs `f` on the PIDs of every child not yet reaped (e.g. to signal them
 /// when the hook is terminated). The list is locked meanwhile, so none of
-/// them can be reaped and its PID reused while `f` runs.
+/// them can be reaped and its PID reused while `f` runs. Each child started
+/// by [`RemoteProcess::spawn`] leads its own process group (id = its PID).
 pub fn with_live_children(f: impl FnOnce(&[u32])) {
     f(&LIVE.lock().unwrap_or_else(|e| e.into_inner()));
-}
-
-/// Registers a child that is not a [`RemoteProcess`] (see [`with_live_children`]).
-pub fn track_child(pid: u32) {
-    LIVE.lock().unwrap_or_else(|e| e.into_inner()).push(pid);
-}
-
-/// Removes a child from the list just before it is waited for.
-pub fn untrack_child(pid: u32) {
-    LIVE.lock().unwrap_or_else(|e| e.into_inner()).retain(|p| *p != pid);
 }
 
 /// Where the remote's stderr goes: kept as a tail for error messages and,
@@ -503,14 +494,56 @@ pub struct RemoteProcess {
     pub watch: Arc<Watch>,
     pump: Option<JoinHandle<()>>,
     dog: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
+    /// Reaped by [`RemoteProcess::finish`].
+    reaped: bool,
+}
+
+impl Drop for RemoteProcess {
+    /// A process given up without [`RemoteProcess::finish`] (an early
+    /// return) is killed and reaped, so it neither lingers nor leaves a
+    /// zombie whose PID stays on the live list.
+    fn drop(&mut self) {
+        if !self.reaped {
+            self.kill_group();
+            self.reap();
+            if let Some((tx, dog)) = self.dog.take() {
+                let _ = tx.send(());
+                let _ = dog.join();
+            }
+        }
+    }
 }
 
 impl RemoteProcess {
     /// Spawns `cmd` with all three standard streams piped. The watchdog
     /// starts with no limit; see [`Watch::phase`].
     pub fn spawn(mut cmd: Command, tap: StderrTap) -> Result<Self, TransportError> {
+        use std::os::unix::process::CommandExt;
         let program = cmd.get_program().to_string_lossy().into_owned();
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        // Its own process group, so that the watchdog and the signal handler
+        // end a whole pipeline (`sh -c 'zstd -d | nix-store …'`), not just its
+        // shell; and killed if the hook dies, since Nix's kill of the hook's
+        // process group no longer reaches it. (ssh's shared-connection master
+        // detaches into a session of its own and is not affected.)
+        cmd.process_group(0);
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            let parent = libc::getpid();
+            cmd.pre_exec(move || {
+                #[cfg(target_os = "linux")]
+                {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                // The hook died before the line above took effect.
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
         let mut child = {
             let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
             let child = cmd.spawn().map_err(|source| TransportError::Spawn { program, source })?;
@@ -542,9 +575,10 @@ impl RemoteProcess {
             match rx.recv_timeout(Duration::from_millis(100)) {
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if w.expired() {
-                        // SAFETY: our own child, not yet reaped: the watchdog is
-                        // stopped before the child is waited for.
-                        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                        // SAFETY: our own child's process group; the child is not
+                        // yet reaped (the watchdog is stopped before it is waited
+                        // for), so its PID, the group's id, is still ours.
+                        unsafe { libc::kill(-(pid as libc::pid_t), libc::SIGKILL) };
                         return;
                     }
                 }
@@ -553,7 +587,7 @@ impl RemoteProcess {
         });
         let stdin = child.stdin.take().map(|inner| Watched { inner, watch: watch.clone() });
         let stdout = child.stdout.take().map(|inner| Watched { inner, watch: watch.clone() });
-        Ok(RemoteProcess { stdin, stdout, child, tap, watch, pump: Some(pump), dog: Some((tx, dog)) })
+        Ok(RemoteProcess { stdin, stdout, child, tap, watch, pump: Some(pump), dog: Some((tx, dog)), reaped: false })
     }
 
     /// The process id.
@@ -573,6 +607,7 @@ impl RemoteProcess {
             self.watch.phase("ending the session", Some(limit));
         }
         let status = self.reap();
+        self.reaped = true;
         if let Some((tx, dog)) = self.dog.take() {
             let _ = tx.send(());
             let _ = dog.join();
@@ -615,10 +650,16 @@ impl RemoteProcess {
         }
     }
 
-    /// Kills the process and collects what it printed.
+    /// Kills the process (its whole group) and collects what it printed.
     pub fn kill(mut self) -> Ended {
-        let _ = self.child.kill();
+        self.kill_group();
         self.finish()
+    }
+
+    fn kill_group(&mut self) {
+        // SAFETY: signalling our own child's process group; the child is
+        // not reaped yet, so the group id is still ours.
+        unsafe { libc::kill(-(self.child.id() as libc::pid_t), libc::SIGKILL) };
     }
 }
 
@@ -778,6 +819,40 @@ mod tests {
         assert_eq!(shell_quote("a'b; rm -rf /"), "'a'\\''b; rm -rf /'");
         assert_eq!(shell_quote("nix-store"), "nix-store");
         assert_eq!(shell_quote(""), "''");
+    }
+
+    #[test]
+    fn a_silent_process_is_killed_by_its_watchdog_and_a_chatty_one_is_not() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "sleep 30"]);
+        let mut p = RemoteProcess::spawn(cmd, StderrTap::default()).unwrap();
+        p.watch.phase("waiting for nothing", Some(Duration::from_millis(300)));
+        let t = Instant::now();
+        let mut out = Vec::new();
+        p.stdout.take().unwrap().read_to_end(&mut out).unwrap();
+        let ended = p.finish();
+        assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+        assert_eq!(ended.stalled, Some(("waiting for nothing", Duration::from_millis(300))));
+        // progress on stderr counts
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "for i in 1 2 3 4 5 6; do echo tick >&2; sleep 0.1; done"]);
+        let p = RemoteProcess::spawn(cmd, StderrTap::default()).unwrap();
+        p.watch.phase("ticking", Some(Duration::from_millis(400)));
+        let ended = p.finish();
+        assert_eq!(ended.stalled, None);
+        assert!(ended.status.unwrap().success());
+    }
+
+    #[test]
+    fn children_leave_the_live_list_when_reaped() {
+        let p = RemoteProcess::spawn(Command::new("true"), StderrTap::default()).unwrap();
+        let pid = p.pid();
+        let mut listed = false;
+        with_live_children(|pids| listed = pids.contains(&pid));
+        assert!(listed);
+        drop(p);
+        with_live_children(|pids| listed = pids.contains(&pid));
+        assert!(!listed, "a dropped process is reaped and unlisted");
     }
 
     #[test]
