@@ -544,6 +544,50 @@ mod tests {
         assert!(crate::session::chain(&e).contains("larger than"), "{}", crate::session::chain(&e));
     }
 
+    /// The three results of Nix's own serve-protocol characterisation tests
+    /// (`src/libstore-tests/data/serve-protocol/build-result-2.{3,6}.json` in
+    /// the Nix source, 2.2x and later): output rejected, not deterministic
+    /// after 3 builds, built with two outputs. Encoded here from the protocol's
+    /// definition, for a server speaking 2.3 and 2.6.
+    #[test]
+    fn build_results_of_nixs_characterisation_cases() {
+        let drv = Derivation::parse("/nix/store/00000000000000000000000000000000-x.drv", br#"Derive([("out","/nix/store/00000000000000000000000000000000-x","","")],[],[],"x86_64-linux","/bin/sh",[],[])"#).unwrap();
+        for minor in [3u8, 6] {
+            let mut reply = Vec::new();
+            wire::write_u64(&mut reply, SERVE_MAGIC_2).unwrap();
+            wire::write_u64(&mut reply, ServeVersion(2, minor).to_wire()).unwrap();
+            let cases: [(u64, &str, u64, u64, u64, u64, &[&str]); 3] = [
+                (5, "no idea why", 0, 0, 0, 0, &[]),
+                (12, "no idea why", 3, 1, 30, 50, &[]),
+                (0, "", 1, 0, 30, 50, &["bar", "foo"]),
+            ];
+            for (status, msg, times, nondet, start, stop, outs) in cases {
+                wire::write_u64(&mut reply, status).unwrap();
+                wire::write_bytes(&mut reply, msg.as_bytes()).unwrap();
+                for v in [times, nondet, start, stop] {
+                    wire::write_u64(&mut reply, v).unwrap();
+                }
+                if minor >= 6 {
+                    wire::write_u64(&mut reply, outs.len() as u64).unwrap();
+                    for o in outs {
+                        let id = format!("sha256:6f869f9ea2823bda165e06076fd0de4366dead2c0e8d2dbbad277d4f15c373f5!{o}");
+                        wire::write_bytes(&mut reply, id.as_bytes()).unwrap();
+                        let json = format!(r#"{{"dependentRealisations":{{}},"id":"{id}","outPath":"g1w7hy3qg1w7hy3qg1w7hy3qg1w7hy3q-{o}","signatures":[]}}"#);
+                        wire::write_bytes(&mut reply, json.as_bytes()).unwrap();
+                    }
+                }
+            }
+            let mut c = ServeConn::handshake(&reply[..], io::sink()).unwrap();
+            let r = c.build_derivation("/nix/store/x.drv", &drv, &[], &BuildOptions::default()).unwrap();
+            assert_eq!((r.status, r.error_msg.as_str(), r.success()), (BuildStatus::OutputRejected, "no idea why", false));
+            let r = c.build_derivation("/nix/store/x.drv", &drv, &[], &BuildOptions::default()).unwrap();
+            assert_eq!((r.status, r.times_built, r.start_time, r.stop_time), (BuildStatus::NotDeterministic, 3, 30, 50));
+            let r = c.build_derivation("/nix/store/x.drv", &drv, &[], &BuildOptions::default()).unwrap();
+            assert_eq!((r.status, r.success()), (BuildStatus::Built, true));
+            assert!(c.reader().fill_buf_empty(), "minor {minor}: every byte consumed");
+        }
+    }
+
     fn write_server_hello_for_tests(w: &mut Vec<u8>) {
         wire::write_u64(w, SERVE_MAGIC_2).unwrap();
         wire::write_u64(w, CLIENT_VERSION.to_wire()).unwrap();
