@@ -556,7 +556,9 @@ mod tests {
             let mut reply = Vec::new();
             wire::write_u64(&mut reply, SERVE_MAGIC_2).unwrap();
             wire::write_u64(&mut reply, ServeVersion(2, minor).to_wire()).unwrap();
-            let cases: [(u64, &str, u64, u64, u64, u64, &[&str]); 3] = [
+            // status, errorMsg, timesBuilt, isNonDeterministic, startTime, stopTime, built outputs
+            type Case<'a> = (u64, &'a str, u64, u64, u64, u64, &'a [&'a str]);
+            let cases: [Case; 3] = [
                 (5, "no idea why", 0, 0, 0, 0, &[]),
                 (12, "no idea why", 3, 1, 30, 50, &[]),
                 (0, "", 1, 0, 30, 50, &["bar", "foo"]),
