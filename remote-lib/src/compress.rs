@@ -15,16 +15,16 @@ pub fn bulk_level(h: &Health, forced: Option<i32>) -> i32 {
     forced.unwrap_or_else(|| h.compress.unwrap_or(DEFAULT_LEVEL))
 }
 
-/// The level for an upload: `bulk`, unless the sampled zstd ratio of the
-/// paths (`(NAR size, sample)` per path) says compression would save under
-/// 5 % — then raw. A level the user forced is kept. Returns the level and
-/// the sampled ratio when sampling decided.
-pub fn upload_level(bulk: i32, forced: Option<i32>, parts: &[(u64, Vec<u8>)]) -> (i32, Option<f64>) {
+/// The level for an upload: `bulk`, unless the sampled zstd ratios of the
+/// paths (`(NAR size, ratio of its sample at level 1)` per path, see
+/// [`sample`]) say compression would save under 5 % — then raw. A level the
+/// user forced is kept. Returns the level and the sampled ratio when
+/// sampling decided.
+pub fn upload_level(bulk: i32, forced: Option<i32>, parts: &[(u64, f64)]) -> (i32, Option<f64>) {
     if bulk == 0 || forced.is_some() {
         return (bulk, None);
     }
-    let ratios: Vec<(u64, f64)> = parts.iter().map(|(size, s)| (*size, sample::ratio(s, 1))).collect();
-    let r = sample::weighted_ratio(&ratios);
+    let r = sample::weighted_ratio(parts);
     if r < sample::WORTH_COMPRESSING {
         (0, Some(r))
     } else {
@@ -62,9 +62,11 @@ mod tests {
             })
             .collect();
         let text = b"the quick brown fox jumps over the lazy dog\n".repeat(1500);
-        assert_eq!(upload_level(6, None, &[(1000, noise.clone())]).0, 0);
-        assert_eq!(upload_level(6, Some(6), &[(1000, noise.clone())]).0, 6);
+        let (noise, text) = (sample::ratio(&noise, 1), sample::ratio(&text, 1));
+        assert_eq!(upload_level(6, None, &[(1000, noise)]).0, 0);
+        assert_eq!(upload_level(6, Some(6), &[(1000, noise)]).0, 6);
         assert_eq!(upload_level(6, None, &[(1000, text)]).0, 6);
+        assert_eq!(upload_level(6, None, &[(1000, noise), (100_000, text)]).0, 6, "weighted by size");
         assert_eq!(upload_level(0, None, &[(1000, noise)]).0, 0);
     }
 }

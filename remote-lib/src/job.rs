@@ -286,11 +286,12 @@ impl<'a> Job<'a> {
         if bulk == 0 || self.ctx.forced_level.is_some() {
             return bulk;
         }
-        let parts: Vec<(u64, Vec<u8>)> = ordered
+        // One path's sample at a time: only its ratio is kept.
+        let parts: Vec<(u64, f64)> = ordered
             .iter()
             .map(|i| {
                 let s = StorePath::parse(&self.ctx.local.store_dir, &i.path).map(|p| sample::sample_path(&self.ctx.local.real_path(&p))).unwrap_or_default();
-                (i.nar_size, s)
+                (i.nar_size, sample::ratio(&s, 1))
             })
             .collect();
         let (level, ratio) = compress::upload_level(bulk, self.ctx.forced_level, &parts);

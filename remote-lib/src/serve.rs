@@ -193,11 +193,11 @@ impl<R: Read> Read for Limited<'_, R> {
     }
 }
 
-/// Bytes a `QueryPathInfos` reply may take: a fixed allowance plus 64 KiB
-/// per path asked for (paths, deriver, hash, content address, signatures and
-/// about a thousand references each).
+/// Bytes a `QueryPathInfos` reply may take: 64 MiB (an output may reference
+/// hundreds of thousands of paths) plus 64 KiB per path asked for (path,
+/// deriver, hash, content address, signatures and references).
 fn path_infos_budget(asked: usize) -> u64 {
-    (1 << 20) + asked as u64 * (64 << 10)
+    (64 << 20) + asked as u64 * (64 << 10)
 }
 /// References one path may have in a reply.
 const MAX_REFS: usize = 1 << 20;

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Closure-scale benchmark: copy time and hook peak memory against the number
+# of paths (N small inputs, missing on the builder, and an output that
+# references all of them) and against bytes (one path of 10 MB, 100 MB, 1 GB,
+# up and back), our hook and Nix's built-in hook in the same run, a fresh
+# builder store every time (the builder stays up, so build-hook's shared
+# connection is reused, as in repeated use). Prints the per-path cost.
+# Usage (root): bash bench/closure.sh [COUNTS="100 1000 5000 20000"] [SIZES_MB="10 100 1000"]
+set -eu
+COUNTS=${1:-100 1000 5000 20000}; SIZES=${2:-10 100 1000}
+cd "$(dirname "$0")/.."
+bash scripts/install-deps.sh
+command -v /usr/bin/time >/dev/null || apt-get install -y -qq time >/dev/null
+export PATH="$HOME/.cargo/bin:$PATH"
+cargo build --release --locked --bin build-hook 2>&1 | tail -1
+source tests/lib/testbed.sh
+tb_up 1 >/dev/null
+trap tb_down EXIT
+tb_machines_line 1 4 > "$TB/machines"
+OURS=$PWD/target/release/build-hook
+BUILTIN=/usr/libexec/nix/build-remote
+DATA=${BH_BENCH_DATA:-/tmp/bh-bench-data}
+mkdir -p "$DATA"
+# A hook wrapped to record its peak RSS (KiB).
+wrap() { # wrap NAME HOOK
+  printf '#!/bin/sh\nexec /usr/bin/time -f "%%M" -a -o "%s" "%s" "$@"\n' "$TB/rss-$1.txt" "$2" > "$TB/hook-$1"
+  chmod +x "$TB/hook-$1"
+}
+wrap ours "$OURS"; wrap nix "$BUILTIN"
+
+# run NAME EXPR ARGS... -> "seconds peak_rss_kib" for one fresh build
+run() {
+  local name=$1; shift
+  tb_empty_store 1 >/dev/null
+  : > "$TB/rss-$name.txt"
+  local t0; t0=$(date +%s.%N)
+  nix-build "$@" --argstr nonce "c$(date +%s%N)" --max-jobs 0 --builders "@$TB/machines" \
+    --option build-hook "$TB/hook-$name" --no-out-link >/dev/null 2>"$TB/closure.err" \
+    || { tail -5 "$TB/closure.err"; echo "build failed with $name"; exit 1; }
+  echo "$(python3 -c "print(f'{$(date +%s.%N)-$t0:.2f}')") $(sort -n "$TB/rss-$name.txt" | tail -1)"
+}
+
+# One untimed build each first: the ssh connection, the builder's capability
+# probe and a first learned level exist in real use after the first build.
+nix-instantiate bench/closure.nix --arg n 10 --argstr nonce warm >/dev/null 2>&1
+run ours bench/closure.nix --arg n 10 >/dev/null; run nix bench/closure.nix --arg n 10 >/dev/null
+
+echo "== paths: N small inputs missing on the builder; the output references all N"
+printf '%8s %12s %12s %8s %14s %14s\n' paths build-hook nix ratio "hook RSS" "nix hook RSS"
+declare -A T
+for n in $COUNTS; do
+  # evaluate once, untimed, so the inputs exist locally in every timed run
+  nix-instantiate bench/closure.nix --arg n "$n" --argstr nonce warm >/dev/null 2>&1
+  read -r to ro < <(run ours bench/closure.nix --arg n "$n")
+  read -r tn rn < <(run nix bench/closure.nix --arg n "$n")
+  T[$n]=$to
+  printf '%8s %10.2f s %10.2f s %7.2fx %11s KiB %11s KiB\n' "$n" "$to" "$tn" "$(python3 -c "print($tn/$to)")" "$ro" "$rn"
+done
+set -- $COUNTS
+if [ $# -ge 2 ]; then
+  first=$1; last=${!#}
+  python3 -c "print(f'per-path cost of build-hook between {$first} and {$last} paths: {(${T[$last]}-${T[$first]})/($last-$first)*1e6:.0f} us')"
+fi
+
+echo "== bytes: one random path of S MB up, the same bytes back down"
+printf '%8s %12s %12s %8s %14s %14s\n' MB build-hook nix ratio "hook RSS" "nix hook RSS"
+for mb in $SIZES; do
+  bash bench/make-data.sh "$DATA" 1 "$mb" random > "$DATA/size-$mb.nix"
+  read -r to ro < <(run ours bench/transfer.nix --arg inputsFile "$DATA/size-$mb.nix")
+  read -r tn rn < <(run nix bench/transfer.nix --arg inputsFile "$DATA/size-$mb.nix")
+  printf '%8s %10.2f s %10.2f s %7.2fx %11s KiB %11s KiB\n' "$mb" "$to" "$tn" "$(python3 -c "print($tn/$to)")" "$ro" "$rn"
+done
