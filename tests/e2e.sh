@@ -441,6 +441,56 @@ test_percent_signs_in_key_uri_and_load_dir() {
   rm -rf "$load"
 }
 
+test_operators_see_history_status_drain_and_explain() {
+  reset_health
+  rm -f "$LOAD/build-hook/history.jsonl" "$LOAD/build-hook/history.1.jsonl"; rm -rf "$LOAD/build-hook/drain"
+  machines 1:2 2:2
+  local B="--builders @$TB/machines"
+  ev="$TB/events.ops"; : > "$ev"
+  # status during a run shows busy slots and what they build
+  nb "$NIX/par.nix" --arg n 4 --argstr seconds 3 --argstr events "$ev" --argstr nonce "$(nonce ops)" --argstr tag ops >/dev/null 2>&1 &
+  pid=$!
+  for _ in $(seq 1 100); do [ "$(grep -c ' start ' "$ev")" -ge 4 ] && break; sleep 0.1; done
+  st=$("$HOOK" status --json $B)
+  echo "$st"
+  python3 - "$st" <<'PY' || fail "status --json does not show 4 busy slots with their builds"
+import json, sys
+s = json.loads(sys.argv[1])
+busy = sum(m["busy"] for m in s["machines"]); building = sum(len(m["building"]) for m in s["machines"])
+assert busy == 4 and building == 4, (busy, building)
+assert all(b["drv"].endswith(".drv") for m in s["machines"] for b in m["building"])
+PY
+  wait $pid || fail "the fan-out failed"
+  # history: one record per build, on the machine that built it
+  "$HOOK" history --json --last 100 $B > "$TB/history.json"
+  cat "$TB/history.json"
+  python3 - "$TB/history.json" "$ev" <<'PY' || fail "history does not match the builds"
+import json, sys
+recs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+ev = [l.split() for l in open(sys.argv[2]) if " start " in l]
+where = {name: host for host, _, _, name in ev}
+assert len(recs) == 4, len(recs)
+for r in recs:
+    assert r["result"] == "built", r
+    assert r["machine"] == f"ssh://root@10.201.{where[r['name']][1:]}.2", (r, where)
+    assert r["build_secs"] >= 2.5, r
+PY
+  "$HOOK" history $B | tee /dev/stderr | grep -q "^built" || fail "history table"
+  # a drained machine gets no new build, and explain says why
+  "$HOOK" drain 10.201.2.2 $B || fail "drain failed"
+  "$HOOK" status $B | grep -q "10.201.2.2.*DRAINED" || fail "status does not show the drain"
+  "$HOOK" check $B | grep -q "drained" || fail "check does not show the drain"
+  drv=$(nix-instantiate "$NIX/chain.nix" -A dep --argstr nonce "$(nonce explain)" 2>/dev/null)
+  "$HOOK" explain "$drv" $B | tee "$TB/explain.txt"
+  grep -q "10.201.2.2.*no: drained" "$TB/explain.txt" || fail "explain does not name the drain"
+  grep -q "would pick now: ssh://root@10.201.1.2" "$TB/explain.txt" || fail "explain does not name the pick"
+  : > "$ev"
+  nb "$NIX/par.nix" --arg n 4 --argstr seconds 0 --argstr events "$ev" --argstr nonce "$(nonce drained)" --argstr tag dr >/dev/null 2>&1 || fail "build with one machine drained failed"
+  ! grep -q '^b2 start' "$ev" || fail "a drained machine took a build"
+  "$HOOK" undrain --all $B || fail "undrain failed"
+  ! "$HOOK" status $B | grep -q DRAINED || fail "still drained"
+}
+
 main() {
   tb_up 2 >/dev/null || { echo "cannot bring up the test bed"; exit 1; }
   local all=(
@@ -454,7 +504,7 @@ main() {
     stale_shared_connection_socket_is_replaced check_command_says_why
     new_connections_prefer_aes_gcm_unless_the_user_chose incompressible_inputs_are_copied_uncompressed
     fixed_output_is_checked_and_registered_with_its_content_address_and_signatures
-    percent_signs_in_key_uri_and_load_dir
+    percent_signs_in_key_uri_and_load_dir operators_see_history_status_drain_and_explain
   )
   local sel=("$@"); [ ${#sel[@]} -eq 0 ] && sel=("${all[@]}")
   for t in "${sel[@]}"; do t_run "$t" "test_$t"; done

@@ -53,6 +53,11 @@ pub fn check(d: &Dispatcher, connect: bool) -> (Vec<String>, bool) {
         };
         let cipher = d.cipher_choice(m).1;
         lines.push(format!("  health: {state}\n  transfers: {zstd}\n  cipher for a new connection: {cipher}"));
+        match d.drains.drained(&m.uri, now) {
+            Some(0) => lines.push("  drained: takes no new builds until 'build-hook undrain'".into()),
+            Some(until) => lines.push(format!("  drained: takes no new builds for {} s more", until - now)),
+            None => {}
+        }
         if connect {
             let t = std::time::Instant::now();
             match d.open_session(m) {

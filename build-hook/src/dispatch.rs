@@ -8,7 +8,9 @@ use crate::out::{self, Activity, NixEvents};
 use crate::signals;
 use remote_lib::health::{self, HealthStore};
 use remote_lib::hook_protocol::{Accepted, Reply, Settings, TryRequest};
-use remote_lib::job::{Context, Job, JobError, Plan};
+use remote_lib::drain::Drains;
+use remote_lib::history::{self, History};
+use remote_lib::job::{Context, Job, JobError, Plan, Stats};
 use remote_lib::local_store::LocalStore;
 use remote_lib::machines::{self, Machine, Severity};
 use remote_lib::nixlog::Level;
@@ -30,6 +32,8 @@ pub struct Dispatcher {
     pub local: LocalStore,
     pub load: LoadDir,
     pub health: HealthStore,
+    pub history: History,
+    pub drains: Drains,
     pub ssh: SshConfig,
     local_cap: LocalCapability,
     /// Machines that failed in this process, with why.
@@ -41,6 +45,8 @@ pub struct Accept {
     index: usize,
     slot: Slot,
     session: Option<Session>,
+    /// Seconds spent waiting for the slot.
+    waited: f64,
 }
 
 enum Choice {
@@ -54,6 +60,7 @@ impl Dispatcher {
         let local = cfg.local_store(settings.store());
         let load = LoadDir::new(cfg.load_dir(&local));
         let health = HealthStore::new(load.private_dir("health"));
+        let (history, drains) = (History::new(load.private_dir("")), Drains::new(load.path.join("build-hook/drain")));
         let control_dir = if cfg.control_persist > 0 { control_dir(&load) } else { None };
         let ssh = SshConfig {
             program: cfg.ssh_program.clone(),
@@ -74,7 +81,7 @@ impl Dispatcher {
             Err(e) => Err(e),
         });
         let local_cap = LocalCapability { system, extra_platforms: settings.extra_platforms(), system_features: settings.system_features(), max_jobs: settings.max_jobs() };
-        Dispatcher { diagnostics: parsed.diagnostics, machines_source: source, cfg, settings, machines: parsed.machines, local, load, health, ssh, local_cap, failed: BTreeMap::new() }
+        Dispatcher { diagnostics: parsed.diagnostics, machines_source: source, cfg, settings, machines: parsed.machines, local, load, health, history, drains, ssh, local_cap, failed: BTreeMap::new() }
     }
 
     /// Sends the machines-list diagnostics to Nix.
@@ -97,7 +104,8 @@ impl Dispatcher {
             out::reply(&Reply::Decline);
             return Ok(None);
         }
-        let deadline = Instant::now() + Duration::from_millis(self.cfg.slot_wait_ms);
+        let started = Instant::now();
+        let deadline = started + Duration::from_millis(self.cfg.slot_wait_ms);
         let mut poll = Duration::from_millis(5);
         loop {
             let (index, slot) = match self.choose(req, req.am_willing)? {
@@ -118,7 +126,7 @@ impl Dispatcher {
             let m = &self.machines[index];
             if self.health.get(&m.uri).recently_good(health::now(), self.cfg.healthy_window) {
                 out::reply(&Reply::Accept { machine: m.uri.clone() });
-                return Ok(Some(Accept { index, slot, session: None }));
+                return Ok(Some(Accept { index, slot, session: None, waited: started.elapsed().as_secs_f64() }));
             }
             let act = Activity::start(Level::Talkative, &format!("connecting to '{}'", m.uri));
             let res = self.connect(index);
@@ -126,7 +134,7 @@ impl Dispatcher {
             match res {
                 Ok(s) => {
                     out::reply(&Reply::Accept { machine: self.machines[index].uri.clone() });
-                    return Ok(Some(Accept { index, slot, session: Some(s) }));
+                    return Ok(Some(Accept { index, slot, session: Some(s), waited: started.elapsed().as_secs_f64() }));
                 }
                 Err(e) => {
                     out::msg(Level::Error, &format!("build-hook: cannot build on '{}': {e}", self.machines[index].uri));
@@ -158,6 +166,11 @@ impl Dispatcher {
                 continue;
             }
             right_type = true;
+            if let Some(until) = self.drains.drained(&m.uri, now) {
+                // Like a busy machine: the build waits or goes elsewhere.
+                reasons.push(format!("{}: drained{}", m.uri, if until > 0 { format!(" for {} more s", until - now) } else { " (build-hook undrain to end it)".into() }));
+                continue;
+            }
             let (slot, busy) = self.load.probe(&m.uri, m.max_jobs)?;
             match slot {
                 Some(s) => {
@@ -247,9 +260,14 @@ impl Dispatcher {
         loop {
             let index = acc.index;
             let uri = self.machines[index].uri.clone();
-            let res = self.run_on(index, acc.session.take(), &plan);
+            let busy = crate::ops::mark_busy(&self.load, &uri, acc.slot.index, &req.drv_path);
+            let start = history::now();
+            let mut stats = Stats::default();
+            let res = self.run_on(index, acc.session.take(), &plan, &mut stats);
             // The builder's work is over: free the slot before anything else.
             drop(acc.slot);
+            drop(busy);
+            self.record(req, &uri, start, acc.waited, stats, res.as_ref().err());
             let e = match res {
                 Ok(()) => return 0,
                 Err(e) => e,
@@ -277,8 +295,21 @@ impl Dispatcher {
         }
     }
 
+    /// Appends the attempt to the shared history (advice only: a failure to
+    /// write it is ignored).
+    fn record(&self, req: &TryRequest, uri: &str, start: f64, waited: f64, s: Stats, err: Option<&JobError>) {
+        let (result, reason) = match err {
+            None => ("built", String::new()),
+            Some(JobError::BuildFailed { msg, .. }) => ("failed", msg.clone()),
+            Some(JobError::Builder(e @ SessionError::Lost { .. })) => ("lost", e.to_string()),
+            Some(JobError::Builder(e @ SessionError::Refused { .. })) => ("refused", e.to_string()),
+            Some(e) => ("local", e.to_string()),
+        };
+        let _ = self.history.append(&crate::ops::record(req, uri, start, waited, s, result, reason));
+    }
+
     /// Connects if needed and runs the job's steps on machine `index`.
-    fn run_on(&mut self, index: usize, session: Option<Session>, plan: &Plan) -> Result<(), JobError> {
+    fn run_on(&mut self, index: usize, session: Option<Session>, plan: &Plan, stats: &mut Stats) -> Result<(), JobError> {
         let session = match session {
             Some(s) => s,
             None => self.connect(index)?,
@@ -297,7 +328,7 @@ impl Dispatcher {
             substitute: self.settings.builders_use_substitutes(),
         };
         let job = Job::new(&ctx, m, plan, session, &NixEvents)?;
-        job.run()
+        job.run(stats)
     }
 
     /// Finds another builder for a job whose builder failed, or reports every
@@ -306,7 +337,7 @@ impl Dispatcher {
         match self.failover(req) {
             Ok(Some((i, s))) => {
                 out::msg(Level::Warn, &format!("build-hook: '{from}' failed ({why}); building '{}' on '{}' instead", req.drv_path, self.machines[i].uri));
-                Some(Accept { index: i, slot: s, session: None })
+                Some(Accept { index: i, slot: s, session: None, waited: 0.0 })
             }
             Ok(None) => {
                 out::msg(Level::Error, &format!("build-hook: cannot build '{}': no builder is left:\n  {}", req.drv_path, tried.join("\n  ")));

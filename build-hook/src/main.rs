@@ -5,6 +5,7 @@
 mod check;
 mod config;
 mod dispatch;
+mod ops;
 mod out;
 mod signals;
 
@@ -21,10 +22,10 @@ fn main() {
             println!("build-hook {}", env!("CARGO_PKG_VERSION"));
             return;
         }
-        Some("check") => std::process::exit(match check(&args[2..]) {
+        Some(cmd @ ("check" | "status" | "history" | "drain" | "undrain" | "explain")) => std::process::exit(match command(cmd, &args[2..]) {
             Ok(code) => code,
             Err(e) => {
-                println!("build-hook check: {e:#}");
+                println!("build-hook {cmd}: {e:#}");
                 2
             }
         }),
@@ -52,30 +53,75 @@ Ask what it makes of your setup:
     hook would use (NIX_REMOTE_SYSTEMS, nix.conf, /etc/nix/machines).
     Prints every problem in the machines list, each machine's busy slots and
     health (back-off, last failure), and with --connect tries each one.
-    Exit status 0 when everything is usable.";
+    Exit status 0 when everything is usable.
+Operate your builders (every command also takes --builders SPEC):
+  build-hook status [--json] [--last N]   busy slots and what they build, health,
+                                          drains, the last N builds
+  build-hook history [--json] [--last N]  the recorded builds, one per line
+  build-hook drain MACHINE|--all [--until +2h|UNIXTIME]
+                                          no new builds there (running ones finish)
+  build-hook undrain MACHINE|--all
+  build-hook explain DRV                  why each machine would or would not
+                                          take DRV, and which one would be picked";
 
-/// `build-hook check`.
-fn check(args: &[String]) -> anyhow::Result<i32> {
+/// The operators' commands: `check`, `status`, `history`, `drain`,
+/// `undrain`, `explain`.
+fn command(cmd: &str, args: &[String]) -> anyhow::Result<i32> {
     let mut settings = Settings::default();
-    let mut connect = false;
+    let (mut connect, mut json, mut all) = (false, false, false);
+    let mut last = 20;
+    let mut until = None;
+    let mut words = Vec::new();
     let mut it = args.iter();
+    let now = remote_lib::health::now();
     while let Some(a) = it.next() {
+        let mut value = |what: &str| it.next().cloned().ok_or_else(|| anyhow::anyhow!("{a} needs a value, e.g. {a} {what}"));
         match a.as_str() {
-            "--connect" => connect = true,
+            "--connect" if cmd == "check" => connect = true,
+            "--json" if cmd == "status" || cmd == "history" => json = true,
+            "--all" if cmd == "drain" || cmd == "undrain" => all = true,
+            "--last" => last = value("20")?.parse().map_err(|_| anyhow::anyhow!("--last takes a number of builds"))?,
+            "--until" if cmd == "drain" => until = Some(ops::parse_until(&value("+2h")?, now).map_err(anyhow::Error::msg)?),
             "--builders" => {
-                let v = it.next().ok_or_else(|| anyhow::anyhow!("--builders needs a value, e.g. --builders @/etc/nix/machines"))?;
-                settings.raw.insert("builders".into(), v.clone());
+                settings.raw.insert("builders".into(), value("@/etc/nix/machines")?);
             }
+            w if !w.starts_with("--") => words.push(w.to_string()),
             other => anyhow::bail!("unknown argument '{other}'\n{USAGE}"),
         }
     }
     let cfg = config::Config::from_env().map_err(anyhow::Error::msg)?;
     let d = dispatch::Dispatcher::new(cfg, settings);
-    let (lines, ok) = check::check(&d, connect);
-    for l in lines {
-        println!("{l}");
+    let one = |what: &str| -> anyhow::Result<String> {
+        match words.as_slice() {
+            [w] => Ok(w.clone()),
+            _ => anyhow::bail!("give exactly one {what}\n{USAGE}"),
+        }
+    };
+    match cmd {
+        "check" => {
+            let (lines, ok) = check::check(&d, connect);
+            for l in lines {
+                println!("{l}");
+            }
+            return Ok(if ok { 0 } else { 1 });
+        }
+        "status" => print!("{}", ops::status(&d, json, last)),
+        "history" => print!("{}", ops::history_cmd(&d, json, last)),
+        "explain" => print!("{}", ops::explain(&d, &one("derivation (.drv path)")?).map_err(anyhow::Error::msg)?),
+        "drain" | "undrain" => {
+            let machine = if all { None } else { Some(ops::find_machine(&d, &one("machine (or --all)")?).map_err(anyhow::Error::msg)?.to_string()) };
+            let what = machine.clone().unwrap_or_else(|| "every machine".into());
+            if cmd == "drain" {
+                d.drains.drain(machine.as_deref(), until)?;
+                println!("{what} takes no new builds{}", until.map(|u| format!(" for {} s", u.saturating_sub(now))).unwrap_or_default());
+            } else {
+                d.drains.undrain(machine.as_deref())?;
+                println!("{what} takes builds again");
+            }
+        }
+        _ => unreachable!("matched above"),
     }
-    Ok(if ok { 0 } else { 1 })
+    Ok(0)
 }
 
 fn run(args: &[String]) -> anyhow::Result<i32> {

@@ -141,6 +141,16 @@ pub fn builder_caps(health: &HealthStore, m: &Machine, ssh: &SshConfig, limit: D
 /// a new connection for sessions over the limit, which costs more).
 const MAX_JOBS_FOR_SPARE_SESSION: u64 = 4;
 
+/// What a job moved and how long each step took (for the history).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Stats {
+    pub upload_bytes: u64,
+    pub upload_secs: f64,
+    pub build_secs: f64,
+    pub download_bytes: u64,
+    pub download_secs: f64,
+}
+
 /// A job on one builder.
 pub struct Job<'a> {
     ctx: &'a Context<'a>,
@@ -152,6 +162,7 @@ pub struct Job<'a> {
     registrar: Option<Registrar>,
     /// A download session opened while the build runs.
     spare: Option<BulkSession>,
+    pub stats: Stats,
 }
 
 impl<'a> Job<'a> {
@@ -162,11 +173,18 @@ impl<'a> Job<'a> {
         let proc = ctx.local.spawn_serve().map_err(local("starting the local nix-store"))?;
         let registrar = ctx.local.start_registrar().map_err(local("starting the local nix-store"))?;
         let ls = ctx.local.serve_handshake(proc, stall).map_err(local("starting the local nix-store"))?;
-        Ok(Job { ctx, m, plan, ev, session: Some(session), local: Some(ls), registrar: Some(registrar), spare: None })
+        Ok(Job { ctx, m, plan, ev, session: Some(session), local: Some(ls), registrar: Some(registrar), spare: None, stats: Stats::default() })
     }
 
-    /// Runs the three remote steps and closes the session.
-    pub fn run(mut self) -> Result<(), JobError> {
+    /// Runs the three remote steps and closes the session; `stats` says
+    /// what was done, also when a step failed.
+    pub fn run(mut self, stats: &mut Stats) -> Result<(), JobError> {
+        let res = self.steps();
+        *stats = self.stats;
+        res
+    }
+
+    fn steps(&mut self) -> Result<(), JobError> {
         self.upload_inputs()?;
         self.build()?;
         self.fetch_outputs()?;
@@ -274,6 +292,7 @@ impl<'a> Job<'a> {
         drop(lock);
         self.local_idle();
         self.session().idle();
+        (self.stats.upload_bytes, self.stats.upload_secs) = (moved.nar, t.elapsed().as_secs_f64());
         self.learn(level, moved, t, &format!("copied {} paths to", ordered.len()));
         Ok(())
     }
@@ -317,7 +336,9 @@ impl<'a> Job<'a> {
             self.spare = Some(BulkSession::open(m, ctx.ssh, transport::Bulk::Download { level }, self.ctx_stall())?);
         }
         self.session().building();
+        let t = Instant::now();
         let res = self.session().serve.build_derivation(plan.drv_path.as_str(), &plan.drv, &plan.inputs, &ctx.options);
+        self.stats.build_secs = t.elapsed().as_secs_f64();
         let res = match res {
             Ok(r) => r,
             Err(e) => return Err(self.fail("the build", Fault::from(&e))),
@@ -386,6 +407,7 @@ impl<'a> Job<'a> {
                 Err(e) => return Err(self.copy_err("receiving outputs", e)),
             }
         };
+        (self.stats.download_bytes, self.stats.download_secs) = (moved.nar, t.elapsed().as_secs_f64());
         self.learn(level, moved, t, &format!("copied {} outputs from", fetch.len()));
         Ok(())
     }

@@ -13,8 +13,10 @@
 pub mod compress;
 pub mod copy;
 pub mod derivation;
+pub mod drain;
 pub mod hash;
 pub mod health;
+pub mod history;
 pub mod hook_protocol;
 pub mod job;
 pub mod local_store;

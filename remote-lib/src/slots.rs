@@ -155,6 +155,14 @@ impl LoadDir {
         Ok((kept, busy))
     }
 
+    /// Whether slot `slot` of `uri` is held by some process now.
+    pub fn slot_held(&self, uri: &str, slot: u64) -> bool {
+        match self.open(&format!("{}-{slot}", escape_uri(uri))) {
+            Ok((f, _)) => matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)),
+            Err(_) => false,
+        }
+    }
+
     /// A private subdirectory of ours (health records, control sockets).
     pub fn private_dir(&self, name: &str) -> PathBuf {
         let p = self.path.join("build-hook").join(name);

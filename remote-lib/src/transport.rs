@@ -185,7 +185,7 @@ fn pinned_known_hosts(m: &Machine, key: &str, dir: &Path) -> Result<PathBuf, Tra
 
 /// A file name for a machine: its escaped URI, or a hash of it when that is
 /// too long for a file name.
-fn file_name_for(uri: &str) -> String {
+pub fn file_name_for(uri: &str) -> String {
     let name = crate::slots::escape_uri(uri);
     if name.len() <= 200 {
         return name;

@@ -1,0 +1,218 @@
+//! Operators' commands — `status`, `history`, `drain`/`undrain`, `explain` —
+//! and the records they read: the history the dispatcher appends after
+//! every attempt, and a marker per busy slot saying what it builds.
+
+use crate::dispatch::Dispatcher;
+use remote_lib::derivation::Derivation;
+use remote_lib::history::{self, Record};
+use remote_lib::hook_protocol::TryRequest;
+use remote_lib::select::{self, Candidate};
+use remote_lib::slots::LoadDir;
+use remote_lib::store_path::StorePath;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// What a busy slot is building, kept in `<load dir>/build-hook/busy/`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Busy {
+    pub machine: String,
+    pub slot: u64,
+    pub drv: String,
+    pub since: f64,
+    pub pid: u32,
+}
+
+/// Removes its busy marker when dropped.
+pub struct BusyMarker(Option<PathBuf>);
+impl Drop for BusyMarker {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn busy_file(load: &LoadDir, uri: &str, slot: u64) -> PathBuf {
+    load.path.join("build-hook/busy").join(format!("{}-{slot}", remote_lib::transport::file_name_for(uri)))
+}
+
+/// Records that slot `slot` of `uri` builds `drv` (advice for `status`; a
+/// failure to write it is ignored, and a marker whose slot is free is stale).
+pub fn mark_busy(load: &LoadDir, uri: &str, slot: u64, drv: &str) -> BusyMarker {
+    let p = busy_file(load, uri, slot);
+    let b = Busy { machine: uri.into(), slot, drv: drv.into(), since: history::now(), pid: std::process::id() };
+    let ok = p.parent().is_some_and(|d| std::fs::create_dir_all(d).is_ok()) && serde_json::to_string(&b).is_ok_and(|j| std::fs::write(&p, j).is_ok());
+    BusyMarker(ok.then_some(p))
+}
+
+/// The record of one attempt, for the history.
+pub fn record(req: &TryRequest, uri: &str, start: f64, waited: f64, s: remote_lib::job::Stats, result: &str, reason: String) -> Record {
+    Record {
+        start,
+        drv: req.drv_path.clone(),
+        name: history::drv_name(&req.drv_path),
+        system: req.needed_system.clone(),
+        machine: uri.to_string(),
+        slot_wait: waited,
+        upload_bytes: s.upload_bytes,
+        upload_secs: s.upload_secs,
+        build_secs: s.build_secs,
+        download_bytes: s.download_bytes,
+        download_secs: s.download_secs,
+        result: result.into(),
+        reason,
+    }
+}
+
+/// One machine's state now, as `status` shows it.
+#[derive(Serialize)]
+struct MachineStatus {
+    machine: String,
+    slots: u64,
+    busy: u64,
+    building: Vec<Busy>,
+    health: String,
+    drained: Option<u64>,
+}
+
+/// `build-hook status [--json] [--last N]`.
+pub fn status(d: &Dispatcher, json: bool, last: usize) -> String {
+    let now = remote_lib::health::now();
+    let mut ms = Vec::new();
+    for m in &d.machines {
+        let busy = d.load.probe(&m.uri, m.max_jobs).map(|(_, b)| b).unwrap_or(0);
+        // A marker counts only while its slot is really held.
+        let building: Vec<Busy> = (0..m.max_jobs)
+            .filter_map(|i| std::fs::read(busy_file(&d.load, &m.uri, i)).ok().and_then(|t| serde_json::from_slice::<Busy>(&t).ok()))
+            .filter(|b| d.load.slot_held(&m.uri, b.slot))
+            .collect();
+        let h = d.health.get(&m.uri);
+        let health = if h.backing_off(now) {
+            format!("backing off {} s more after {} failure(s): {}", h.retry_after - now, h.failures, h.reason)
+        } else if h.failures > 0 {
+            format!("{} recent failure(s): {}", h.failures, h.reason)
+        } else if h.last_success > 0 {
+            format!("ok, connected {} s ago", now.saturating_sub(h.last_success))
+        } else {
+            "not used yet".into()
+        };
+        ms.push(MachineStatus { machine: m.uri.clone(), slots: m.max_jobs, busy, building, health, drained: d.drains.drained(&m.uri, now) });
+    }
+    let (records, _) = d.history.read();
+    let recent: Vec<&Record> = records.iter().rev().take(last).collect();
+    if json {
+        return serde_json::json!({ "machines": ms, "recent": recent }).to_string();
+    }
+    let mut out = String::new();
+    let t = history::now();
+    for m in &ms {
+        let drained = match m.drained {
+            Some(0) => "  DRAINED".to_string(),
+            Some(u) => format!("  DRAINED for {} s", u.saturating_sub(now)),
+            None => String::new(),
+        };
+        out.push_str(&format!("{}  {}/{} busy{drained}  {}\n", m.machine, m.busy, m.slots, m.health));
+        for b in &m.building {
+            out.push_str(&format!("  slot {}: {} for {:.0} s\n", b.slot, history::drv_name(&b.drv), t - b.since));
+        }
+    }
+    out.push_str(&format!("last {} builds:\n", recent.len()));
+    for r in recent.iter().rev() {
+        out.push_str(&format!("  {}\n", history_line(r)));
+    }
+    out
+}
+
+fn history_line(r: &Record) -> String {
+    let total = r.upload_secs + r.build_secs + r.download_secs;
+    let why = if r.reason.is_empty() { String::new() } else { format!("  ({})", r.reason.lines().next().unwrap_or("")) };
+    format!(
+        "{:<8} {:<30} {:<28} wait {:5.2}s  up {:>9} B {:5.2}s  build {:7.2}s  down {:>9} B {:5.2}s  total {:7.2}s{why}",
+        r.result, r.name, r.machine, r.slot_wait, r.upload_bytes, r.upload_secs, r.build_secs, r.download_bytes, r.download_secs, total
+    )
+}
+
+/// `build-hook history [--json] [--last N]`.
+pub fn history_cmd(d: &Dispatcher, json: bool, last: usize) -> String {
+    let (records, skipped) = d.history.read();
+    let shown = &records[records.len().saturating_sub(last)..];
+    if json {
+        return shown.iter().filter_map(|r| serde_json::to_string(r).ok()).map(|l| l + "\n").collect();
+    }
+    let mut out: String = shown.iter().map(|r| history_line(r) + "\n").collect();
+    if skipped > 0 {
+        out.push_str(&format!("({skipped} unreadable line(s) skipped)\n"));
+    }
+    out
+}
+
+/// The machine a command names: its exact URI, or a text only one URI contains.
+pub fn find_machine<'a>(d: &'a Dispatcher, name: &str) -> Result<&'a str, String> {
+    if let Some(m) = d.machines.iter().find(|m| m.uri == name) {
+        return Ok(&m.uri);
+    }
+    let hits: Vec<&str> = d.machines.iter().filter(|m| m.uri.contains(name)).map(|m| m.uri.as_str()).collect();
+    match hits.as_slice() {
+        [one] => Ok(one),
+        [] => Err(format!("no machine in {} matches '{name}'; 'build-hook status' lists them", d.machines_source)),
+        many => Err(format!("'{name}' matches {} machines ({}); give the whole URI", many.len(), many.join(", "))),
+    }
+}
+
+/// `--until` values: `+90s`, `+30m`, `+2h`, `+1d` from now, or a Unix time.
+pub fn parse_until(s: &str, now: u64) -> Result<u64, String> {
+    let bad = || format!("'{s}' is not a time: give +30m, +2h, +1d (from now) or a Unix time");
+    if let Some(rel) = s.strip_prefix('+') {
+        let (num, unit) = rel.split_at(rel.find(|c: char| !c.is_ascii_digit()).unwrap_or(rel.len()));
+        let n: u64 = num.parse().map_err(|_| bad())?;
+        let mult = match unit {
+            "" | "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86400,
+            _ => return Err(bad()),
+        };
+        return Ok(now + n * mult);
+    }
+    s.parse().map_err(|_| bad())
+}
+
+/// `build-hook explain DRV`: every machine and why it would take the
+/// derivation or not, and which one the hook would pick now.
+pub fn explain(d: &Dispatcher, drv_path: &str) -> Result<String, String> {
+    let sp = StorePath::parse(&d.local.store_dir, drv_path).map_err(|e| format!("{e}; give the .drv path, e.g. from nix-instantiate"))?;
+    let drv: Derivation = d.local.read_drv(&sp).map_err(|e| remote_lib::session::chain(&e))?;
+    let mut features: Vec<String> = drv.env.iter().find(|(k, _)| k == "requiredSystemFeatures").map(|(_, v)| v.split_whitespace().map(str::to_string).collect()).unwrap_or_default();
+    if drv.outputs.iter().any(|o| !o.path_known()) {
+        features.push("ca-derivations".into());
+    }
+    let req = TryRequest { am_willing: false, needed_system: drv.platform.clone(), drv_path: drv_path.into(), required_features: features };
+    let now = remote_lib::health::now();
+    let mut out = format!("{drv_path}\n  system {}; required features [{}]\n", req.needed_system, req.required_features.join(","));
+    let mut cands = Vec::new();
+    for (i, m) in d.machines.iter().enumerate() {
+        let h = d.health.get(&m.uri);
+        let verdict = if let Err(why) = select::eligible(m, &req) {
+            format!("no: {why}")
+        } else if h.backing_off(now) {
+            format!("no: backing off {} s more after {} failure(s): {}", h.retry_after - now, h.failures, h.reason)
+        } else if let Some(until) = d.drains.drained(&m.uri, now) {
+            if until > 0 { format!("no: drained for {} s more", until - now) } else { "no: drained".into() }
+        } else {
+            match d.load.probe(&m.uri, m.max_jobs) {
+                Ok((Some(_), busy)) => {
+                    cands.push(Candidate { index: i, load: busy, speed: m.speed_factor });
+                    format!("yes: {busy}/{} slots busy, speed factor {}, load/speed {:.2}", m.max_jobs, m.speed_factor, busy as f64 / m.speed_factor)
+                }
+                Ok((None, busy)) => format!("not now: all {busy} slot(s) busy (it would wait, then postpone)"),
+                Err(e) => format!("no: cannot probe its slots: {}", remote_lib::session::chain(&e)),
+            }
+        };
+        out.push_str(&format!("  {}: {verdict}\n", m.uri));
+    }
+    match select::best(&cands) {
+        Some(b) => out.push_str(&format!("would pick now: {} (lowest load/speed, then higher speed, then lower load, then list order)\n", d.machines[b.index].uri)),
+        None => out.push_str("would pick now: none\n"),
+    }
+    Ok(out)
+}

@@ -1,0 +1,179 @@
+//! The build history: one JSON line per remote build attempt in
+//! `<load dir>/build-hook/history.jsonl`, shared by every hook process.
+//! Appends take the file's lock and write one whole line, so lines from
+//! concurrent hooks never interleave; past [`ROTATE_BYTES`] the file is
+//! renamed to `history.1.jsonl` (the previous one dropped). Reading skips
+//! lines that do not parse.
+
+use serde::{Deserialize, Serialize};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, Write};
+use std::path::{Path, PathBuf};
+
+/// Size past which the history is rotated.
+pub const ROTATE_BYTES: u64 = 4 << 20;
+
+/// One remote build attempt on one machine.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Unix time (s) when the attempt started on this machine.
+    pub start: f64,
+    pub drv: String,
+    /// The derivation's name (the store path's name without `.drv`).
+    pub name: String,
+    pub system: String,
+    pub machine: String,
+    /// Seconds the `try` waited for a slot.
+    pub slot_wait: f64,
+    pub upload_bytes: u64,
+    pub upload_secs: f64,
+    pub build_secs: f64,
+    pub download_bytes: u64,
+    pub download_secs: f64,
+    /// `built`, `failed` (the build failed there), `lost` (the builder was
+    /// lost; the job moved on), `refused`, `local` (a failure here).
+    pub result: String,
+    /// Why, for anything but `built`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+}
+
+/// Where the history lives.
+#[derive(Clone, Debug)]
+pub struct History {
+    dir: PathBuf,
+}
+
+/// Longest reason kept in a record.
+const MAX_REASON: usize = 2048;
+
+impl History {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        History { dir: dir.into() }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join("history.jsonl")
+    }
+
+    /// Appends one record (one line, one write, under the file's lock),
+    /// rotating first if the file is large.
+    pub fn append(&self, r: &Record) -> io::Result<()> {
+        let mut r = r.clone();
+        if r.reason.len() > MAX_REASON {
+            let cut = (0..=MAX_REASON).rev().find(|i| r.reason.is_char_boundary(*i)).unwrap_or(0);
+            r.reason.truncate(cut);
+        }
+        let mut line = serde_json::to_string(&r).map_err(io::Error::other)?;
+        line.push('\n');
+        fs::create_dir_all(&self.dir)?;
+        let path = self.path();
+        let f = OpenOptions::new().create(true).append(true).open(&path)?;
+        f.lock()?;
+        // Another hook may have rotated the file while we waited for the lock.
+        let f = if f.metadata()?.len() >= ROTATE_BYTES || !same_file(&f, &path) {
+            if same_file(&f, &path) {
+                fs::rename(&path, self.dir.join("history.1.jsonl"))?;
+            }
+            let g = OpenOptions::new().create(true).append(true).open(&path)?;
+            g.lock()?;
+            g
+        } else {
+            f
+        };
+        (&f).write_all(line.as_bytes())
+    }
+
+    /// Every readable record, oldest first (the rotated file, then the
+    /// current one), and how many lines were skipped as unreadable.
+    pub fn read(&self) -> (Vec<Record>, usize) {
+        let mut out = Vec::new();
+        let mut skipped = 0;
+        for p in [self.dir.join("history.1.jsonl"), self.path()] {
+            let Ok(f) = File::open(&p) else { continue };
+            for line in io::BufReader::new(f).split(b'\n').map_while(Result::ok) {
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                match serde_json::from_slice::<Record>(&line) {
+                    Ok(r) => out.push(r),
+                    Err(_) => skipped += 1,
+                }
+            }
+        }
+        (out, skipped)
+    }
+}
+
+fn same_file(f: &File, p: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (f.metadata(), fs::metadata(p)) {
+        (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+        _ => false,
+    }
+}
+
+/// Now, as Unix time in seconds.
+pub fn now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// The derivation name of a `.drv` path (`/nix/store/<hash>-hello-1.0.drv` → `hello-1.0`).
+pub fn drv_name(drv: &str) -> String {
+    let base = drv.rsplit('/').next().unwrap_or(drv);
+    let name = base.get(33..).unwrap_or(base);
+    name.strip_suffix(".drv").unwrap_or(name).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(i: usize) -> Record {
+        Record { start: i as f64, drv: format!("/nix/store/00000000000000000000000000000000-d{i}.drv"), name: format!("d{i}"), machine: "ssh://b1".into(), result: "built".into(), ..Default::default() }
+    }
+
+    #[test]
+    fn appends_from_many_threads_never_interleave_and_corrupt_lines_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = History::new(dir.path());
+        std::thread::scope(|s| {
+            for t in 0..8 {
+                let h = h.clone();
+                s.spawn(move || {
+                    for i in 0..100 {
+                        let mut r = rec(t * 1000 + i);
+                        r.reason = "x".repeat(3000);
+                        h.append(&r).unwrap();
+                    }
+                });
+            }
+        });
+        std::fs::OpenOptions::new().append(true).open(h.path()).unwrap().write_all(b"{not json\n").unwrap();
+        let (records, skipped) = h.read();
+        assert_eq!(records.len(), 800);
+        assert_eq!(skipped, 1);
+        assert!(records.iter().all(|r| r.reason.len() == MAX_REASON));
+    }
+
+    #[test]
+    fn the_history_rotates_by_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = History::new(dir.path());
+        let mut r = rec(1);
+        r.reason = "y".repeat(MAX_REASON);
+        let per_line = serde_json::to_string(&r).unwrap().len() as u64 + 1;
+        let n = ROTATE_BYTES / per_line + 10;
+        for _ in 0..n {
+            h.append(&r).unwrap();
+        }
+        assert!(dir.path().join("history.1.jsonl").exists());
+        assert!(std::fs::metadata(h.path()).unwrap().len() < ROTATE_BYTES);
+        assert_eq!(h.read().0.len() as u64, n);
+    }
+
+    #[test]
+    fn names_come_from_the_drv_path() {
+        assert_eq!(drv_name("/nix/store/00000000000000000000000000000000-hello-1.0.drv"), "hello-1.0");
+    }
+}
