@@ -476,6 +476,13 @@ for r in recs:
     assert r["build_secs"] >= 2.5, r
 PY
   "$HOOK" history $B | tee /dev/stderr | grep -q "^built" || fail "history table"
+  "$HOOK" history --svg "$TB/timeline.svg" $B || fail "history --svg failed"
+  python3 - "$TB/timeline.svg" <<'PY' || fail "the timeline is not an SVG with one bar per build"
+import sys, xml.etree.ElementTree as ET
+root = ET.parse(sys.argv[1]).getroot()
+bars = [g for g in root.iter("{http://www.w3.org/2000/svg}g") if g.get("class") == "build"]
+assert root.tag.endswith("svg") and len(bars) == 4, len(bars)
+PY
   # a drained machine gets no new build, and explain says why
   "$HOOK" drain 10.201.2.2 $B || fail "drain failed"
   "$HOOK" status $B | grep -q "10.201.2.2.*DRAINED" || fail "status does not show the drain"
@@ -485,7 +492,12 @@ PY
   grep -q "10.201.2.2.*no: drained" "$TB/explain.txt" || fail "explain does not name the drain"
   grep -q "would pick now: ssh://root@10.201.1.2" "$TB/explain.txt" || fail "explain does not name the pick"
   : > "$ev"
-  nb "$NIX/par.nix" --arg n 4 --argstr seconds 0 --argstr events "$ev" --argstr nonce "$(nonce drained)" --argstr tag dr >/dev/null 2>&1 || fail "build with one machine drained failed"
+  # result hooks get the record on stdin, detached from the build
+  rm -f "$TB/on-success.json"
+  BUILD_HOOK_ON_SUCCESS="cat >> $TB/on-success.json" \
+    nb "$NIX/par.nix" --arg n 4 --argstr seconds 0 --argstr events "$ev" --argstr nonce "$(nonce drained)" --argstr tag dr >/dev/null 2>&1 || fail "build with one machine drained failed"
+  for _ in $(seq 1 50); do [ "$(grep -so '"result":"built"' "$TB/on-success.json" | wc -l)" = 4 ] && break; sleep 0.1; done
+  [ "$(grep -o '"result":"built"' "$TB/on-success.json" | wc -l)" = 4 ] || fail "BUILD_HOOK_ON_SUCCESS did not get one record per build"
   ! grep -q '^b2 start' "$ev" || fail "a drained machine took a build"
   "$HOOK" undrain --all $B || fail "undrain failed"
   ! "$HOOK" status $B | grep -q DRAINED || fail "still drained"

@@ -42,6 +42,12 @@ pub struct Config {
     /// Seconds the remote build may go without a log line; `None`: from
     /// Nix's `max-silent-time` (see [`Config::timeouts`]).
     pub build_silent_timeout: Option<u64>,
+    /// Commands run after a remote build succeeds / fails, with its history
+    /// record as JSON on stdin (`BUILD_HOOK_ON_SUCCESS`, `BUILD_HOOK_ON_FAILURE`).
+    pub on_success: Option<String>,
+    pub on_failure: Option<String>,
+    /// Seconds such a command may run.
+    pub result_hook_timeout: u64,
     pub sshopts: String,
     pub current_load: Option<PathBuf>,
     pub remote_systems: Option<String>,
@@ -94,6 +100,9 @@ impl Config {
                 None => None,
                 Some(_) => Some(num("BUILD_HOOK_BUILD_SILENT_TIMEOUT", 0)?),
             },
+            on_success: var("BUILD_HOOK_ON_SUCCESS"),
+            on_failure: var("BUILD_HOOK_ON_FAILURE"),
+            result_hook_timeout: num("BUILD_HOOK_RESULT_HOOK_TIMEOUT", 30)?,
             sshopts: var("NIX_SSHOPTS").unwrap_or_default(),
             current_load: var("NIX_CURRENT_LOAD").map(PathBuf::from),
             remote_systems: var("NIX_REMOTE_SYSTEMS"),

@@ -265,9 +265,10 @@ impl Dispatcher {
             let mut stats = Stats::default();
             let res = self.run_on(index, acc.session.take(), &plan, &mut stats);
             // The builder's work is over: free the slot before anything else.
+            let slot = acc.slot.index;
             drop(acc.slot);
             drop(busy);
-            self.record(req, &uri, start, acc.waited, stats, res.as_ref().err());
+            self.record(req, &crate::ops::Attempt { uri: &uri, slot, start, waited: acc.waited }, stats, res.as_ref().err());
             let e = match res {
                 Ok(()) => return 0,
                 Err(e) => e,
@@ -297,7 +298,7 @@ impl Dispatcher {
 
     /// Appends the attempt to the shared history (advice only: a failure to
     /// write it is ignored).
-    fn record(&self, req: &TryRequest, uri: &str, start: f64, waited: f64, s: Stats, err: Option<&JobError>) {
+    fn record(&self, req: &TryRequest, a: &crate::ops::Attempt, s: Stats, err: Option<&JobError>) {
         let (result, reason) = match err {
             None => ("built", String::new()),
             Some(JobError::BuildFailed { msg, .. }) => ("failed", msg.clone()),
@@ -305,7 +306,9 @@ impl Dispatcher {
             Some(JobError::Builder(e @ SessionError::Refused { .. })) => ("refused", e.to_string()),
             Some(e) => ("local", e.to_string()),
         };
-        let _ = self.history.append(&crate::ops::record(req, uri, start, waited, s, result, reason));
+        let r = crate::ops::record(req, a, s, result, reason);
+        let _ = self.history.append(&r);
+        crate::ops::run_result_hook(&self.cfg, &r);
     }
 
     /// Connects if needed and runs the job's steps on machine `index`.

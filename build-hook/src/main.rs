@@ -55,9 +55,13 @@ Ask what it makes of your setup:
     health (back-off, last failure), and with --connect tries each one.
     Exit status 0 when everything is usable.
 Operate your builders (every command also takes --builders SPEC):
-  build-hook status [--json] [--last N]   busy slots and what they build, health,
-                                          drains, the last N builds
-  build-hook history [--json] [--last N]  the recorded builds, one per line
+  build-hook status [--json] [--last N] [--watch]
+                                          busy slots and what they build, health,
+                                          drains, the last N builds (--watch:
+                                          redrawn every second)
+  build-hook history [--json] [--last N] [--since -1h|TIME] [--svg FILE]
+                                          the recorded builds, one per line, or
+                                          a timeline picture (one row per slot)
   build-hook drain MACHINE|--all [--until +2h|UNIXTIME]
                                           no new builds there (running ones finish)
   build-hook undrain MACHINE|--all
@@ -71,6 +75,7 @@ fn command(cmd: &str, args: &[String]) -> anyhow::Result<i32> {
     let (mut connect, mut json, mut all) = (false, false, false);
     let mut last = 20;
     let mut until = None;
+    let (mut svg, mut watch, mut since) = (None, false, 0.0);
     let mut words = Vec::new();
     let mut it = args.iter();
     let now = remote_lib::health::now();
@@ -82,6 +87,16 @@ fn command(cmd: &str, args: &[String]) -> anyhow::Result<i32> {
             "--all" if cmd == "drain" || cmd == "undrain" => all = true,
             "--last" => last = value("20")?.parse().map_err(|_| anyhow::anyhow!("--last takes a number of builds"))?,
             "--until" if cmd == "drain" => until = Some(ops::parse_until(&value("+2h")?, now).map_err(anyhow::Error::msg)?),
+            "--svg" if cmd == "history" => svg = Some(value("timeline.svg")?),
+            "--since" if cmd == "history" => {
+                // a time like drain's --until, or -N[smhd] for "that long ago"
+                let v = value("-1h")?;
+                since = match v.strip_prefix('-') {
+                    Some(ago) => now.saturating_sub(ops::parse_until(&format!("+{ago}"), 0).map_err(anyhow::Error::msg)?) as f64,
+                    None => ops::parse_until(&v, now).map_err(anyhow::Error::msg)? as f64,
+                };
+            }
+            "--watch" if cmd == "status" => watch = true,
             "--builders" => {
                 settings.raw.insert("builders".into(), value("@/etc/nix/machines")?);
             }
@@ -105,8 +120,17 @@ fn command(cmd: &str, args: &[String]) -> anyhow::Result<i32> {
             }
             return Ok(if ok { 0 } else { 1 });
         }
+        "status" if watch => ops::watch(&d, json, last),
         "status" => print!("{}", ops::status(&d, json, last)),
-        "history" => print!("{}", ops::history_cmd(&d, json, last)),
+        "history" => match svg {
+            Some(file) => {
+                let (records, _) = d.history.read();
+                let records: Vec<_> = records.into_iter().filter(|r| r.start >= since).collect();
+                std::fs::write(&file, ops::timeline_svg(&records)).map_err(|e| anyhow::anyhow!("cannot write '{file}': {e}"))?;
+                println!("{} builds drawn in {file}", records.len());
+            }
+            None => print!("{}", ops::history_cmd(&d, json, last, since)),
+        },
         "explain" => print!("{}", ops::explain(&d, &one("derivation (.drv path)")?).map_err(anyhow::Error::msg)?),
         "drain" | "undrain" => {
             let machine = if all { None } else { Some(ops::find_machine(&d, &one("machine (or --all)")?).map_err(anyhow::Error::msg)?.to_string()) };

@@ -45,15 +45,27 @@ pub fn mark_busy(load: &LoadDir, uri: &str, slot: u64, drv: &str) -> BusyMarker 
     BusyMarker(ok.then_some(p))
 }
 
+/// One attempt of a job on one machine.
+pub struct Attempt<'a> {
+    pub uri: &'a str,
+    pub slot: u64,
+    /// Unix time it started.
+    pub start: f64,
+    /// Seconds the `try` waited for the slot.
+    pub waited: f64,
+}
+
 /// The record of one attempt, for the history.
-pub fn record(req: &TryRequest, uri: &str, start: f64, waited: f64, s: remote_lib::job::Stats, result: &str, reason: String) -> Record {
+pub fn record(req: &TryRequest, a: &Attempt, s: remote_lib::job::Stats, result: &str, reason: String) -> Record {
     Record {
-        start,
+        start: a.start,
+        end: history::now(),
+        slot: a.slot,
         drv: req.drv_path.clone(),
         name: history::drv_name(&req.drv_path),
         system: req.needed_system.clone(),
-        machine: uri.to_string(),
-        slot_wait: waited,
+        machine: a.uri.to_string(),
+        slot_wait: a.waited,
         upload_bytes: s.upload_bytes,
         upload_secs: s.upload_secs,
         build_secs: s.build_secs,
@@ -64,9 +76,35 @@ pub fn record(req: &TryRequest, uri: &str, start: f64, waited: f64, s: remote_li
     }
 }
 
+/// Runs the operator's command for a result (`BUILD_HOOK_ON_SUCCESS` for a
+/// build that succeeded, `BUILD_HOOK_ON_FAILURE` for any other outcome)
+/// with the record as JSON on its stdin, detached: in a process group of its
+/// own, its output to /dev/null, ended by `timeout` after the configured
+/// seconds, never waited for — Nix does not wait for it either.
+pub fn run_result_hook(cfg: &crate::config::Config, r: &Record) {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    let cmd = if r.result == "built" { &cfg.on_success } else { &cfg.on_failure };
+    let (Some(cmd), Ok(json)) = (cmd, serde_json::to_string(r)) else { return };
+    let child = Command::new("timeout")
+        .args(["-s", "KILL", &cfg.result_hook_timeout.to_string(), "/bin/sh", "-c", cmd])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn();
+    if let Ok(mut c) = child {
+        if let Some(mut stdin) = c.stdin.take() {
+            use std::io::Write;
+            // The record is a few hundred bytes: it fits the pipe, so this does not block.
+            let _ = stdin.write_all(json.as_bytes());
+        }
+    }
+}
+
 /// One machine's state now, as `status` shows it.
 #[derive(Serialize)]
-struct MachineStatus {
+pub struct MachineStatus {
     machine: String,
     slots: u64,
     busy: u64,
@@ -123,6 +161,22 @@ pub fn status(d: &Dispatcher, json: bool, last: usize) -> String {
     out
 }
 
+/// `status --watch`: redrawn every second, in place on a terminal (plain
+/// successive snapshots otherwise), until interrupted.
+pub fn watch(d: &Dispatcher, json: bool, last: usize) -> ! {
+    use std::io::{IsTerminal, Write};
+    let tty = std::io::stdout().is_terminal();
+    loop {
+        let text = status(d, json, last);
+        let mut o = std::io::stdout().lock();
+        // Home, clear to the end of the screen, then the snapshot.
+        let _ = if tty { write!(o, "\x1b[H\x1b[J{text}") } else { writeln!(o, "{text}") };
+        let _ = o.flush();
+        drop(o);
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
 fn history_line(r: &Record) -> String {
     let total = r.upload_secs + r.build_secs + r.download_secs;
     let why = if r.reason.is_empty() { String::new() } else { format!("  ({})", r.reason.lines().next().unwrap_or("")) };
@@ -132,9 +186,10 @@ fn history_line(r: &Record) -> String {
     )
 }
 
-/// `build-hook history [--json] [--last N]`.
-pub fn history_cmd(d: &Dispatcher, json: bool, last: usize) -> String {
+/// `build-hook history [--json] [--last N] [--since T]`.
+pub fn history_cmd(d: &Dispatcher, json: bool, last: usize, since: f64) -> String {
     let (records, skipped) = d.history.read();
+    let records: Vec<Record> = records.into_iter().filter(|r| r.start >= since).collect();
     let shown = &records[records.len().saturating_sub(last)..];
     if json {
         return shown.iter().filter_map(|r| serde_json::to_string(r).ok()).map(|l| l + "\n").collect();
@@ -143,6 +198,56 @@ pub fn history_cmd(d: &Dispatcher, json: bool, last: usize) -> String {
     if skipped > 0 {
         out.push_str(&format!("({skipped} unreadable line(s) skipped)\n"));
     }
+    out
+}
+
+/// An SVG timeline of `records`: one row per machine slot, one bar per
+/// build attempt, coloured by phase — waiting for the slot, upload, build,
+/// download (connecting and registering are the grey between them) — with a
+/// red outline for an attempt that did not succeed.
+pub fn timeline_svg(records: &[Record]) -> String {
+    const W: f64 = 1000.0;
+    const ROW: f64 = 22.0;
+    const LEFT: f64 = 260.0;
+    let mut rows: Vec<(String, u64)> = records.iter().map(|r| (r.machine.clone(), r.slot)).collect();
+    rows.sort();
+    rows.dedup();
+    let t0 = records.iter().map(|r| r.start - r.slot_wait).fold(f64::INFINITY, f64::min);
+    let t1 = records.iter().map(|r| r.end.max(r.start)).fold(f64::NEG_INFINITY, f64::max);
+    let span = if t1 > t0 { t1 - t0 } else { 1.0 };
+    let x = |t: f64| LEFT + (t - t0) / span * W;
+    let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;");
+    let height = 40.0 + ROW * rows.len() as f64;
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"11\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"4\" y=\"14\">build-hook timeline: {} builds over {span:.1} s — wait (grey), upload (blue), build (green), download (orange)</text>\n",
+        LEFT + W + 20.0,
+        records.len()
+    );
+    for (i, (m, slot)) in rows.iter().enumerate() {
+        out.push_str(&format!("<text x=\"4\" y=\"{}\">{} #{slot}</text>\n", 34.0 + ROW * i as f64 + 12.0, esc(m)));
+    }
+    for r in records {
+        let Some(row) = rows.iter().position(|k| k.0 == r.machine && k.1 == r.slot) else { continue };
+        let y = 34.0 + ROW * row as f64;
+        let end = r.end.max(r.start);
+        let title = esc(&format!("{} on {} #{}: {} — wait {:.2}s, up {:.2}s, build {:.2}s, down {:.2}s{}", r.name, r.machine, r.slot, r.result, r.slot_wait, r.upload_secs, r.build_secs, r.download_secs, if r.reason.is_empty() { String::new() } else { format!(" ({})", r.reason) }));
+        let stroke = if r.result == "built" { "none" } else { "red" };
+        out.push_str(&format!("<g class=\"build\"><title>{title}</title>\n"));
+        let mut seg = |class: &str, from: f64, secs: f64, colour: &str| {
+            if secs > 0.0 {
+                out.push_str(&format!("<rect class=\"{class}\" x=\"{:.1}\" y=\"{y}\" width=\"{:.1}\" height=\"{}\" fill=\"{colour}\"/>\n", x(from), (x(from + secs) - x(from)).max(0.5), ROW - 4.0));
+            }
+        };
+        seg("wait", r.start - r.slot_wait, r.slot_wait, "#ddd");
+        seg("attempt", r.start, end - r.start, "#aaa");
+        seg("upload", r.start, r.upload_secs, "#4a90d9");
+        seg("build", end - r.download_secs - r.build_secs, r.build_secs, "#5cb85c");
+        seg("download", end - r.download_secs, r.download_secs, "#f0ad4e");
+        out.push_str(&format!("<rect x=\"{:.1}\" y=\"{y}\" width=\"{:.1}\" height=\"{}\" fill=\"none\" stroke=\"{stroke}\"/>\n</g>\n", x(r.start), (x(end) - x(r.start)).max(0.5), ROW - 4.0));
+    }
+    out.push_str("</svg>\n");
     out
 }
 
@@ -215,4 +320,36 @@ pub fn explain(d: &Dispatcher, drv_path: &str) -> Result<String, String> {
         None => out.push_str("would pick now: none\n"),
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(machine: &str, slot: u64, start: f64, result: &str) -> Record {
+        Record { machine: machine.into(), slot, start, end: start + 3.0, slot_wait: 0.5, upload_secs: 0.5, build_secs: 2.0, download_secs: 0.25, result: result.into(), name: format!("d{start}"), ..Default::default() }
+    }
+
+    #[test]
+    fn the_timeline_has_one_bar_per_build_and_a_row_per_slot() {
+        let rs = [rec("ssh://b1", 0, 10.0, "built"), rec("ssh://b1", 1, 10.5, "built"), rec("ssh://b2", 0, 11.0, "lost"), rec("ssh://b1", 0, 13.5, "built")];
+        let svg = timeline_svg(&rs);
+        assert_eq!(svg.matches("<g class=\"build\">").count(), 4);
+        assert_eq!(svg.matches("class=\"build\" x=").count(), 4);
+        assert_eq!(svg.matches(" #0</text>").count() + svg.matches(" #1</text>").count(), 3, "rows: b1#0, b1#1, b2#0");
+        assert_eq!(svg.matches("stroke=\"red\"").count(), 1);
+        assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
+        assert!(timeline_svg(&[]).ends_with("</svg>\n"), "an empty history still makes a picture");
+    }
+
+    #[test]
+    fn until_takes_relative_and_absolute_times() {
+        assert_eq!(parse_until("+90", 100), Ok(190));
+        assert_eq!(parse_until("+30m", 100), Ok(1900));
+        assert_eq!(parse_until("+2h", 0), Ok(7200));
+        assert_eq!(parse_until("+1d", 0), Ok(86400));
+        assert_eq!(parse_until("1800000000", 0), Ok(1_800_000_000));
+        assert!(parse_until("+2w", 0).is_err());
+        assert!(parse_until("soon", 0).is_err());
+    }
 }

@@ -23,6 +23,12 @@ pub struct Record {
     pub name: String,
     pub system: String,
     pub machine: String,
+    /// The slot it held on that machine.
+    #[serde(default)]
+    pub slot: u64,
+    /// Unix time (s) when the attempt ended.
+    #[serde(default)]
+    pub end: f64,
     /// Seconds the `try` waited for a slot.
     pub slot_wait: f64,
     pub upload_bytes: u64,
