@@ -35,12 +35,23 @@ one() {
   python3 -c "print(f'{$(date +%s.%N)-$t0:.2f}')"
 }
 
+# first_contact: the builder restarts and build-hook starts from an empty
+# load directory every run (no shared connection, no health record, no
+# learned level), as on a CI runner's first build.
+first_contact() {
+  tb_wipe_store 1 >/dev/null
+  export NIX_CURRENT_LOAD; NIX_CURRENT_LOAD=$(mktemp -d /tmp/bh-bench-load.XXXXXX)
+}
+
 compare() { # compare LABEL INPUTS WIPE
   local o=() b=() r
-  # One untimed warm-up each: build-hook learns its zstd level per builder
-  # from the previous transfer (it then keeps it), as it would in real use.
-  one "$OURS" "$2" "$3" >/dev/null; one "$BUILTIN" "$2" "$3" >/dev/null
+  if [ "$3" != first_contact ]; then
+    # One untimed warm-up each: build-hook learns its zstd level per builder
+    # from the previous transfer (it then keeps it), as it would in real use.
+    one "$OURS" "$2" "$3" >/dev/null; one "$BUILTIN" "$2" "$3" >/dev/null
+  fi
   for r in $(seq 1 "$ROUNDS"); do o+=("$(one "$OURS" "$2" "$3")"); b+=("$(one "$BUILTIN" "$2" "$3")"); done
+  unset NIX_CURRENT_LOAD; rm -rf /tmp/bh-bench-load.*
   python3 - "$1" "${o[*]}" "${b[*]}" <<'PY'
 import sys, statistics
 label, o, b = sys.argv[1], [float(x) for x in sys.argv[2].split()], [float(x) for x in sys.argv[3].split()]
@@ -52,11 +63,14 @@ PY
 echo "== 20 inputs, 100 MB, out copies them back; fresh builder store each run; median of $ROUNDS after a warm-up"
 echo "   'new connection': the builder restarts before every build, so both hooks start with an ssh handshake"
 echo "   'connection open': the builder stays up; build-hook reuses the connection it shares between builds"
+echo "   'first contact': as 'new connection', and build-hook starts from an empty load directory"
+echo "   every run (no health record, no learned compression level), as a fresh CI runner does"
 echo "   (Nix's hook opens a new connection for every build either way)"
 for link in unshaped 100mbit; do
   if [ "$link" = unshaped ]; then tb_unshape 1; name="unshaped veth"; else tb_shape 1 100mbit; name="100 Mbit/s tbf"; fi
   for data in mixed random; do
     [ "$data" = mixed ] && what=mixed || what="all random"
+    compare "$what, $name, first contact" "$DATA/$data.nix" first_contact
     compare "$what, $name, new connection" "$DATA/$data.nix" tb_wipe_store
     compare "$what, $name, connection open" "$DATA/$data.nix" tb_empty_store
   done

@@ -198,7 +198,13 @@ impl Health {
     /// compressed transfer is compared with the link's raw rate: slower than
     /// raw (the compressor was the limit) → raw; much faster than the raw rate
     /// times the compression ratio (the link got faster than recorded) → raw
-    /// again to re-measure; with no raw rate known yet → raw once to measure it.
+    /// again to re-measure. With no raw rate known yet (the first copy to a
+    /// new builder), the bytes on the wire per second are a lower bound of
+    /// the link's rate: below the slow-link rate (far below what zstd emits
+    /// here) the link was the limit, so that rate is taken as the link's and
+    /// compression stays on at the slow-link level — the first build to a
+    /// builder on a slow link does not spend a whole transfer measuring it
+    /// raw; otherwise → raw once to measure it.
     pub fn learn(&mut self, t: Transfer) {
         if t.nar < MIN_SAMPLE_BYTES || t.secs <= 0.0 || t.wire == 0 {
             return;
@@ -210,6 +216,10 @@ impl Health {
             return;
         }
         let ratio = t.nar as f64 / t.wire as f64;
+        let wire_mbps = t.wire as f64 / 1e6 / t.secs;
+        if self.raw_mbps.is_none() && wire_mbps < SLOW_LINK_MBPS {
+            self.raw_mbps = Some(wire_mbps);
+        }
         self.compress = Some(match self.raw_mbps {
             None => 0,
             Some(raw) if mbps < 0.9 * raw => 0,
@@ -312,7 +322,12 @@ mod tests {
     fn compression_level_is_learned_from_transfers() {
         let t = |level, nar: u64, wire: u64, secs| Transfer { level, nar, wire, secs };
         const MB100: u64 = 100_000_000;
-        // First transfer compressed at the default level, no raw rate known: measure raw next.
+        // First transfer compressed at the default level over a slow link
+        // (58 MB on the wire at 12.6 MB/s): the link is known slow at once.
+        let mut slow = Health::default();
+        slow.learn(t(DEFAULT_LEVEL, MB100, 58_000_000, 4.6));
+        assert_eq!((slow.compress, slow.raw_mbps.map(|r| r.round())), (Some(SLOW_LINK_LEVEL), Some(13.0)));
+        // First transfer compressed at the default level, fast on the wire: measure raw next.
         let mut h = Health::default();
         h.learn(t(DEFAULT_LEVEL, MB100, 58_000_000, 0.55));
         assert_eq!(h.compress, Some(0));

@@ -1,4 +1,4 @@
-//! Choosing a machine for a `try` (§4.3–4.4): eligibility and ranking are
+//! Choosing a machine for a `try` (as Nix's own hook, `src/build-remote/build-remote.cc` in the Nix source): eligibility and ranking are
 //! pure functions here, so every rule of Nix's built-in hook is unit-tested;
 //! the caller probes slots and health and feeds the results in.
 
@@ -101,7 +101,7 @@ pub fn best(candidates: &[Candidate]) -> Option<Candidate> {
     best
 }
 
-/// The answer when no machine has a free slot (§4.4): postpone if some
+/// The answer when no machine has a free slot (Nix's rule): postpone if some
 /// machine of the right type exists and the build cannot run locally.
 pub fn when_all_full(right_type: bool, can_build_locally: bool) -> crate::hook_protocol::Reply {
     if right_type && !can_build_locally {

@@ -1,4 +1,4 @@
-//! A client for the `nix-store --serve` protocol (§5), over any byte pipe:
+//! A client for the `nix-store --serve` protocol (Nix's `src/libstore/serve-protocol.hh`, served by `nix-store --serve`), over any byte pipe:
 //! the remote builder through ssh, or the local store through a local
 //! `nix-store --serve`. We announce version 2.7 and gate every optional field
 //! on `min(0x207, server version)`, which stays in sync with every Nix from
@@ -98,7 +98,7 @@ pub struct PathInfo {
     pub sigs: Vec<String>,
 }
 
-/// `BuildResult.status` (§5.5).
+/// `BuildResult.status` (`src/libstore/build-result.hh` in Nix).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BuildStatus {
     Built,
@@ -417,7 +417,7 @@ pub fn read_ack<R: Read + ?Sized>(r: &mut R, during: &'static str) -> Result<(),
     }
 }
 
-/// Writes BuildOptions (§5.4) for the negotiated minor version.
+/// Writes BuildOptions for the negotiated minor version.
 pub fn write_build_options<W: Write + ?Sized>(w: &mut W, o: &BuildOptions, minor: u8) -> io::Result<()> {
     wire::write_u64(w, o.max_silent_time)?;
     wire::write_u64(w, o.build_timeout)?;

@@ -1,4 +1,4 @@
-//! Reaching a builder: the OpenSSH client command line (§3.5) and a running
+//! Reaching a builder: the OpenSSH client command line (as Nix's `ssh://` store builds it) and a running
 //! remote `nix-store --serve --write` with its stderr captured.
 //!
 //! We use the system `ssh`, so `~/.ssh/config` aliases, agents, `ProxyJump`
