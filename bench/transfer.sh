@@ -4,7 +4,7 @@
 # and Nix's built-in hook in the same run, on a fresh builder store every time,
 # on an unshaped veth link and on a 100 Mbit/s tbf link; then the same with
 # all-random data; then the hook's peak RSS while moving a 1 GiB path each way.
-# Usage (root): bash bench/transfer.sh [ROUNDS=2]
+# Usage (root): bash bench/transfer.sh [ROUNDS=2]   (BH_BENCH_ONLY="first contact": those rows only)
 set -eu
 ROUNDS=${1:-2}
 cd "$(dirname "$0")/.."
@@ -45,6 +45,8 @@ first_contact() {
 
 compare() { # compare LABEL INPUTS WIPE
   local o=() b=() r
+  # BH_BENCH_ONLY=TEXT runs only the conditions whose label contains TEXT.
+  case "$1" in *"${BH_BENCH_ONLY:-}"*) ;; *) return 0 ;; esac
   if [ "$3" != first_contact ]; then
     # One untimed warm-up each: build-hook learns its zstd level per builder
     # from the previous transfer (it then keeps it), as it would in real use.
@@ -77,6 +79,7 @@ for link in unshaped 100mbit; do
 done
 tb_unshape 1
 
+[ -n "${BH_BENCH_ONLY:-}" ] && exit 0
 echo "== peak RSS of build-hook moving a 1 GiB path (input up, output down)"
 bash bench/make-data.sh "$DATA" 1 1074 random > "$DATA/big.nix"
 cat > "$TB/rss-hook" <<W

@@ -138,6 +138,7 @@ impl Dispatcher {
                 }
                 Err(e) => {
                     out::msg(Level::Error, &format!("build-hook: cannot build on '{}': {e}", self.machines[index].uri));
+                    self.mark_failed(index, &e.to_string());
                     drop(slot);
                 }
             }
@@ -207,16 +208,13 @@ impl Dispatcher {
         }
     }
 
-    /// Opens a session to machine `index`, recording the outcome in the
-    /// shared health state.
+    /// Opens a session to machine `index`, recording a success in the shared
+    /// health state (a failure is recorded by the caller, once).
     fn connect(&mut self, index: usize) -> Result<Session, SessionError> {
-        let m = self.machines[index].clone();
-        let res = self.open_session(&m);
-        match &res {
-            Ok(_) => {
-                self.health.update(&m.uri, |h| h.succeeded(health::now()));
-            }
-            Err(e) => self.mark_failed(index, &e.to_string()),
+        let m = &self.machines[index];
+        let res = self.open_session(m);
+        if res.is_ok() {
+            self.health.update(&m.uri, |h| h.succeeded(health::now()));
         }
         res
     }

@@ -181,7 +181,8 @@ pub struct Transfer {
     pub secs: f64,
 }
 
-fn level_for_raw_rate(mbps: f64) -> i32 {
+/// The zstd level for a link that carries `mbps` MB/s raw.
+pub fn level_for_raw_rate(mbps: f64) -> i32 {
     if mbps >= FAST_LINK_MBPS {
         0
     } else if mbps < SLOW_LINK_MBPS {

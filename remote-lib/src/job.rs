@@ -122,16 +122,24 @@ pub struct Context<'a> {
 }
 
 /// The builder's health record, after asking it once (remembered) whether
-/// it has zstd and AES instructions. If ssh fails the answer stays unknown.
+/// it has zstd and AES instructions and, when it has zstd and nothing was
+/// learned yet, how fast the link is ([`session::probe_link`]), so that the
+/// first copy already uses the right level. If ssh fails the answers stay
+/// unknown and are asked again next time.
 pub fn builder_caps(health: &HealthStore, m: &Machine, ssh: &SshConfig, limit: Duration) -> Health {
     let h = health.get(&m.uri);
     if h.zstd.is_some() && h.aes.is_some() {
         return h;
     }
     let Some(caps) = session::probe_caps(m, ssh, limit) else { return h };
+    let link = if caps.zstd && h.raw_mbps.is_none() { session::probe_link(m, ssh, limit) } else { None };
     health.update(&m.uri, |h| {
         h.zstd = Some(caps.zstd);
         h.aes = Some(caps.aes);
+        if let (Some(mbps), None) = (link, h.raw_mbps) {
+            h.raw_mbps = Some(mbps);
+            h.compress = Some(health::level_for_raw_rate(mbps));
+        }
     })
 }
 
@@ -244,10 +252,10 @@ impl<'a> Job<'a> {
         };
         let valid: std::collections::HashSet<String> = valid.into_iter().collect();
         let missing: Vec<String> = plan.inputs.iter().filter(|p| !valid.contains(*p)).cloned().collect();
+        self.session().idle();
         if missing.is_empty() {
             return Ok(());
         }
-        self.session().idle();
         // Everything that needs only the local store happens before the lock.
         let ordered = copy::local_infos(&mut self.local_serve("QueryPathInfos").1, &missing).map_err(|e| JobError::Local { during: "reading the inputs", why: session::chain(&e) })?;
         self.local_idle();

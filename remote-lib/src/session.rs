@@ -285,6 +285,50 @@ pub fn probe_caps(m: &Machine, ssh: &SshConfig, limit: Duration) -> Option<Caps>
     transport::parse_caps(ended.status.and_then(|s| s.code()), &out)
 }
 
+/// Bytes sent by [`probe_link`].
+pub const LINK_PROBE_BYTES: usize = 2 << 20;
+
+/// Measures the link's raw rate to the builder once, before the first copy
+/// (so the first copy can already choose between raw and compressed): the
+/// time to push [`LINK_PROBE_BYTES`] of incompressible bytes through
+/// `cat >/dev/null` on the builder, less the time of the same command with
+/// nothing to send (session set-up and round trips). MB/s, or `None` when
+/// either run failed or did not end within `limit`.
+pub fn probe_link(m: &Machine, ssh: &SshConfig, limit: Duration) -> Option<f64> {
+    use std::io::Write;
+    let run = |bytes: usize| -> Option<Duration> {
+        let cmd = transport::ssh_script(m, ssh, "sh -c 'cat >/dev/null; echo done'").ok()?;
+        let t = std::time::Instant::now();
+        let mut p = RemoteProcess::spawn(cmd, StderrTap::default()).ok()?;
+        p.watch.phase("measuring the link", Some(limit));
+        let mut w = p.stdin.take()?;
+        let mut x = 0x2545F4914F6CDD1Du64;
+        let chunk: Vec<u8> = (0..64 * 1024)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        let mut sent = 0;
+        while sent < bytes {
+            w.write_all(&chunk[..chunk.len().min(bytes - sent)]).ok()?;
+            sent += chunk.len().min(bytes - sent);
+        }
+        drop(w);
+        let mut out = String::new();
+        p.stdout.take()?.take(64).read_to_string(&mut out).ok()?;
+        let took = t.elapsed();
+        let ended = p.finish();
+        (ended.stalled.is_none() && out.trim() == "done").then_some(took)
+    };
+    let base = run(0)?;
+    let full = run(LINK_PROBE_BYTES)?;
+    let data = full.saturating_sub(base).as_secs_f64().max(1e-4);
+    Some(LINK_PROBE_BYTES as f64 / 1e6 / data)
+}
+
 /// The cipher order for a new connection to `m`, and why. AES-GCM goes
 /// first when `prefer` is set, both CPUs have AES instructions (`builder_aes`
 /// as probed), no shared connection is open already (it would be used
