@@ -174,9 +174,20 @@ pub enum Field {
 pub enum Event {
     /// A log line (`STDERR_NEXT`), trailing newline included as sent.
     Next(String),
-    StartActivity { id: u64, level: u64, activity_type: u64, text: String, fields: Vec<Field>, parent: u64 },
+    StartActivity {
+        id: u64,
+        level: u64,
+        activity_type: u64,
+        text: String,
+        fields: Vec<Field>,
+        parent: u64,
+    },
     StopActivity(u64),
-    Result { id: u64, result_type: u64, fields: Vec<Field> },
+    Result {
+        id: u64,
+        result_type: u64,
+        fields: Vec<Field>,
+    },
 }
 
 fn fields_json(fields: &[Field]) -> String {
@@ -495,17 +506,21 @@ fn write_unkeyed_info(w: &mut dyn Write, info: &PathInfo) -> io::Result<()> {
     wire::write_bytes(w, info.ca.as_bytes())
 }
 
+/// Bytes of a NAR `nar_from_path` looks at before handing it over.
+const NAR_HEAD: usize = 32;
+
 /// Reads the first bytes of a `NarFromPath` reply back in before the rest.
 pub struct NarReader<'a, R> {
-    head: [u8; 8],
+    head: [u8; NAR_HEAD],
+    len: usize,
     pos: usize,
     inner: &'a mut BufReader<R>,
 }
 
 impl<R: Read> Read for NarReader<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.pos < self.head.len() {
-            let n = buf.len().min(self.head.len() - self.pos);
+        if self.pos < self.len {
+            let n = buf.len().min(self.len - self.pos);
             buf[..n].copy_from_slice(&self.head[self.pos..self.pos + n]);
             self.pos += n;
             return Ok(n);
@@ -683,21 +698,35 @@ impl<R: Read, W: Write> WorkerConn<R, W> {
         })?;
         self.stderr(d, &mut sink, None)?;
         // Daemons fail after their `STDERR_LAST` when the path is not valid:
-        // an error message then stands where the NAR should.
-        let mut head = [0u8; 8];
-        self.r.read_exact(&mut head).map_err(io_err(d))?;
-        if u64::from_le_bytes(head) == STDERR_ERROR {
-            let version = self.version;
-            let err = if version >= WorkerVersion(1, 26) {
-                read_error(&mut self.r, d)?
-            } else {
-                let message = read_text(&mut self.r, "error message")?;
-                let status = wire::read_u64(&mut self.r, "error status").map_err(wire_err(d))?;
-                WorkerError::Remote { during: d, message, status: Some(status), level: None, traces: Vec::new() }
-            };
-            return Err(err);
+        // an error then stands where the NAR should, at its start (newer
+        // daemons check validity first) or after its magic (2.8 writes the
+        // magic before it looks at the file). A NAR's first words are the
+        // length 13 of "nix-archive-1" and, after it, the length 1 of "(",
+        // never `STDERR_ERROR`, so peeking at both tells them apart.
+        let mut head = [0u8; NAR_HEAD];
+        self.r.read_exact(&mut head[..8]).map_err(io_err(d))?;
+        let mut len = 8;
+        if head[..8] == 13u64.to_le_bytes() {
+            // "nix-archive-1" padded to 16 bytes, and the next word
+            self.r.read_exact(&mut head[8..NAR_HEAD]).map_err(io_err(d))?;
+            len = NAR_HEAD;
         }
-        Ok(NarReader { head, pos: 0, inner: &mut self.r })
+        let mut last = [0u8; 8];
+        last.copy_from_slice(&head[len - 8..len]);
+        if u64::from_le_bytes(last) == STDERR_ERROR {
+            return Err(self.read_error_body(d)?);
+        }
+        Ok(NarReader { head, len, pos: 0, inner: &mut self.r })
+    }
+
+    /// The error after an `STDERR_ERROR` tag, in the daemon's format.
+    fn read_error_body(&mut self, d: &'static str) -> Result<WorkerError, WorkerError> {
+        if self.version >= WorkerVersion(1, 26) {
+            return read_error(&mut self.r, d);
+        }
+        let message = read_text(&mut self.r, "error message")?;
+        let status = wire::read_u64(&mut self.r, "error status").map_err(wire_err(d))?;
+        Ok(WorkerError::Remote { during: d, message, status: Some(status), level: None, traces: Vec::new() })
     }
 
     /// `BuildDerivation` (36): builds `drv` on the builder; the log arrives
@@ -896,4 +925,320 @@ fn read_build_result(r: &mut dyn Read, version: WorkerVersion, d: &'static str) 
     }
     out.result = res;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hook_protocol::BuildOptions;
+    use std::sync::{Arc, Mutex};
+
+    const SD: &str = "/tmp/bh-worker-golden/store";
+
+    fn golden(name: &str) -> Vec<u8> {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name);
+        std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    }
+
+    fn sp(base: &str) -> String {
+        format!("{SD}/{base}")
+    }
+
+    /// A writer whose bytes the test can still see after the connection took it.
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A content-addressed (`fixed:r:sha256`) path info for a NAR.
+    fn ca_info(path: String, nar: &[u8], references: Vec<String>, ca: bool) -> PathInfo {
+        let mut hr = crate::hash::HashingReader::new(nar);
+        io::copy(&mut hr, &mut io::sink()).unwrap();
+        let (h, n, _) = hr.finish();
+        let ca = if ca { format!("fixed:r:{}", h.to_nix32_prefixed()) } else { String::new() };
+        PathInfo { path, deriver: String::new(), references, nar_size: n, nar_hash: h.to_nix32_prefixed(), ca, sigs: vec![] }
+    }
+
+    fn drv(name: &str) -> (String, Derivation) {
+        let text = golden(&format!("{name}.drv"));
+        let path = sp(match name {
+            "worker-ok" => "rxk5pnn98ky5ljm6jjvihw57gk80gbqh-worker-ok.drv",
+            _ => "my0zn2ji0x73g1ii4kgwarggy9b4ms83-worker-fail.drv",
+        });
+        let d = Derivation::parse(&path, &text).unwrap();
+        (path, d)
+    }
+
+    /// What the client saw of the trusted session recorded by
+    /// tests/golden/record-worker.sh.
+    #[derive(Debug, Default)]
+    struct Seen {
+        events: Vec<Event>,
+        valid_before: Vec<String>,
+        valid_after: Vec<String>,
+        info: Option<PathInfo>,
+        missing_info: Option<PathInfo>,
+        bad_upload: Option<String>,
+        nar: Vec<u8>,
+        built: Option<BuildOutcome>,
+        failed: Option<BuildOutcome>,
+        realisation: Option<Realisation>,
+        missing_nar: Option<String>,
+    }
+
+    /// Replays the trusted session against `s2c`, writing requests into `c2s`.
+    fn replay(s2c: &[u8], c2s: Shared) -> Result<(WorkerVersion, Option<String>, Seen), WorkerError> {
+        let hello_nar = golden("hello-file.nar");
+        let dir_nar = golden("dir.nar");
+        let hello = ca_info(sp("46ax0m47x1x216zrhzjcsc59k7ygscmn-hello"), &hello_nar, vec![], true);
+        let dir = ca_info(sp("wkhlvv9gz1j0889x719azhdbzi2mwkbb-dir"), &dir_nar, vec![], true);
+        let ia = ca_info(sp("11111111111111111111111111111111-ia"), &hello_nar, vec![hello.path.clone()], false);
+        let bad = PathInfo { path: sp("22222222222222222222222222222222-bad"), ca: String::new(), nar_hash: "0".repeat(64), ..hello.clone() };
+        let missing = sp("33333333333333333333333333333333-missing");
+        let mut seen = Seen::default();
+        let mut events = Vec::new();
+        let mut ev = |e: Event| events.push(e);
+        let mut c = WorkerConn::handshake(s2c, c2s, &mut ev)?;
+        c.set_options(&ClientOptions::for_build(&BuildOptions::default(), 3, false), &mut ev)?;
+        let asked = [missing.clone(), hello.path.clone()];
+        seen.valid_before = c.query_valid_paths(&asked, false, &mut ev)?;
+        c.add_to_store_nar(&hello, &mut &hello_nar[..], false, true, &mut ev)?;
+        seen.valid_after = c.query_valid_paths(&asked, false, &mut ev)?;
+        seen.info = c.query_path_info(&hello.path, &mut ev)?;
+        seen.missing_info = c.query_path_info(&missing, &mut ev)?;
+        match c.add_to_store_nar(&bad, &mut &hello_nar[..], false, true, &mut ev) {
+            Err(e @ WorkerError::Remote { .. }) => seen.bad_upload = Some(e.to_string()),
+            other => return Err(protocol("test", format!("bad upload: {other:?}"))),
+        }
+        let nars = [dir_nar.clone(), hello_nar.clone()];
+        c.add_multiple_to_store(&[dir, ia], &mut |i, w| w.write_all(&nars[i]), false, true, &mut ev)?;
+        let mut r = c.nar_from_path(&hello.path, &mut ev)?;
+        let mut hr = crate::hash::HashingReader::new(&mut r);
+        crate::nar::skip(&mut hr).map_err(|e| protocol("test", e.to_string()))?;
+        let (_, n, _) = hr.finish();
+        seen.nar = hello_nar[..n as usize].to_vec();
+        for (name, slot) in [("worker-ok", &mut seen.built), ("worker-fail", &mut seen.failed)] {
+            let (p, d) = drv(name);
+            *slot = Some(c.build_derivation(&p, &d, &[], BuildMode::Normal, &mut ev)?);
+        }
+        seen.realisation = c.query_realisation(&format!("sha256:{}!out", "0".repeat(64)), &mut ev)?;
+        match c.nar_from_path(&missing, &mut ev) {
+            Err(e @ WorkerError::Remote { .. }) => seen.missing_nar = Some(e.to_string()),
+            Err(e) => return Err(e),
+            Ok(_) => return Err(protocol("test", "a NAR of a missing path")),
+        }
+        let (v, nv) = (c.version, c.daemon_nix_version.clone());
+        drop(c);
+        seen.events = events;
+        Ok((v, nv, seen))
+    }
+
+    #[test]
+    fn decodes_the_trusted_session_captured_from_nix_2_8_and_sends_the_same_bytes() {
+        let s2c = golden("worker-2.8-trusted-s2c.bin");
+        let c2s = Shared::default();
+        let (v, nv, seen) = replay(&s2c, c2s.clone()).unwrap();
+        assert_eq!((v, nv.as_deref()), (WorkerVersion(1, 34), Some("2.8.0")));
+        assert_eq!(seen.valid_before, Vec::<String>::new());
+        assert_eq!(seen.valid_after, vec![sp("46ax0m47x1x216zrhzjcsc59k7ygscmn-hello")]);
+        let info = seen.info.unwrap();
+        assert_eq!((info.nar_size, info.nar_hash.as_str()), (120, "sha256:04zwf782yjwnh3q6hz5izfd6jyip8kgw6g6yj43fiqhbyhdd0dqw"));
+        assert_eq!(info.ca, "fixed:r:sha256:04zwf782yjwnh3q6hz5izfd6jyip8kgw6g6yj43fiqhbyhdd0dqw");
+        crate::path_info::check(SD, &info).unwrap();
+        assert_eq!(seen.missing_info, None);
+        let bad = seen.bad_upload.unwrap();
+        assert!(bad.contains("hash mismatch importing path") && bad.contains("22222222222222222222222222222222-bad"), "{bad}");
+        assert_eq!(seen.nar, golden("hello-file.nar"));
+        let built = seen.built.unwrap();
+        assert_eq!((built.result.status, built.result.times_built), (BuildStatus::Built, 1), "{built:?}");
+        assert!(built.result.stop_time >= built.result.start_time && built.result.start_time > 1_600_000_000);
+        let failed = seen.failed.unwrap();
+        assert_eq!(failed.result.status, BuildStatus::PermanentFailure);
+        assert!(failed.result.error_msg.contains("failed with exit code 1"), "{}", failed.result.error_msg);
+        assert_eq!(seen.realisation, None);
+        assert!(seen.missing_nar.unwrap().contains("No such file or directory"));
+        // the build's log came as a BuildLogLine (101) result
+        let log_line = seen.events.iter().any(|e| matches!(e, Event::Result { result_type: 101, fields, .. } if fields == &[Field::String("building worker-ok".into())]));
+        assert!(log_line, "{:#?}", seen.events);
+        let start = seen.events.iter().find(|e| matches!(e, Event::StartActivity { activity_type: 105, .. })).unwrap();
+        assert!(start.nix_log_line().contains("\"action\":\"start\"") && start.nix_log_line().contains("worker-ok.drv"));
+        // our requests are byte for byte what the independent recorder sent and the daemon accepted
+        let sent = c2s.0.lock().unwrap().clone();
+        let want = golden("worker-2.8-trusted-c2s.bin");
+        let first_diff = sent.iter().zip(&want).position(|(a, b)| a != b);
+        assert_eq!((first_diff, sent.len()), (None, want.len()));
+    }
+
+    #[test]
+    fn the_untrusted_session_reports_the_daemons_words_with_a_hint() {
+        let s2c = golden("worker-2.8-untrusted-s2c.bin");
+        let hello_nar = golden("hello-file.nar");
+        let ia = ca_info(sp("11111111111111111111111111111111-ia"), &hello_nar, vec![sp("46ax0m47x1x216zrhzjcsc59k7ygscmn-hello")], false);
+        let mut c = WorkerConn::handshake(&s2c[..], io::sink(), |_| {}).unwrap();
+        assert_eq!(c.trust, None, "2.8 speaks 1.34, before the trust status");
+        let e = c.add_to_store_nar(&ia, &mut &hello_nar[..], false, true, |_| {}).unwrap_err();
+        let WorkerError::Remote { message, level, .. } = &e else { panic!("{e:?}") };
+        assert!(message.contains("cannot add path") && message.ends_with("because it lacks a valid signature"), "{message}");
+        assert_eq!(*level, Some(0));
+        assert!(e.untrusted_hint().unwrap().contains("trusted-users"));
+        let (p, d) = drv("worker-ok");
+        let e = c.build_derivation(&p, &d, &[], BuildMode::Normal, |_| {}).unwrap_err();
+        assert!(e.to_string().contains("you are not privileged to build input-addressed derivations"), "{e}");
+        assert!(e.untrusted_hint().unwrap().contains("trusted-users"));
+        let info = c.query_path_info(&sp("46ax0m47x1x216zrhzjcsc59k7ygscmn-hello"), |_| {}).unwrap().unwrap();
+        assert_eq!(info.nar_size, 120);
+    }
+
+    #[test]
+    fn truncated_or_mutated_replies_are_errors_not_panics() {
+        let s2c = golden("worker-2.8-trusted-s2c.bin");
+        // 2.8 sends the last error twice (before it hangs up); the client reads the first
+        let tag = STDERR_ERROR.to_le_bytes();
+        let second = s2c.windows(8).rposition(|w| w == tag).unwrap();
+        for cut in (0..second).step_by(7) {
+            assert!(replay(&s2c[..cut], Shared::default()).is_err(), "cut at {cut} accepted");
+        }
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for i in 0..1500 {
+            let mut m = s2c.clone();
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let at = (state as usize) % m.len();
+            m[at] = match i % 3 {
+                0 => m[at] ^ (1 << (state >> 61)),
+                1 => 0xff,
+                _ => 0,
+            };
+            let _ = replay(&m, Shared::default());
+        }
+        let u = golden("worker-2.8-untrusted-s2c.bin");
+        for cut in 0..u.len() {
+            let mut c = match WorkerConn::handshake(&u[..cut], io::sink(), |_| {}) {
+                Ok(c) => c,
+                Err(_) => continue,
+            };
+            let _ = c.query_path_info("/x", |_| {});
+        }
+    }
+
+    fn hello_reply(minor: u8) -> Vec<u8> {
+        let mut v = Vec::new();
+        wire::write_u64(&mut v, WORKER_MAGIC_2).unwrap();
+        wire::write_u64(&mut v, WorkerVersion(1, minor).to_wire()).unwrap();
+        v
+    }
+
+    #[test]
+    fn handshake_per_version() {
+        // 1.38: features, version string, trust; a newer daemon is spoken to at 1.38
+        let mut s = hello_reply(39);
+        wire::write_strings(&mut s, &["realisation-with-path-not-hash"]).unwrap();
+        wire::write_bytes(&mut s, b"2.35.0").unwrap();
+        wire::write_u64(&mut s, 2).unwrap();
+        wire::write_u64(&mut s, STDERR_NEXT).unwrap();
+        wire::write_bytes(&mut s, b"warning: hello\n").unwrap();
+        wire::write_u64(&mut s, STDERR_LAST).unwrap();
+        let sent = Shared::default();
+        let mut evs = Vec::new();
+        let c = WorkerConn::handshake(&s[..], sent.clone(), |e| evs.push(e)).unwrap();
+        assert_eq!((c.version, c.trust, c.daemon_nix_version.as_deref()), (WorkerVersion(1, 38), Some(Trust::NotTrusted), Some("2.35.0")));
+        assert_eq!(c.daemon_features, vec!["realisation-with-path-not-hash"]);
+        assert_eq!(evs, vec![Event::Next("warning: hello\n".into())]);
+        // magic, version, no features, cpu affinity, reserveSpace
+        assert_eq!(sent.0.lock().unwrap().len(), 5 * 8);
+        // 1.21 (Nix 2.3): no version string, no trust; errors in the old format
+        let mut s = hello_reply(21);
+        wire::write_u64(&mut s, STDERR_ERROR).unwrap();
+        wire::write_bytes(&mut s, b"user 'x' is not allowed to connect").unwrap();
+        wire::write_u64(&mut s, 1).unwrap();
+        let e = WorkerConn::handshake(&s[..], io::sink(), |_| {}).err().unwrap();
+        assert!(matches!(&e, WorkerError::Remote { status: Some(1), message, .. } if message.contains("not allowed")), "{e:?}");
+        // too old, another major, a MOTD
+        let e = WorkerConn::handshake(&hello_reply(17)[..], io::sink(), |_| {}).err().unwrap();
+        assert!(matches!(e, WorkerError::Version { got: WorkerVersion(1, 17) }), "{e}");
+        let e = WorkerConn::handshake(&b"Welcome to b1!\n\0\0\0\0\0\0\0\0\0"[..], io::sink(), |_| {}).err().unwrap();
+        assert!(e.to_string().contains("MOTD"), "{e}");
+        assert!(matches!(WorkerConn::handshake(&[][..], io::sink(), |_| {}).err().unwrap(), WorkerError::Closed { .. }));
+    }
+
+    #[test]
+    fn unknown_tags_and_huge_counts_are_protocol_errors() {
+        let base = {
+            let mut s = hello_reply(34);
+            wire::write_bytes(&mut s, b"2.8.0").unwrap();
+            s
+        };
+        let cases: Vec<(Vec<u64>, &str)> = vec![
+            (vec![0x1234], "unknown stderr message"),
+            (vec![STDERR_WRITE], "data where none is expected"),
+            (vec![STDERR_READ, 8], "asked for data"),
+            (vec![STDERR_RESULT, 1, 101, u64::MAX], "fields"),
+            (vec![STDERR_RESULT, 1, 101, 1, 7], "unknown log field type"),
+            (vec![STDERR_NEXT, u64::MAX], "more than the limit"),
+        ];
+        for (words, want) in cases {
+            let mut s = base.clone();
+            for w in words {
+                wire::write_u64(&mut s, w).unwrap();
+            }
+            let e = WorkerConn::handshake(&s[..], io::sink(), |_| {}).err().unwrap();
+            assert!(matches!(e, WorkerError::Protocol { .. }) && e.to_string().contains(want), "{e} lacks {want}");
+        }
+    }
+
+    #[test]
+    fn old_daemons_pull_uploads_with_stderr_read() {
+        // 1.22: the daemon asks for the NAR in pieces
+        let nar = golden("hello-file.nar");
+        let info = ca_info(sp("46ax0m47x1x216zrhzjcsc59k7ygscmn-hello"), &nar, vec![], true);
+        let mut s = hello_reply(22);
+        wire::write_u64(&mut s, STDERR_LAST).unwrap();
+        for _ in 0..2 {
+            wire::write_u64(&mut s, STDERR_READ).unwrap();
+            wire::write_u64(&mut s, 100).unwrap();
+        }
+        wire::write_u64(&mut s, STDERR_LAST).unwrap();
+        let sent = Shared::default();
+        let mut c = WorkerConn::handshake(&s[..], sent.clone(), |_| {}).unwrap();
+        let before = sent.0.lock().unwrap().len();
+        c.add_to_store_nar(&info, &mut &nar[..], false, false, |_| {}).unwrap();
+        let out = sent.0.lock().unwrap()[before..].to_vec();
+        // the two answers are the NAR's 100 and 20 bytes, as padded strings, at the end
+        let tail = &out[out.len() - (8 + 104 + 8 + 24)..];
+        assert_eq!(&tail[..8], &100u64.to_le_bytes());
+        assert_eq!(&tail[8..108], &nar[..100]);
+        assert_eq!(&tail[112..120], &20u64.to_le_bytes());
+        assert_eq!(&tail[120..140], &nar[100..]);
+    }
+
+    #[test]
+    fn build_results_of_1_37_carry_cpu_times() {
+        let (p, d) = drv("worker-ok");
+        // status 0, errorMsg "", timesBuilt 1, nondet 0, start 10, stop 20, cpuUser Some(1500), cpuSystem None, builtOutputs 1
+        let mut s2 = hello_reply(37);
+        wire::write_bytes(&mut s2, b"2.20.0").unwrap();
+        wire::write_u64(&mut s2, 1).unwrap();
+        wire::write_u64(&mut s2, STDERR_LAST).unwrap();
+        wire::write_u64(&mut s2, STDERR_LAST).unwrap();
+        wire::write_u64(&mut s2, 0).unwrap();
+        wire::write_bytes(&mut s2, b"").unwrap();
+        for v in [1u64, 0, 10, 20, 1, 1500, 0, 1] {
+            wire::write_u64(&mut s2, v).unwrap();
+        }
+        wire::write_bytes(&mut s2, b"sha256:00!out").unwrap();
+        wire::write_bytes(&mut s2, br#"{"outPath":"x-out"}"#).unwrap();
+        let mut c = WorkerConn::handshake(&s2[..], io::sink(), |_| {}).unwrap();
+        assert_eq!(c.trust, Some(Trust::Trusted));
+        let o = c.build_derivation(&p, &d, &[], BuildMode::Normal, |_| {}).unwrap();
+        assert_eq!((o.result.status, o.cpu_user_us, o.cpu_system_us, o.result.stop_time), (BuildStatus::Built, Some(1500), None, 20));
+        assert_eq!(o.built_outputs.get("sha256:00!out").map(String::as_str), Some(r#"{"outPath":"x-out"}"#));
+    }
 }
