@@ -321,15 +321,15 @@ fn read_fields(r: &mut dyn Read, during: &'static str) -> Result<Vec<Field>, Wor
     (0..n)
         .map(|_| match wire::read_u64(r, "field type").map_err(&e)? {
             0 => Ok(Field::Int(wire::read_u64(r, "field").map_err(&e)?)),
-            1 => Ok(Field::String(read_text(r, "field")?)),
+            1 => Ok(Field::String(read_text(r, "field", during)?)),
             t => Err(protocol(during, format!("unknown log field type {t}"))),
         })
         .collect()
 }
 
 /// Log text: any bytes (a build's output need not be UTF-8), shown lossily.
-fn read_text(r: &mut dyn Read, what: &'static str) -> Result<String, WorkerError> {
-    let b = wire::read_bytes(r, MAX_MSG, what).map_err(wire_err("reading the builder's log"))?;
+fn read_text(r: &mut dyn Read, what: &'static str, during: &'static str) -> Result<String, WorkerError> {
+    let b = wire::read_bytes(r, MAX_MSG, what).map_err(wire_err(during))?;
     Ok(String::from_utf8_lossy(&b).into_owned())
 }
 
@@ -342,7 +342,7 @@ fn read_error(r: &mut dyn Read, during: &'static str) -> Result<WorkerError, Wor
     }
     let level = wire::read_u64(r, "error level").map_err(&e)?;
     let _name = wire::read_bytes(r, 1024, "error name").map_err(&e)?;
-    let message = read_text(r, "error message")?;
+    let message = read_text(r, "error message", during)?;
     if wire::read_u64(r, "error position").map_err(&e)? != 0 {
         return Err(protocol(during, "error with a position, which no daemon sends"));
     }
@@ -355,7 +355,7 @@ fn read_error(r: &mut dyn Read, during: &'static str) -> Result<WorkerError, Wor
         if wire::read_u64(r, "trace position").map_err(&e)? != 0 {
             return Err(protocol(during, "error trace with a position, which no daemon sends"));
         }
-        traces.push(read_text(r, "error trace")?);
+        traces.push(read_text(r, "error trace", during)?);
     }
     Ok(WorkerError::Remote { during, message, status: None, level: Some(level), traces })
 }
@@ -376,12 +376,12 @@ fn process_stderr(
     loop {
         match wire::read_u64(r, "stderr message").map_err(&e)? {
             STDERR_LAST => return Ok(()),
-            STDERR_NEXT => sink(Event::Next(read_text(r, "log line")?)),
+            STDERR_NEXT => sink(Event::Next(read_text(r, "log line", during)?)),
             STDERR_START_ACTIVITY => {
                 let id = wire::read_u64(r, "activity id").map_err(&e)?;
                 let level = wire::read_u64(r, "activity level").map_err(&e)?;
                 let activity_type = wire::read_u64(r, "activity type").map_err(&e)?;
-                let text = read_text(r, "activity text")?;
+                let text = read_text(r, "activity text", during)?;
                 let fields = read_fields(r, during)?;
                 let parent = wire::read_u64(r, "parent activity").map_err(&e)?;
                 sink(Event::StartActivity { id, level, activity_type, text, fields, parent });
@@ -395,7 +395,7 @@ fn process_stderr(
             }
             STDERR_ERROR if version >= WorkerVersion(1, 26) => return Err(read_error(r, during)?),
             STDERR_ERROR => {
-                let message = read_text(r, "error message")?;
+                let message = read_text(r, "error message", during)?;
                 let status = wire::read_u64(r, "error status").map_err(&e)?;
                 return Err(WorkerError::Remote { during, message, status: Some(status), level: None, traces: Vec::new() });
             }
@@ -464,6 +464,14 @@ impl<W: Write + ?Sized> Write for FramedWriter<'_, W> {
         self.emit()?;
         self.inner.flush()
     }
+}
+
+/// How the writing half of a framed upload failed.
+enum Upload {
+    /// Writing to the daemon.
+    Pipe(io::Error),
+    /// Producing the data (reading the local NAR, a size that does not match).
+    Source(io::Error),
 }
 
 /// Counts the bytes written through it.
@@ -724,7 +732,7 @@ impl<R: Read, W: Write> WorkerConn<R, W> {
         if self.version >= WorkerVersion(1, 26) {
             return read_error(&mut self.r, d);
         }
-        let message = read_text(&mut self.r, "error message")?;
+        let message = read_text(&mut self.r, "error message", d)?;
         let status = wire::read_u64(&mut self.r, "error status").map_err(wire_err(d))?;
         Ok(WorkerError::Remote { during: d, message, status: Some(status), level: None, traces: Vec::new() })
     }
@@ -788,16 +796,26 @@ impl<R: Read, W: Write + Send> WorkerConn<R, W> {
         std::thread::scope(|s| {
             let writer = s.spawn(move || {
                 let mut fw = FramedWriter { inner: w, buf: Vec::with_capacity(FRAME) };
-                body(&mut fw)?;
-                fw.finish()
+                match body(&mut fw) {
+                    Ok(()) => fw.finish().map_err(Upload::Pipe),
+                    Err(e) if closed_kind(&e) => Err(Upload::Pipe(e)),
+                    Err(e) => {
+                        // Our side failed (the local NAR): end the stream all the
+                        // same, so that the daemon answers instead of waiting.
+                        let _ = fw.finish();
+                        Err(Upload::Source(e))
+                    }
+                }
             });
             // STDERR_READ is not used with framed uploads, so nothing is written here.
             let read = process_stderr(r, &mut io::sink(), version, during, sink, None);
-            let wrote = writer.join().unwrap_or_else(|_| Err(io::Error::other("the upload thread panicked")));
+            let wrote = writer.join().unwrap_or_else(|_| Err(Upload::Source(io::Error::other("the upload thread panicked"))));
             match (read, wrote) {
-                // The daemon's own words first: it may have stopped reading.
+                // A local failure is the cause of whatever the daemon said about the cut stream.
+                (_, Err(Upload::Source(source))) => Err(WorkerError::Io { during, source }),
+                // Otherwise the daemon's own words first: it may have stopped reading.
                 (Err(e @ WorkerError::Remote { .. }), _) => Err(e),
-                (_, Err(e)) => Err(io_err(during)(e)),
+                (_, Err(Upload::Pipe(e))) => Err(io_err(during)(e)),
                 (res, Ok(())) => res,
             }
         })
@@ -896,7 +914,7 @@ fn read_path_info(r: &mut dyn Read, path: &str, version: WorkerVersion, d: &'sta
 fn read_build_result(r: &mut dyn Read, version: WorkerVersion, d: &'static str) -> Result<BuildOutcome, WorkerError> {
     let e = wire_err(d);
     let status = BuildStatus::from_wire(wire::read_u64(r, "status").map_err(&e)?);
-    let error_msg = read_text(r, "errorMsg")?;
+    let error_msg = read_text(r, "errorMsg", d)?;
     let mut res = BuildResult { status, error_msg, times_built: 0, start_time: 0, stop_time: 0 };
     let mut out = BuildOutcome { result: res.clone(), is_non_deterministic: false, cpu_user_us: None, cpu_system_us: None, built_outputs: BTreeMap::new() };
     if version >= WorkerVersion(1, 29) {
@@ -1217,6 +1235,29 @@ mod tests {
         assert_eq!(&tail[8..108], &nar[..100]);
         assert_eq!(&tail[112..120], &20u64.to_le_bytes());
         assert_eq!(&tail[120..140], &nar[100..]);
+    }
+
+    #[test]
+    fn a_short_local_nar_is_our_error_and_the_stream_still_ends() {
+        let nar = golden("hello-file.nar");
+        let info = ca_info(sp("46ax0m47x1x216zrhzjcsc59k7ygscmn-hello"), &nar, vec![], true);
+        let mut s = hello_reply(34);
+        wire::write_bytes(&mut s, b"2.8.0").unwrap();
+        wire::write_u64(&mut s, STDERR_LAST).unwrap();
+        // what a daemon says of a cut NAR
+        wire::write_u64(&mut s, STDERR_ERROR).unwrap();
+        wire::write_bytes(&mut s, b"Error").unwrap();
+        wire::write_u64(&mut s, 0).unwrap();
+        wire::write_bytes(&mut s, b"Error").unwrap();
+        wire::write_bytes(&mut s, b"unexpected end-of-file").unwrap();
+        wire::write_u64(&mut s, 0).unwrap();
+        wire::write_u64(&mut s, 0).unwrap();
+        let sent = Shared::default();
+        let mut c = WorkerConn::handshake(&s[..], sent.clone(), |_| {}).unwrap();
+        let e = c.add_to_store_nar(&info, &mut &nar[..100], false, false, |_| {}).unwrap_err();
+        assert!(matches!(&e, WorkerError::Io { .. }) && crate::session::chain(&e).contains("has 100 bytes, its info says 120"), "{e:?}");
+        let out = sent.0.lock().unwrap().clone();
+        assert_eq!(&out[out.len() - 8..], &[0; 8], "the frames are ended");
     }
 
     #[test]
