@@ -32,6 +32,7 @@ pub mod slots;
 pub mod store_path;
 pub mod transport;
 pub mod wire;
+pub mod worker;
 
 /// Nix's platform string for the machine this was compiled for (its
 /// `system`), used when Nix does not send the `system` setting.
