@@ -430,7 +430,7 @@ test_fixed_output_is_checked_and_registered_with_its_content_address_and_signatu
   case "$sigs" in b1-test:*) ;; *) fail "the builder's signature was not kept: '$sigs'" ;; esac
 }
 
-test_percent_signs_in_key_uri_and_load_dir() {
+test_percent_signs_and_long_uris_in_key_uri_and_load_dir() {
   reset_health
   cp "$TB/client_key" "$TB/k%ey"
   echo "ssh://root@10.201.1.2?remote-program=nix-store&x=%25 x86_64-linux $TB/k%ey 2 1 - - $(tb_hostkey_b64 1)" > "$TB/machines"
@@ -438,6 +438,11 @@ test_percent_signs_in_key_uri_and_load_dir() {
   out=$(NIX_CURRENT_LOAD=$load nb "$NIX/chain.nix" -A dep --argstr nonce "$(nonce pct)" 2>&1 | tee /dev/stderr | tail -1)
   [ -d "$out" ] || fail "no output"
   nix-store --verify-path "$out" || fail "not valid"
+  # a store URI longer than a file name may be: hashed lock and record names
+  echo "ssh://root@10.201.1.2?remote-program=nix-store&pad=$(printf 'x%.0s' $(seq 1 300)) x86_64-linux $TB/client_key 2 1 - - $(tb_hostkey_b64 1)" > "$TB/machines"
+  out=$(NIX_CURRENT_LOAD=$load nb "$NIX/chain.nix" -A dep --argstr nonce "$(nonce long)" 2>&1 | tee /dev/stderr | tail -1)
+  [ -d "$out" ] || fail "no output with a long URI"
+  ls "$load" | grep -q '^uri-' || fail "no hashed slot file"
   rm -rf "$load"
 }
 
@@ -516,7 +521,7 @@ main() {
     stale_shared_connection_socket_is_replaced check_command_says_why
     new_connections_prefer_aes_gcm_unless_the_user_chose incompressible_inputs_are_copied_uncompressed
     fixed_output_is_checked_and_registered_with_its_content_address_and_signatures
-    percent_signs_in_key_uri_and_load_dir operators_see_history_status_drain_and_explain
+    percent_signs_and_long_uris_in_key_uri_and_load_dir operators_see_history_status_drain_and_explain
   )
   local sel=("$@"); [ ${#sel[@]} -eq 0 ] && sel=("${all[@]}")
   for t in "${sel[@]}"; do t_run "$t" "test_$t"; done

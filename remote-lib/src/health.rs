@@ -52,11 +52,20 @@ impl Default for Backoff {
     }
 }
 
+/// The longest back-off any record may impose: records are written by any
+/// local hook and read by all, so a `retry_after` further ahead than this
+/// (plus the jitter) is not believed.
+pub const MAX_BACKOFF_SECS: u64 = 86_400;
+
+/// Longest failure reason kept in a record.
+pub const MAX_REASON: usize = 1024;
+
 impl Backoff {
-    /// Back-off after `failures` consecutive failures, before jitter.
+    /// Back-off after `failures` consecutive failures, before jitter (never
+    /// more than [`MAX_BACKOFF_SECS`]).
     pub fn delay(&self, failures: u32) -> u64 {
         let exp = failures.saturating_sub(1).min(20);
-        self.base_secs.saturating_mul(1u64 << exp).min(self.cap_secs)
+        self.base_secs.saturating_mul(1u64 << exp).min(self.cap_secs).min(MAX_BACKOFF_SECS)
     }
 }
 
@@ -80,11 +89,11 @@ impl Health {
                 "failures" => v.parse().map(|x| h.failures = x).is_ok(),
                 "retry_after" => v.parse().map(|x| h.retry_after = x).is_ok(),
                 "reason" => {
-                    h.reason = v.to_string();
+                    h.reason = truncate(v, MAX_REASON);
                     true
                 }
                 "compress" => {
-                    h.compress = v.parse().ok();
+                    h.compress = v.parse().ok().filter(|l| (0..=19).contains(l));
                     true
                 }
                 "raw_mbps" => {
@@ -126,9 +135,10 @@ impl Health {
         )
     }
 
-    /// True while the machine is backing off.
+    /// True while the machine is backing off. A `retry_after` further ahead
+    /// than any back-off could be (see [`MAX_BACKOFF_SECS`]) is ignored.
     pub fn backing_off(&self, now: u64) -> bool {
-        self.failures > 0 && now < self.retry_after
+        self.failures > 0 && now < self.retry_after && self.retry_after - now <= MAX_BACKOFF_SECS * 6 / 5
     }
 
     /// True if a connection succeeded within `window` seconds and nothing
@@ -150,8 +160,13 @@ impl Health {
         self.failures = self.failures.saturating_add(1);
         let d = policy.delay(self.failures) as f64;
         self.retry_after = now + (d * (0.8 + 0.4 * jitter.clamp(0.0, 1.0))).round() as u64;
-        self.reason = reason.to_string();
+        self.reason = truncate(reason, MAX_REASON);
     }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    let cut = (0..=max.min(s.len())).rev().find(|i| s.is_char_boundary(*i)).unwrap_or(0);
+    s[..cut].to_string()
 }
 
 /// Below this many MB/s of uncompressed data, compressing pays off on this
@@ -242,7 +257,7 @@ impl HealthStore {
     }
 
     fn file(&self, uri: &str) -> PathBuf {
-        self.dir.join(crate::slots::escape_uri(uri))
+        self.dir.join(crate::slots::file_name(uri, ""))
     }
 
     /// Reads a machine's record ("unknown" if missing or corrupt).
@@ -317,6 +332,22 @@ mod tests {
         for junk in ["", "garbage", "build-hook-health v1\nfailures=x", "build-hook-health v2\nfailures=1"] {
             assert_eq!(Health::parse(junk), Health::default(), "{junk:?}");
         }
+    }
+
+    #[test]
+    fn records_are_not_believed_too_far() {
+        let far = "build-hook-health v1\nlast_success=0\nfailures=3\nretry_after=99999999999\nreason=x\ncompress=99\n";
+        let h = Health::parse(far);
+        assert!(!h.backing_off(1_000), "a back-off of three thousand years is ignored");
+        assert_eq!(h.compress, None, "a level zstd does not have is unknown");
+        let mut h = Health::default();
+        h.failed(1_000, &"é".repeat(5000), Backoff { base_secs: 5, cap_secs: u64::MAX }, 0.5);
+        assert!(h.reason.len() <= MAX_REASON);
+        for f in 1..40 {
+            h.failed(1_000, "x", Backoff { base_secs: 5, cap_secs: u64::MAX }, 1.0);
+            assert!(h.backing_off(1_001) && h.retry_after - 1_000 <= MAX_BACKOFF_SECS * 6 / 5, "failure {f}");
+        }
+        assert!(Health::parse(&h.render()).backing_off(1_001));
     }
 
     #[test]

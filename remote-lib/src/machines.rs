@@ -108,15 +108,26 @@ const FIELDS: [&str; 8] = [
 ];
 
 const MAX_INCLUDE_DEPTH: usize = 16;
+/// Files read through `@file` in one parse at most: a file that includes
+/// another several times must not multiply the reads.
+const MAX_INCLUDE_READS: usize = 64;
+
+/// The includes of one parse: the files being read now (to find cycles) and
+/// how many were read in all.
+#[derive(Default)]
+struct Includes {
+    stack: Vec<String>,
+    reads: usize,
+}
 
 /// Parses the `builders` setting (or a machines file's text) named `source`.
 pub fn parse(text: &str, source: &str, local_system: &str, loader: &mut Loader) -> Parsed {
     let mut out = Parsed::default();
-    parse_into(text, source, local_system, loader, &mut out, 0);
+    parse_into(text, source, local_system, loader, &mut out, &mut Includes::default());
     out
 }
 
-fn parse_into(text: &str, source: &str, local_system: &str, loader: &mut Loader, out: &mut Parsed, depth: usize) {
+fn parse_into(text: &str, source: &str, local_system: &str, loader: &mut Loader, out: &mut Parsed, inc: &mut Includes) {
     for (lineno, line) in text.split('\n').enumerate() {
         let line = line.strip_suffix('\r').unwrap_or(line);
         let content = match line.find('#') {
@@ -135,7 +146,7 @@ fn parse_into(text: &str, source: &str, local_system: &str, loader: &mut Loader,
             }
             let at = Location { file: source.to_string(), line: lineno + 1, column: col };
             if let Some(path) = trimmed.strip_prefix('@') {
-                include(path.trim(), at, local_system, loader, out, depth);
+                include(path.trim(), at, local_system, loader, out, inc);
             } else if let Some(m) = parse_entry(trimmed, &at, local_system, &mut out.diagnostics) {
                 out.machines.push(m);
             }
@@ -143,7 +154,7 @@ fn parse_into(text: &str, source: &str, local_system: &str, loader: &mut Loader,
     }
 }
 
-fn include(path: &str, at: Location, local_system: &str, loader: &mut Loader, out: &mut Parsed, depth: usize) {
+fn include(path: &str, at: Location, local_system: &str, loader: &mut Loader, out: &mut Parsed, inc: &mut Includes) {
     let diag = |message: String, hint: String| Diagnostic {
         severity: Severity::Error,
         at: at.clone(),
@@ -158,15 +169,31 @@ fn include(path: &str, at: Location, local_system: &str, loader: &mut Loader, ou
         ));
         return;
     }
-    if depth >= MAX_INCLUDE_DEPTH {
+    if inc.stack.iter().any(|p| p == path) {
         out.diagnostics.push(diag(
-            format!("'@{path}' is nested more than {MAX_INCLUDE_DEPTH} includes deep"),
-            "check for a machines file that includes itself".into(),
+            format!("'@{path}' includes itself (through {})", inc.stack.join(" → ")),
+            "remove the include that leads back to this file".into(),
         ));
         return;
     }
+    if inc.stack.len() >= MAX_INCLUDE_DEPTH {
+        out.diagnostics.push(diag(format!("'@{path}' is nested more than {MAX_INCLUDE_DEPTH} includes deep"), "flatten the chain of machines files".into()));
+        return;
+    }
+    if inc.reads >= MAX_INCLUDE_READS {
+        out.diagnostics.push(diag(
+            format!("'@{path}' is one include too many: the machines list already read {MAX_INCLUDE_READS} files"),
+            "include each machines file once".into(),
+        ));
+        return;
+    }
+    inc.reads += 1;
     match loader(path) {
-        Ok(Some(text)) => parse_into(&text, path, local_system, loader, out, depth + 1),
+        Ok(Some(text)) => {
+            inc.stack.push(path.to_string());
+            parse_into(&text, path, local_system, loader, out, inc);
+            inc.stack.pop();
+        }
         Ok(None) => out.diagnostics.push(Diagnostic {
             severity: Severity::Warning,
             ..diag(
@@ -371,13 +398,15 @@ fn parse_ssh_uri(uri: &str) -> Result<SshTarget, UriProblem> {
 }
 
 fn percent_decode(s: &str) -> String {
+    // On bytes: a '%' may be followed by a multi-byte character.
     let b = s.as_bytes();
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 3 <= b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
+        if b[i] == b'%' {
+            if let (Some(h), Some(l)) = (b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
+                out.push(h << 4 | l);
                 i += 3;
                 continue;
             }
@@ -470,6 +499,32 @@ mod tests {
     }
 
     #[test]
+    fn percent_decoding_never_splits_a_character() {
+        let m = parse("ssh://b1?remote-program=%aé - - 1 1", "t", "x86_64-linux", &mut |_| Ok(None));
+        assert_eq!(m.machines.len(), 1, "{:?}", m.diagnostics);
+        assert_eq!(m.machines[0].ssh.remote_program, "%aé");
+        let m = parse("ssh://b1?remote-program=%2Fnix%2fstore%20x%", "t", "x86_64-linux", &mut |_| Ok(None));
+        assert_eq!(m.machines[0].ssh.remote_program, "/nix/store x%");
+    }
+
+    #[test]
+    fn include_cycles_and_fan_out_are_bounded() {
+        let mut reads = 0;
+        let mut loader = |p: &str| {
+            reads += 1;
+            Ok(Some(match p {
+                "/self" => "@/self\n@/self\n@/self\nb1 x86_64-linux".to_string(),
+                _ => (0..10).map(|_| "@/self\n").collect(),
+            }))
+        };
+        let m = parse("@/fan", "t", "x86_64-linux", &mut loader);
+        assert!(reads <= MAX_INCLUDE_READS, "{reads} reads");
+        assert!(m.diagnostics.iter().any(|d| d.message.contains("includes itself")), "{:?}", m.diagnostics);
+        let cycle = m.diagnostics.iter().find(|d| d.message.contains("includes itself")).unwrap();
+        assert_eq!((cycle.at.file.as_str(), cycle.at.line), ("/self", 1));
+    }
+
+    #[test]
     fn includes_relative_missing_and_nested() {
         let p = run("@/etc/nix/machines\n@machines\n@/missing", &[("/etc/nix/machines", "# c\nb1 - - 2\n@/etc/nix/more"), ("/etc/nix/more", "b2")]);
         let uris: Vec<_> = p.machines.iter().map(|m| m.uri.as_str()).collect();
@@ -479,7 +534,10 @@ mod tests {
         assert!(p.diagnostics[0].message.contains("relative") && p.diagnostics[0].message.contains("'/machines'"));
         assert_eq!(p.diagnostics[1].severity, Severity::Warning);
         let looped = run("@/a", &[("/a", "@/a")]);
-        assert!(looped.diagnostics[0].message.contains("nested"));
+        assert!(looped.diagnostics[0].message.contains("includes itself"), "{:?}", looped.diagnostics);
+        let chain: Vec<(String, String)> = (0..20).map(|i| (format!("/c{i}"), format!("@/c{}", i + 1))).collect();
+        let chain: Vec<(&str, &str)> = chain.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        assert!(run("@/c0", &chain).diagnostics[0].message.contains("nested"));
     }
 
     #[test]

@@ -60,6 +60,19 @@ pub fn escape_uri(uri: &str) -> String {
     uri.replace('/', "_")
 }
 
+/// The file name for a machine's `uri` with `suffix`: `E` + suffix as Nix's
+/// hook names it, or, when that is longer than a file name may be (255
+/// bytes; Nix's own hook cannot use such a machine at all), `uri-` and a
+/// hash of the URI + suffix.
+pub fn file_name(uri: &str, suffix: &str) -> String {
+    let name = format!("{}{suffix}", escape_uri(uri));
+    if name.len() <= 255 {
+        return name;
+    }
+    use sha2::Digest;
+    format!("uri-{}{suffix}", crate::hash::nix32_encode(&sha2::Sha256::digest(uri.as_bytes())[..20]))
+}
+
 impl LoadDir {
     /// Opens (and creates, like Nix, ignoring errors) the directory.
     pub fn new(path: impl Into<PathBuf>) -> Self {
@@ -112,20 +125,13 @@ impl LoadDir {
     /// Takes the machine's upload lock (blocking). `E.upload-lock`, or a
     /// hashed name when that is too long for the filesystem.
     pub fn upload_lock(&self, uri: &str) -> Result<FileLock, SlotError> {
-        let name = format!("{}.upload-lock", escape_uri(uri));
-        if name.len() <= 255 {
-            return self.lock_blocking(&name);
-        }
-        use sha2::Digest;
-        let h = crate::hash::nix32_encode(&sha2::Sha256::digest(uri.as_bytes())[..20]);
-        self.lock_blocking(&format!("{h}.upload-lock"))
+        self.lock_blocking(&file_name(uri, ".upload-lock"))
     }
 
     /// Tries the machine's upload lock until `deadline`; `None` when it is
     /// still held then (the caller may upload without it).
     pub fn upload_lock_until(&self, uri: &str, deadline: std::time::Instant) -> Result<Option<FileLock>, SlotError> {
-        let name = format!("{}.upload-lock", escape_uri(uri));
-        let (file, path) = self.open(&name)?;
+        let (file, path) = self.open(&file_name(uri, ".upload-lock"))?;
         loop {
             if Self::flock(&file, &path, libc::LOCK_EX | libc::LOCK_NB)? {
                 return Ok(Some(FileLock { file, path }));
@@ -143,7 +149,7 @@ impl LoadDir {
         let mut kept = None;
         let mut busy = 0;
         for i in 0..max_jobs {
-            let (file, path) = self.open(&format!("{}-{i}", escape_uri(uri)))?;
+            let (file, path) = self.open(&file_name(uri, &format!("-{i}")))?;
             if Self::flock(&file, &path, libc::LOCK_EX | libc::LOCK_NB)? {
                 if kept.is_none() {
                     kept = Some(Slot { index: i, lock: FileLock { file, path } });
@@ -157,7 +163,7 @@ impl LoadDir {
 
     /// Whether slot `slot` of `uri` is held by some process now.
     pub fn slot_held(&self, uri: &str, slot: u64) -> bool {
-        match self.open(&format!("{}-{slot}", escape_uri(uri))) {
+        match self.open(&file_name(uri, &format!("-{slot}"))) {
             Ok((f, _)) => matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)),
             Err(_) => false,
         }
@@ -208,6 +214,33 @@ mod tests {
         assert_eq!((c.unwrap().index, busy), (0, 1));
         let (none, busy) = d.probe("ssh://zero", 0).unwrap();
         assert!(none.is_none() && busy == 0);
+    }
+
+    #[test]
+    fn a_uri_too_long_for_a_file_name_still_gets_slots() {
+        let d = dir("long");
+        let uri = format!("ssh://b1?remote-program=/{}", "x".repeat(400));
+        let (a, busy) = d.probe(&uri, 2).unwrap();
+        assert_eq!((a.as_ref().map(|s| s.index), busy), (Some(0), 0));
+        assert!(a.as_ref().unwrap().lock.path.file_name().unwrap().len() <= 255);
+        let (b, busy) = d.probe(&uri, 2).unwrap();
+        assert_eq!((b.as_ref().map(|s| s.index), busy), (Some(1), 1));
+        assert!(d.slot_held(&uri, 0) && d.slot_held(&uri, 1));
+        drop((a, b));
+        assert!(!d.slot_held(&uri, 0));
+        assert!(d.upload_lock_until(&uri, std::time::Instant::now()).unwrap().is_some());
+        assert_eq!(file_name("ssh://b1", "-0"), "ssh:__b1-0", "short URIs keep Nix's names");
+    }
+
+    #[test]
+    fn the_upload_lock_waits_until_its_deadline_at_most() {
+        let d = dir("upl");
+        let held = d.upload_lock("ssh://b").unwrap();
+        let t = std::time::Instant::now();
+        assert!(d.upload_lock_until("ssh://b", t + std::time::Duration::from_millis(200)).unwrap().is_none());
+        assert!(t.elapsed() >= std::time::Duration::from_millis(200) && t.elapsed() < std::time::Duration::from_secs(2));
+        drop(held);
+        assert!(d.upload_lock_until("ssh://b", std::time::Instant::now()).unwrap().is_some());
     }
 
     #[test]

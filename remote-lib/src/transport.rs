@@ -183,15 +183,9 @@ fn pinned_known_hosts(m: &Machine, key: &str, dir: &Path) -> Result<PathBuf, Tra
     Ok(path)
 }
 
-/// A file name for a machine: its escaped URI, or a hash of it when that is
-/// too long for a file name.
+/// A file name for a machine (see [`crate::slots::file_name`]).
 pub fn file_name_for(uri: &str) -> String {
-    let name = crate::slots::escape_uri(uri);
-    if name.len() <= 200 {
-        return name;
-    }
-    use sha2::Digest;
-    format!("uri-{}", crate::hash::nix32_encode(&sha2::Sha256::digest(uri.as_bytes())[..20]))
+    crate::slots::file_name(uri, "")
 }
 
 /// Builds the command that runs the words `remote` on `m` (each quoted for
