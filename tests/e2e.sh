@@ -508,6 +508,26 @@ PY
   ! "$HOOK" status $B | grep -q DRAINED || fail "still drained"
 }
 
+test_a_closure_of_5000_missing_paths_copies_both_ways() {
+  # Once the build-hook hung here: every request was written before any
+  # reply was read, and the pipes filled between 1,000 and 1,300 paths.
+  reset_health
+  machines 1:2
+  tb_empty_store 1
+  cat > "$TB/rss-hook" <<W
+#!/bin/sh
+exec /usr/bin/time -f "%M" -a -o "$TB/rss-lc.txt" "$HOOK" "\$@"
+W
+  chmod +x "$TB/rss-hook"; : > "$TB/rss-lc.txt"
+  local t0; t0=$(date +%s.%N)
+  out=$(timeout 300 nix-build "$NIX/large-closure.nix" --arg n 5000 --argstr nonce "$(nonce lc)" --max-jobs 0 \
+    --builders "@$TB/machines" --option build-hook "$TB/rss-hook" --no-out-link 2>"$TB/lc.err") || { tail -5 "$TB/lc.err"; fail "the build failed or hung"; }
+  echo "5000 paths up, an output with 5000 references down: $(python3 -c "print(f'{$(date +%s.%N)-$t0:.1f}')") s, hook peak RSS $(sort -n "$TB/rss-lc.txt" | tail -1) KiB"
+  [ "$(nix-store -q --references "$out" | wc -l)" = 5000 ] || fail "the output does not reference the 5000 inputs"
+  nix-store --verify-path "$out" || fail "not valid"
+  slots_free 1 2 || fail "slot left locked"
+}
+
 main() {
   tb_up 2 >/dev/null || { echo "cannot bring up the test bed"; exit 1; }
   local all=(
@@ -522,6 +542,7 @@ main() {
     new_connections_prefer_aes_gcm_unless_the_user_chose incompressible_inputs_are_copied_uncompressed
     fixed_output_is_checked_and_registered_with_its_content_address_and_signatures
     percent_signs_and_long_uris_in_key_uri_and_load_dir operators_see_history_status_drain_and_explain
+    a_closure_of_5000_missing_paths_copies_both_ways
   )
   local sel=("$@"); [ ${#sel[@]} -eq 0 ] && sel=("${all[@]}")
   for t in "${sel[@]}"; do t_run "$t" "test_$t"; done

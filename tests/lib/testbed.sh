@@ -27,6 +27,7 @@ tb_install() {
   command -v zstd >/dev/null || need+=(zstd)
   command -v python3 >/dev/null || need+=(python3)
   command -v flock >/dev/null || need+=(util-linux)
+  [ -x /usr/bin/time ] || need+=(time)
   if [ ${#need[@]} -gt 0 ]; then
     echo "testbed: installing ${need[*]}" >&2
     apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >&2
