@@ -434,12 +434,15 @@ impl<'a> Job<'a> {
 }
 
 impl Drop for Job<'_> {
+    /// Anything still open here belongs to a job that did not complete: it
+    /// is killed, not closed, since a stalled builder would keep a polite
+    /// close waiting.
     fn drop(&mut self) {
         if let Some(s) = self.spare.take() {
             s.discard();
         }
         if let Some(s) = self.session.take() {
-            s.close();
+            s.kill();
         }
         if let Some((p, c)) = self.local.take() {
             drop(c);

@@ -115,6 +115,13 @@ pub fn verdict(machine: &str, during: &'static str, fault: Fault, ended: &Ended)
     }
     match fault {
         Fault::Local(why) => SessionError::Local { machine, during, why },
+        // Bad data from a process that then died on its own with ssh's status
+        // or a signal was a connection dying mid-stream, not a lie.
+        Fault::Builder(_) if !ended.killed && ended.status.is_some_and(|s| s.code() == Some(255) || s.signal().is_some()) => {
+            let ssh = last_line(&ended.tail);
+            let why = format!("connection lost during {during}: the data stopped short{}", if ssh.is_empty() { String::new() } else { format!(" ({ssh})") });
+            SessionError::Lost { machine, during, why }
+        }
         Fault::Builder(why) => SessionError::Refused { machine, during, why, builder_said: ended.tail.clone() },
         Fault::Closed(what) => {
             let code = ended.status.and_then(|s| s.code());
@@ -134,6 +141,22 @@ pub fn verdict(machine: &str, during: &'static str, fault: Fault, ended: &Ended)
                 },
             }
         }
+    }
+}
+
+/// How long a process that sent bad data may take to end by itself before it
+/// is killed: ssh exits at once when its connection dies, but the reader may
+/// notice the cut-off data a moment before.
+const BAD_DATA_GRACE: Duration = Duration::from_millis(500);
+
+/// Ends a failed session's process in the way that keeps the facts: a closed
+/// stream waits for the exit status; bad data gives the process a moment to
+/// show whether its connection died; a local fault kills it.
+fn end_for(proc: RemoteProcess, fault: &Fault) -> Ended {
+    match fault {
+        Fault::Closed(_) => proc.finish(),
+        Fault::Builder(_) => proc.end_within(BAD_DATA_GRACE),
+        Fault::Local(_) => proc.kill(),
     }
 }
 
@@ -206,7 +229,7 @@ impl Session {
     pub fn fail(self, during: &'static str, fault: Fault) -> SessionError {
         let Session { machine, proc, serve, .. } = self;
         drop(serve);
-        let ended = if matches!(fault, Fault::Closed(_)) { proc.finish() } else { proc.kill() };
+        let ended = end_for(proc, &fault);
         verdict(&machine, during, fault, &ended)
     }
 
@@ -215,6 +238,12 @@ impl Session {
     pub fn close(self) -> String {
         drop(self.serve);
         self.proc.finish().tail
+    }
+
+    /// Ends the session at once.
+    pub fn kill(self) {
+        drop(self.serve);
+        let _ = self.proc.kill();
     }
 
     /// The server's protocol version.
@@ -256,7 +285,7 @@ impl BulkSession {
             }
             Err(e) => {
                 let fault = Fault::from(&e);
-                let ended = if matches!(fault, Fault::Closed(_)) { self.proc.finish() } else { self.proc.kill() };
+                let ended = end_for(self.proc, &fault);
                 Err(verdict(&self.machine, during, fault, &ended))
             }
         }
@@ -381,7 +410,7 @@ mod tests {
     use std::process::ExitStatus;
 
     fn ended(raw_status: Option<i32>, tail: &str, stalled: Option<(&'static str, u64)>) -> Ended {
-        Ended { status: raw_status.map(ExitStatus::from_raw), tail: tail.into(), stalled: stalled.map(|(p, s)| (p, Duration::from_secs(s))) }
+        Ended { status: raw_status.map(ExitStatus::from_raw), tail: tail.into(), stalled: stalled.map(|(p, s)| (p, Duration::from_secs(s))), killed: false }
     }
     const M: &str = "ssh://b1";
     fn exit(code: i32) -> Option<i32> {
@@ -419,7 +448,12 @@ mod tests {
 
     #[test]
     fn bad_data_is_refused_and_local_faults_are_local() {
-        assert!(matches!(verdict(M, "download", Fault::Builder("NAR hash mismatch".into()), &ended(Some(9), "", None)), SessionError::Refused { .. }));
+        let killed_by_us = Ended { killed: true, ..ended(Some(9), "", None) };
+        assert!(matches!(verdict(M, "download", Fault::Builder("NAR hash mismatch".into()), &killed_by_us), SessionError::Refused { .. }));
+        assert!(matches!(verdict(M, "download", Fault::Builder("NAR hash mismatch".into()), &ended(exit(1), "", None)), SessionError::Refused { .. }));
+        // cut-off data, and ssh then exited with its own status: the connection died
+        let e = verdict(M, "a bulk download", Fault::Builder("malformed NAR: incomplete frame".into()), &ended(exit(255), "", None));
+        assert!(e.is_lost(), "{e:?}");
         assert!(matches!(verdict(M, "download", Fault::Local("disk full".into()), &ended(exit(255), "", None)), SessionError::Local { .. }));
     }
 }

@@ -472,6 +472,8 @@ pub struct Ended {
     pub status: Option<std::process::ExitStatus>,
     pub tail: String,
     pub stalled: Option<(&'static str, Duration)>,
+    /// We killed it (so a signal in `status` is ours, not a sign of loss).
+    pub killed: bool,
 }
 
 /// Silence allowed while a process that was told to end (its stdin closed)
@@ -490,6 +492,8 @@ pub struct RemoteProcess {
     dog: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
     /// Reaped by [`RemoteProcess::finish`].
     reaped: bool,
+    /// Killed by [`RemoteProcess::kill`].
+    killed: bool,
 }
 
 impl Drop for RemoteProcess {
@@ -581,7 +585,7 @@ impl RemoteProcess {
         });
         let stdin = child.stdin.take().map(|inner| Watched { inner, watch: watch.clone() });
         let stdout = child.stdout.take().map(|inner| Watched { inner, watch: watch.clone() });
-        Ok(RemoteProcess { stdin, stdout, child, tap, watch, pump: Some(pump), dog: Some((tx, dog)), reaped: false })
+        Ok(RemoteProcess { stdin, stdout, child, tap, watch, pump: Some(pump), dog: Some((tx, dog)), reaped: false, killed: false })
     }
 
     /// The process id.
@@ -616,38 +620,58 @@ impl RemoteProcess {
                 let _ = p.join();
             }
         }
-        Ended { status, tail: self.tap.tail(), stalled: self.watch.stalled() }
+        Ended { status, tail: self.tap.tail(), stalled: self.watch.stalled(), killed: self.killed }
     }
 
     /// Waits for the child; it is reaped with the live list locked, so a
     /// signal handler never kills its PID after the kernel may reuse it.
     fn reap(&mut self) -> Option<std::process::ExitStatus> {
-        let pid = self.child.id();
         let mut pause = Duration::from_micros(200);
         loop {
-            {
-                let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
-                match self.child.try_wait() {
-                    Ok(Some(st)) => {
-                        live.retain(|p| *p != pid);
-                        return Some(st);
-                    }
-                    Ok(None) => {}
-                    Err(_) => {
-                        live.retain(|p| *p != pid);
-                        return None;
-                    }
-                }
+            if let Some(status) = self.try_reap() {
+                return status;
             }
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(20));
         }
     }
 
+    /// `Some(status)` once the child has exited (it is then reaped and off
+    /// the live list, both under the list's lock); `None` while it runs.
+    fn try_reap(&mut self) -> Option<Option<std::process::ExitStatus>> {
+        let pid = self.child.id();
+        let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+        let status = match self.child.try_wait() {
+            Ok(None) => return None,
+            Ok(Some(st)) => Some(st),
+            Err(_) => None,
+        };
+        live.retain(|p| *p != pid);
+        Some(status)
+    }
+
     /// Kills the process (its whole group) and collects what it printed.
     pub fn kill(mut self) -> Ended {
         self.kill_group();
+        self.killed = true;
         self.finish()
+    }
+
+    /// Gives the process up to `grace` to end by itself (e.g. ssh exiting
+    /// after its connection died, which a reader may notice first); then
+    /// finishes it if it did, and kills it if it did not.
+    pub fn end_within(mut self, grace: Duration) -> Ended {
+        let until = Instant::now() + grace;
+        loop {
+            if self.try_reap().is_some() {
+                // Reaped: the status is kept by `Child`, so finish() gets it again.
+                return self.finish();
+            }
+            if Instant::now() >= until {
+                return self.kill();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     fn kill_group(&mut self) {

@@ -28,6 +28,6 @@ t_run() {
 
 t_summary() {
   [ ${#T_FAILED[@]} -gt 0 ] && echo "failed: ${T_FAILED[*]}"
-  echo "e2e: $T_PASS passed, $T_FAIL failed"
+  echo "${T_NAME:-e2e}: $T_PASS passed, $T_FAIL failed"
   [ $T_FAIL -eq 0 ]
 }
