@@ -24,7 +24,7 @@ step "cargo fmt --check" cargo fmt --all --check
 step "cargo clippy -D warnings" cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo test" cargo_test
 if [ -d fuzz ]; then
-  step "fuzz: every target, ${BH_FUZZ_SECONDS:-5} s each" cargo run --release --locked -q -p bh-fuzz -- all --seconds "${BH_FUZZ_SECONDS:-5}"
+  step "fuzz: every target, ${BH_FUZZ_SECONDS:-5} s each" cargo run --profile fuzz --locked -q -p bh-fuzz -- all --seconds "${BH_FUZZ_SECONDS:-5}"
 fi
 step "end-to-end (tests/e2e.sh)" bash tests/e2e.sh
 if [ -f tests/faults.sh ]; then

@@ -161,12 +161,15 @@ impl Config {
         }
         let conf = self.conf_dir.join("nix.conf");
         if let Ok(text) = std::fs::read_to_string(&conf) {
-            for line in text.lines() {
-                if let Some((k, v)) = line.split_once('=') {
-                    if k.trim() == "builders" {
-                        return (v.trim().to_string(), conf.display().to_string());
-                    }
-                }
+            // As Nix reads it: the last value wins, includes, extra-builders.
+            let source = conf.display().to_string();
+            let parsed = remote_lib::nixconf::parse(&text, &source, &mut |p: &str| match std::fs::read_to_string(p) {
+                Ok(t) => Ok(Some(t)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
+            });
+            if let Some(b) = parsed.get("builders") {
+                return (b.to_string(), source);
             }
         }
         (format!("@{}", self.conf_dir.join("machines").display()), "the default machines file".into())

@@ -159,7 +159,7 @@ impl Health {
     pub fn failed(&mut self, now: u64, reason: &str, policy: Backoff, jitter: f64) {
         self.failures = self.failures.saturating_add(1);
         let d = policy.delay(self.failures) as f64;
-        self.retry_after = now + (d * (0.8 + 0.4 * jitter.clamp(0.0, 1.0))).round() as u64;
+        self.retry_after = now.saturating_add((d * (0.8 + 0.4 * jitter.clamp(0.0, 1.0))).round() as u64);
         self.reason = truncate(reason, MAX_REASON);
     }
 }

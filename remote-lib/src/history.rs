@@ -101,14 +101,19 @@ impl History {
                 if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
-                match serde_json::from_slice::<Record>(&line) {
-                    Ok(r) => out.push(r),
-                    Err(_) => skipped += 1,
+                match parse_line(&line) {
+                    Some(r) => out.push(r),
+                    None => skipped += 1,
                 }
             }
         }
         (out, skipped)
     }
+}
+
+/// One history line, if it is a record.
+pub fn parse_line(line: &[u8]) -> Option<Record> {
+    serde_json::from_slice(line).ok()
 }
 
 fn same_file(f: &File, p: &Path) -> bool {

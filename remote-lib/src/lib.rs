@@ -22,6 +22,7 @@ pub mod job;
 pub mod local_store;
 pub mod machines;
 pub mod nar;
+pub mod nixconf;
 pub mod nixlog;
 pub mod path_info;
 pub mod sample;
