@@ -64,7 +64,7 @@ fn var(k: &str) -> Option<String> {
     std::env::var(k).ok().filter(|v| !v.is_empty())
 }
 
-fn num<T: std::str::FromStr>(k: &str, default: T) -> Result<T, String> {
+fn num<T: std::str::FromStr>(var: &dyn Fn(&str) -> Option<String>, k: &str, default: T) -> Result<T, String> {
     match var(k) {
         None => Ok(default),
         Some(v) => v.trim().parse().map_err(|_| format!("environment variable {k}='{v}' is not a whole number; unset it or give e.g. {k}=10")),
@@ -74,16 +74,23 @@ fn num<T: std::str::FromStr>(k: &str, default: T) -> Result<T, String> {
 impl Config {
     /// Reads the environment. A malformed knob is an error that names it.
     pub fn from_env() -> Result<Config, String> {
+        Self::from_vars(&var)
+    }
+
+    /// Reads the knobs through `var` (the environment, or a test's map).
+    pub fn from_vars(var: &dyn Fn(&str) -> Option<String>) -> Result<Config, String> {
+        let num64 = |k: &str, d: u64| num(var, k, d);
+        let num32 = |k: &str, d: u32| num(var, k, d);
         Ok(Config {
             ssh_program: var("BUILD_HOOK_SSH").unwrap_or_else(|| "ssh".into()),
             nix_store: var("BUILD_HOOK_NIX_STORE").unwrap_or_else(|| "nix-store".into()),
-            connect_timeout: num("BUILD_HOOK_CONNECT_TIMEOUT", 10)?,
-            server_alive_interval: num("BUILD_HOOK_SERVER_ALIVE_INTERVAL", 15)?,
-            server_alive_count_max: num("BUILD_HOOK_SERVER_ALIVE_COUNT", 4)?,
-            control_persist: num("BUILD_HOOK_CONTROL_PERSIST", 120)?,
-            healthy_window: num("BUILD_HOOK_HEALTHY_WINDOW", 600)?,
-            backoff: Backoff { base_secs: num("BUILD_HOOK_BACKOFF_BASE", 5)?, cap_secs: num("BUILD_HOOK_BACKOFF_CAP", 300)? },
-            slot_wait_ms: num("BUILD_HOOK_SLOT_WAIT_MS", 3000)?,
+            connect_timeout: num32("BUILD_HOOK_CONNECT_TIMEOUT", 10)?,
+            server_alive_interval: num32("BUILD_HOOK_SERVER_ALIVE_INTERVAL", 15)?,
+            server_alive_count_max: num32("BUILD_HOOK_SERVER_ALIVE_COUNT", 4)?,
+            control_persist: num32("BUILD_HOOK_CONTROL_PERSIST", 120)?,
+            healthy_window: num64("BUILD_HOOK_HEALTHY_WINDOW", 600)?,
+            backoff: Backoff { base_secs: num64("BUILD_HOOK_BACKOFF_BASE", 5)?, cap_secs: num64("BUILD_HOOK_BACKOFF_CAP", 300)? },
+            slot_wait_ms: num64("BUILD_HOOK_SLOT_WAIT_MS", 3000)?,
             compress: match var("BUILD_HOOK_COMPRESS").as_deref() {
                 None | Some("auto") => None,
                 Some(v) => Some(v.parse::<i32>().ok().filter(|l| (0..=19).contains(l)).ok_or_else(|| {
@@ -95,14 +102,14 @@ impl Config {
                 Some("0") => false,
                 Some(v) => return Err(format!("environment variable BUILD_HOOK_PREFER_AES_GCM='{v}' must be 1 (default) or 0")),
             },
-            stall_timeout: num("BUILD_HOOK_STALL_TIMEOUT", 300)?,
+            stall_timeout: num64("BUILD_HOOK_STALL_TIMEOUT", 300)?,
             build_silent_timeout: match var("BUILD_HOOK_BUILD_SILENT_TIMEOUT") {
                 None => None,
-                Some(_) => Some(num("BUILD_HOOK_BUILD_SILENT_TIMEOUT", 0)?),
+                Some(_) => Some(num64("BUILD_HOOK_BUILD_SILENT_TIMEOUT", 0)?),
             },
             on_success: var("BUILD_HOOK_ON_SUCCESS"),
             on_failure: var("BUILD_HOOK_ON_FAILURE"),
-            result_hook_timeout: num("BUILD_HOOK_RESULT_HOOK_TIMEOUT", 30)?,
+            result_hook_timeout: num64("BUILD_HOOK_RESULT_HOOK_TIMEOUT", 30)?,
             sshopts: var("NIX_SSHOPTS").unwrap_or_default(),
             current_load: var("NIX_CURRENT_LOAD").map(PathBuf::from),
             remote_systems: var("NIX_REMOTE_SYSTEMS"),
@@ -173,5 +180,78 @@ impl Config {
             }
         }
         (format!("@{}", self.conf_dir.join("machines").display()), "the default machines file".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(vars: &[(&str, &str)]) -> Result<Config, String> {
+        let map: std::collections::HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::from_vars(&move |k: &str| map.get(k).cloned())
+    }
+
+    fn settings(kv: &[(&str, &str)]) -> Settings {
+        let mut s = Settings::default();
+        for (k, v) in kv {
+            s.raw.insert(k.to_string(), v.to_string());
+        }
+        s
+    }
+
+    #[test]
+    fn defaults_and_malformed_knobs_name_the_variable() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!((c.connect_timeout, c.stall_timeout, c.slot_wait_ms, c.compress, c.prefer_aes_gcm), (10, 300, 3000, None, true));
+        for (k, v) in [("BUILD_HOOK_STALL_TIMEOUT", "soon"), ("BUILD_HOOK_COMPRESS", "99"), ("BUILD_HOOK_PREFER_AES_GCM", "yes"), ("BUILD_HOOK_CONNECT_TIMEOUT", "-1")] {
+            let e = cfg(&[(k, v)]).unwrap_err();
+            assert!(e.contains(k) && e.contains(v), "{e}");
+        }
+        assert_eq!(cfg(&[("BUILD_HOOK_COMPRESS", "auto")]).unwrap().compress, None);
+        assert_eq!(cfg(&[("BUILD_HOOK_COMPRESS", "0")]).unwrap().compress, Some(0));
+    }
+
+    #[test]
+    fn timeouts_follow_nix_s_max_silent_time_unless_set() {
+        let c = cfg(&[("BUILD_HOOK_STALL_TIMEOUT", "60")]).unwrap();
+        assert_eq!(c.timeouts(0).build_silent, Some(Duration::from_secs(DEFAULT_BUILD_SILENT)));
+        assert_eq!(c.timeouts(100).build_silent, Some(Duration::from_secs(160)));
+        assert_eq!(c.timeouts(0).stall, Duration::from_secs(60));
+        assert_eq!(c.timeouts(0).handshake, Duration::from_secs(25));
+        let c = cfg(&[("BUILD_HOOK_BUILD_SILENT_TIMEOUT", "7")]).unwrap();
+        assert_eq!(c.timeouts(100).build_silent, Some(Duration::from_secs(7)));
+        assert_eq!(cfg(&[("BUILD_HOOK_BUILD_SILENT_TIMEOUT", "0")]).unwrap().timeouts(100).build_silent, None);
+    }
+
+    #[test]
+    fn the_machines_list_comes_from_builders_then_remote_systems_then_nix_conf_then_the_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().display().to_string();
+        // builders setting wins
+        let c = cfg(&[("NIX_CONF_DIR", &conf), ("NIX_REMOTE_SYSTEMS", "/r1:/r2")]).unwrap();
+        assert_eq!(c.builders(&settings(&[("builders", "ssh://b1")])), ("ssh://b1".into(), "the 'builders' setting".into()));
+        // Nix ≤2.23's rendering of NIX_REMOTE_SYSTEMS is read as the list of files it meant
+        assert_eq!(c.builders(&settings(&[("builders", "@/r1 @/r2")])).0, "@/r1\n@/r2");
+        // no builders setting (Lix 2.92+): NIX_REMOTE_SYSTEMS, then nix.conf
+        assert_eq!(c.builders(&settings(&[])).1, "NIX_REMOTE_SYSTEMS");
+        let c = cfg(&[("NIX_CONF_DIR", &conf)]).unwrap();
+        assert_eq!(c.builders(&settings(&[])).0, format!("@{conf}/machines"), "the default machines file");
+        std::fs::write(dir.path().join("nix.conf"), "builders = @/first\nbuilders = @/last\n!include extra.conf\n").unwrap();
+        std::fs::write(dir.path().join("extra.conf"), "extra-builders = ssh://b9\n").unwrap();
+        let (text, source) = c.builders(&settings(&[]));
+        assert_eq!((text.as_str(), source), ("@/last ssh://b9", format!("{conf}/nix.conf")), "last value wins, includes and extra- are read");
+    }
+
+    #[test]
+    fn the_load_directory_is_the_local_store_s_state_directory() {
+        let c = cfg(&[("NIX_STATE_DIR", "/s")]).unwrap();
+        assert_eq!(c.load_dir(&c.local_store(None)), PathBuf::from("/s/current-load"));
+        assert_eq!(c.load_dir(&c.local_store(Some("daemon"))), PathBuf::from("/s/current-load"));
+        assert_eq!(c.load_dir(&c.local_store(Some("local?root=/r"))), PathBuf::from("/r/nix/var/nix/current-load"));
+        let c = cfg(&[("NIX_STATE_DIR", "/s"), ("NIX_CURRENT_LOAD", "/cl")]).unwrap();
+        assert_eq!(c.load_dir(&c.local_store(Some("local?root=/r"))), PathBuf::from("/cl"));
+        let c = cfg(&[("NIX_STORE_DIR", "/t/store")]).unwrap();
+        assert_eq!(c.local_store(None).store_dir, "/t/store");
     }
 }
