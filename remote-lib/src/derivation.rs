@@ -1,5 +1,5 @@
-//! `.drv` files (ATerm text, §7) and their `BasicDerivation` form for the
-//! serve protocol's `BuildDerivation` (§5.6).
+//! `.drv` files (ATerm text, Nix's `src/libstore/derivations.cc`) and their `BasicDerivation` form for the
+//! serve protocol's `BuildDerivation`.
 //!
 //! Parsing is pure: the caller reads the file. Like the built-in hook we keep
 //! outputs, platform, builder, args and env as they are, and when the
@@ -183,7 +183,7 @@ impl Derivation {
         Ok(Derivation { outputs, input_drvs, input_srcs, platform, builder, args, env })
     }
 
-    /// Writes the `BasicDerivation` wire form (§5.6). `inputs` is the closure
+    /// Writes the `BasicDerivation` wire form. `inputs` is the closure
     /// Nix sent after accept; it replaces `inputSrcs` when the derivation has
     /// input derivations.
     pub fn write_basic<W: Write>(&self, w: &mut W, inputs: &[String]) -> io::Result<()> {

@@ -1,4 +1,4 @@
-//! The build-hook protocol between Nix and the hook (§2): the settings
+//! The build-hook protocol between Nix and the hook (Nix's `src/libstore/build/hook-instance.cc` and `derivation-goal.cc`, `tryBuildHook`): the settings
 //! handshake, `try` requests, replies and the post-accept input/output sets,
 //! plus argv handling. Reading is done here; printing replies is the binary's
 //! job (one writer owns stderr), so replies are values with a `line()`.
@@ -88,7 +88,7 @@ impl Settings {
     }
 }
 
-/// The build options forwarded to the builder (§5.4).
+/// The build options forwarded to the builder.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BuildOptions {
     pub max_silent_time: u64,
@@ -173,7 +173,7 @@ impl Reply {
 }
 
 /// Takes the verbosity from argv: the last argument, whatever comes before
-/// (argv forms differ between 2.3–2.9, 2.10–2.11 and 2.12+, §2.1).
+/// (argv forms differ between 2.3–2.9, 2.10–2.11 and 2.12+).
 pub fn verbosity_from_args(args: &[String]) -> Result<u32, HookProtocolError> {
     match args.iter().skip(1).last() {
         None => Ok(3),

@@ -1,4 +1,4 @@
-//! The machines list (§3): the `builders` setting, `@file` includes, the Nix
+//! The machines list (Nix's `src/libstore/machines.cc`): the `builders` setting, `@file` includes, the Nix
 //! 2.x eight-column format (with the base64 host key) and the Nix 1.x
 //! `remote-systems.conf` forms it grew from.
 //!

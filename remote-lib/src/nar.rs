@@ -1,4 +1,4 @@
-//! NAR (Nix ARchive, §6.1): a streaming, pull-style reader that either
+//! NAR (Nix ARchive, Nix's `src/libutil/archive.cc`): a streaming, pull-style reader that either
 //! restores an archive onto the filesystem or just walks it (to find where a
 //! `DumpStorePath` reply ends), plus a writer used by tests and fixtures.
 //!

@@ -1,4 +1,4 @@
-//! `@nix` JSON log records (§2.9): the only way to show text to the user after
+//! `@nix` JSON log records (Nix's `src/libutil/logging.cc`, `handleJSONLogMessage`): the only way to show text to the user after
 //! `# accept`. Pure formatting; the binary owns the writer. Every record has
 //! the keys Nix requires, because a record missing one aborts the whole Nix
 //! invocation.

@@ -1,4 +1,4 @@
-//! The current-load directory (§4.1–4.2), shared with Nix's built-in hook:
+//! The current-load directory (as in Nix's `src/build-remote/build-remote.cc`), shared with Nix's built-in hook:
 //! `main-lock`, one `<E>-<slot>` file per machine slot and `<E>.upload-lock`,
 //! where `E` is the store URI with `/` replaced by `_`. All are `flock(2)`
 //! locks on files opened `O_RDWR|O_CREAT|O_CLOEXEC` with mode 0600, so both

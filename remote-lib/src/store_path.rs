@@ -1,4 +1,4 @@
-//! Store-path validation (§6.4): every path that reaches a command line, a
+//! Store-path validation (Nix's `src/libstore/path.cc`): every path that reaches a command line, a
 //! file name or the serve protocol goes through [`StorePath::parse`] first.
 
 use crate::hash::nix32_decode;

@@ -128,7 +128,7 @@ mod tests {
 
     #[test]
     fn string_try_and_zero_match_capture() {
-        // §1 of nix-protocols.md: "try" followed by the integer 0.
+        // The hook protocol's framing: "try" followed by the integer 0.
         let mut out = Vec::new();
         write_bytes(&mut out, b"try").unwrap();
         write_u64(&mut out, 0).unwrap();

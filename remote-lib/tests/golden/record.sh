@@ -3,8 +3,8 @@
 # they were committed), using the project's test bed. Run as root:
 #   bash remote-lib/tests/golden/record.sh
 #
-# hello-file.nar  `nix-store --dump` of a file holding "hello\n" (§6.1 vector 1)
-# dir.nar         `nix-store --dump` of: link -> sub/f, sub/f = "hello\n", x = "abc" (executable) (§6.1 vector 2)
+# hello-file.nar  `nix-store --dump` of a file holding "hello\n"
+# dir.nar         `nix-store --dump` of: link -> sub/f, sub/f = "hello\n", x = "abc" (executable)
 # hook-stdin.bin  everything Nix's worker wrote to the hook's stdin for one accepted
 #                 build of `top` (one input, `dep`): 91 settings, one `try`, the
 #                 input set and wanted outputs. Recorded by a wrapper hook that
