@@ -53,11 +53,7 @@ fn once(argv: &[&str], input: &[u8]) -> (String, f64) {
     assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
     let (r, w) = (fds[0], fds[1]);
     let mut cmd = Command::new(argv[0]);
-    cmd.args(&argv[1..])
-        .current_dir("/")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+    cmd.args(&argv[1..]).current_dir("/").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null());
     // SAFETY: only async-signal-safe dup2 calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -137,11 +133,6 @@ fn main() {
                 .collect();
             med.push(median(times));
         }
-        println!(
-            "{kind:8} median: build-hook {:7.2} ms   nix build-remote {:8.2} ms   ratio {:6.1}x",
-            med[0],
-            med[1],
-            med[1] / med[0]
-        );
+        println!("{kind:8} median: build-hook {:7.2} ms   nix build-remote {:8.2} ms   ratio {:6.1}x", med[0], med[1], med[1] / med[0]);
     }
 }

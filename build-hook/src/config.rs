@@ -93,9 +93,12 @@ impl Config {
             slot_wait_ms: num64("BUILD_HOOK_SLOT_WAIT_MS", 3000)?,
             compress: match var("BUILD_HOOK_COMPRESS").as_deref() {
                 None | Some("auto") => None,
-                Some(v) => Some(v.parse::<i32>().ok().filter(|l| (0..=19).contains(l)).ok_or_else(|| {
-                    format!("environment variable BUILD_HOOK_COMPRESS='{v}' must be 'auto' or a zstd level from 0 (off) to 19")
-                })?),
+                Some(v) => Some(
+                    v.parse::<i32>()
+                        .ok()
+                        .filter(|l| (0..=19).contains(l))
+                        .ok_or_else(|| format!("environment variable BUILD_HOOK_COMPRESS='{v}' must be 'auto' or a zstd level from 0 (off) to 19"))?,
+                ),
             },
             prefer_aes_gcm: match var("BUILD_HOOK_PREFER_AES_GCM").as_deref() {
                 None | Some("1") => true,

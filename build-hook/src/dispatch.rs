@@ -6,10 +6,10 @@
 use crate::config::Config;
 use crate::out::{self, Activity, NixEvents};
 use crate::signals;
-use remote_lib::health::{self, HealthStore};
-use remote_lib::hook_protocol::{Accepted, Reply, Settings, TryRequest};
 use remote_lib::drain::Drains;
+use remote_lib::health::{self, HealthStore};
 use remote_lib::history::{self, History};
+use remote_lib::hook_protocol::{Accepted, Reply, Settings, TryRequest};
 use remote_lib::job::{Context, Job, JobError, Plan, Stats};
 use remote_lib::local_store::LocalStore;
 use remote_lib::machines::{self, Machine, Severity};
@@ -81,7 +81,21 @@ impl Dispatcher {
             Err(e) => Err(e),
         });
         let local_cap = LocalCapability { system, extra_platforms: settings.extra_platforms(), system_features: settings.system_features(), max_jobs: settings.max_jobs() };
-        Dispatcher { diagnostics: parsed.diagnostics, machines_source: source, cfg, settings, machines: parsed.machines, local, load, health, history, drains, ssh, local_cap, failed: BTreeMap::new() }
+        Dispatcher {
+            diagnostics: parsed.diagnostics,
+            machines_source: source,
+            cfg,
+            settings,
+            machines: parsed.machines,
+            local,
+            load,
+            health,
+            history,
+            drains,
+            ssh,
+            local_cap,
+            failed: BTreeMap::new(),
+        }
     }
 
     /// Sends the machines-list diagnostics to Nix.
@@ -100,7 +114,10 @@ impl Dispatcher {
     pub fn handle_try(&mut self, req: &TryRequest) -> anyhow::Result<Option<Accept>> {
         if req.required_features.iter().any(|f| f == "ca-derivations") {
             let level = if self.local_cap.could_build(req) { Level::Chatty } else { Level::Warn };
-            out::msg(level, &format!("build-hook: declining '{}': floating content-addressed derivations are not supported by build-hook yet; Nix builds them locally", req.drv_path));
+            out::msg(
+                level,
+                &format!("build-hook: declining '{}': floating content-addressed derivations are not supported by build-hook yet; Nix builds them locally", req.drv_path),
+            );
             out::reply(&Reply::Decline);
             return Ok(None);
         }

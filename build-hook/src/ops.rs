@@ -232,12 +232,28 @@ pub fn timeline_svg(records: &[Record]) -> String {
         let Some(row) = rows.iter().position(|k| k.0 == r.machine && k.1 == r.slot) else { continue };
         let y = 34.0 + ROW * row as f64;
         let end = r.end.max(r.start);
-        let title = esc(&format!("{} on {} #{}: {} — wait {:.2}s, up {:.2}s, build {:.2}s, down {:.2}s{}", r.name, r.machine, r.slot, r.result, r.slot_wait, r.upload_secs, r.build_secs, r.download_secs, if r.reason.is_empty() { String::new() } else { format!(" ({})", r.reason) }));
+        let title = esc(&format!(
+            "{} on {} #{}: {} — wait {:.2}s, up {:.2}s, build {:.2}s, down {:.2}s{}",
+            r.name,
+            r.machine,
+            r.slot,
+            r.result,
+            r.slot_wait,
+            r.upload_secs,
+            r.build_secs,
+            r.download_secs,
+            if r.reason.is_empty() { String::new() } else { format!(" ({})", r.reason) }
+        ));
         let stroke = if r.result == "built" { "none" } else { "red" };
         out.push_str(&format!("<g class=\"build\"><title>{title}</title>\n"));
         let mut seg = |class: &str, from: f64, secs: f64, colour: &str| {
             if secs > 0.0 {
-                out.push_str(&format!("<rect class=\"{class}\" x=\"{:.1}\" y=\"{y}\" width=\"{:.1}\" height=\"{}\" fill=\"{colour}\"/>\n", x(from), (x(from + secs) - x(from)).max(0.5), ROW - 4.0));
+                out.push_str(&format!(
+                    "<rect class=\"{class}\" x=\"{:.1}\" y=\"{y}\" width=\"{:.1}\" height=\"{}\" fill=\"{colour}\"/>\n",
+                    x(from),
+                    (x(from + secs) - x(from)).max(0.5),
+                    ROW - 4.0
+                ));
             }
         };
         seg("wait", r.start - r.slot_wait, r.slot_wait, "#ddd");
@@ -245,7 +261,12 @@ pub fn timeline_svg(records: &[Record]) -> String {
         seg("upload", r.start, r.upload_secs, "#4a90d9");
         seg("build", end - r.download_secs - r.build_secs, r.build_secs, "#5cb85c");
         seg("download", end - r.download_secs, r.download_secs, "#f0ad4e");
-        out.push_str(&format!("<rect x=\"{:.1}\" y=\"{y}\" width=\"{:.1}\" height=\"{}\" fill=\"none\" stroke=\"{stroke}\"/>\n</g>\n", x(r.start), (x(end) - x(r.start)).max(0.5), ROW - 4.0));
+        out.push_str(&format!(
+            "<rect x=\"{:.1}\" y=\"{y}\" width=\"{:.1}\" height=\"{}\" fill=\"none\" stroke=\"{stroke}\"/>\n</g>\n",
+            x(r.start),
+            (x(end) - x(r.start)).max(0.5),
+            ROW - 4.0
+        ));
     }
     out.push_str("</svg>\n");
     out
@@ -287,7 +308,8 @@ pub fn parse_until(s: &str, now: u64) -> Result<u64, String> {
 pub fn explain(d: &Dispatcher, drv_path: &str) -> Result<String, String> {
     let sp = StorePath::parse(&d.local.store_dir, drv_path).map_err(|e| format!("{e}; give the .drv path, e.g. from nix-instantiate"))?;
     let drv: Derivation = d.local.read_drv(&sp).map_err(|e| remote_lib::session::chain(&e))?;
-    let mut features: Vec<String> = drv.env.iter().find(|(k, _)| k == "requiredSystemFeatures").map(|(_, v)| v.split_whitespace().map(str::to_string).collect()).unwrap_or_default();
+    let mut features: Vec<String> =
+        drv.env.iter().find(|(k, _)| k == "requiredSystemFeatures").map(|(_, v)| v.split_whitespace().map(str::to_string).collect()).unwrap_or_default();
     if drv.outputs.iter().any(|o| !o.path_known()) {
         features.push("ca-derivations".into());
     }
@@ -302,7 +324,11 @@ pub fn explain(d: &Dispatcher, drv_path: &str) -> Result<String, String> {
         } else if h.backing_off(now) {
             format!("no: backing off {} s more after {} failure(s): {}", h.retry_after - now, h.failures, h.reason)
         } else if let Some(until) = d.drains.drained(&m.uri, now) {
-            if until > 0 { format!("no: drained for {} s more", until - now) } else { "no: drained".into() }
+            if until > 0 {
+                format!("no: drained for {} s more", until - now)
+            } else {
+                "no: drained".into()
+            }
         } else {
             match d.load.probe(&m.uri, m.max_jobs) {
                 Ok((Some(_), busy)) => {
@@ -327,7 +353,19 @@ mod tests {
     use super::*;
 
     fn rec(machine: &str, slot: u64, start: f64, result: &str) -> Record {
-        Record { machine: machine.into(), slot, start, end: start + 3.0, slot_wait: 0.5, upload_secs: 0.5, build_secs: 2.0, download_secs: 0.25, result: result.into(), name: format!("d{start}"), ..Default::default() }
+        Record {
+            machine: machine.into(),
+            slot,
+            start,
+            end: start + 3.0,
+            slot_wait: 0.5,
+            upload_secs: 0.5,
+            build_secs: 2.0,
+            download_secs: 0.25,
+            result: result.into(),
+            name: format!("d{start}"),
+            ..Default::default()
+        }
     }
 
     #[test]

@@ -76,7 +76,11 @@ fn hook_request_target(b: &[u8]) {
 }
 
 fn drv() -> derivation::Derivation {
-    derivation::Derivation::parse("/nix/store/00000000000000000000000000000000-x.drv", br#"Derive([("out","/nix/store/00000000000000000000000000000000-x","","")],[],[],"x86_64-linux","/bin/sh",[],[])"#).unwrap()
+    derivation::Derivation::parse(
+        "/nix/store/00000000000000000000000000000000-x.drv",
+        br#"Derive([("out","/nix/store/00000000000000000000000000000000-x","","")],[],[],"x86_64-linux","/bin/sh",[],[])"#,
+    )
+    .unwrap()
 }
 
 fn serve_target(b: &[u8]) {
@@ -188,7 +192,11 @@ pub fn targets() -> Vec<Target> {
                 ])
             },
         },
-        Target { name: "nixconf", run: nixconf_target, seeds: || seeds_of(&[b"builders = @/etc/nix/machines\nextra-builders = b2\ninclude more.conf\n!include /x.conf\nmax-jobs=4 # c\n"]) },
+        Target {
+            name: "nixconf",
+            run: nixconf_target,
+            seeds: || seeds_of(&[b"builders = @/etc/nix/machines\nextra-builders = b2\ninclude more.conf\n!include /x.conf\nmax-jobs=4 # c\n"]),
+        },
         Target { name: "hook-settings", run: hook_settings_target, seeds: || vec![golden("hook-stdin.bin")] },
         Target { name: "hook-request", run: hook_request_target, seeds: || vec![golden("hook-stdin.bin").get(8..).map(|s| s.to_vec()).unwrap_or_default()] },
         Target { name: "serve-replies", run: serve_target, seeds: || vec![golden("serve-s2c.bin")] },
@@ -212,13 +220,21 @@ pub fn targets() -> Vec<Target> {
         Target {
             name: "history",
             run: history_target,
-            seeds: || seeds_of(&[br#"{"start":1.5,"drv":"/nix/store/00000000000000000000000000000000-p9.drv","name":"p9","system":"x86_64-linux","machine":"ssh://b1","slot":0,"end":2.5,"slot_wait":0.1,"upload_bytes":0,"upload_secs":0.0,"build_secs":1.0,"download_bytes":120,"download_secs":0.01,"result":"built"}"#]),
+            seeds: || {
+                seeds_of(&[br#"{"start":1.5,"drv":"/nix/store/00000000000000000000000000000000-p9.drv","name":"p9","system":"x86_64-linux","machine":"ssh://b1","slot":0,"end":2.5,"slot_wait":0.1,"upload_bytes":0,"upload_secs":0.0,"build_secs":1.0,"download_bytes":120,"download_secs":0.01,"result":"built"}"#])
+            },
         },
-        Target { name: "store-path", run: store_path_target, seeds: || seeds_of(&[b"/nix/store/6wbb50jfsk0zbj684jhd2jf10mwkccng-hello", b"/nix/store/00000000000000000000000000000000-x.drv"]) },
+        Target {
+            name: "store-path",
+            run: store_path_target,
+            seeds: || seeds_of(&[b"/nix/store/6wbb50jfsk0zbj684jhd2jf10mwkccng-hello", b"/nix/store/00000000000000000000000000000000-x.drv"]),
+        },
         Target {
             name: "path-info",
             run: path_info_target,
-            seeds: || seeds_of(&[b"/nix/store/33lfs1if5diswhrxb547bs5d6x5qv1wy-top\n/nix/store/26zjw483mz5dh3k05amp80pyvvibhsld-dep.drv\nsha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s\nfixed:r:sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s\n/nix/store/33lfs1if5diswhrxb547bs5d6x5qv1wy-top\nkey-1:c2ln\n"]),
+            seeds: || {
+                seeds_of(&[b"/nix/store/33lfs1if5diswhrxb547bs5d6x5qv1wy-top\n/nix/store/26zjw483mz5dh3k05amp80pyvvibhsld-dep.drv\nsha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s\nfixed:r:sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s\n/nix/store/33lfs1if5diswhrxb547bs5d6x5qv1wy-top\nkey-1:c2ln\n"])
+            },
         },
     ]
 }

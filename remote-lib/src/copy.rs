@@ -234,7 +234,13 @@ pub fn check_references<LR: Read, LW: Write>(local: &mut ServeConn<LR, LW>, info
 /// the interactive session, with at most [`WINDOW`] `DumpStorePath`
 /// requests ahead of the NAR being read, then [`receive_nars`]. Returns the
 /// NAR bytes received.
-pub fn download<RR: Read, RW: Write>(remote: &mut ServeConn<RR, RW>, infos: Vec<PathInfo>, into: &Receive, registrar: Registrar, on_temp: &mut dyn FnMut(&Path)) -> Result<u64, CopyError> {
+pub fn download<RR: Read, RW: Write>(
+    remote: &mut ServeConn<RR, RW>,
+    infos: Vec<PathInfo>,
+    into: &Receive,
+    registrar: Registrar,
+    on_temp: &mut dyn FnMut(&Path),
+) -> Result<u64, CopyError> {
     let mut requested = 0;
     let paths: Vec<String> = infos.iter().map(|i| i.path.clone()).collect();
     let (r, w) = remote.split();
@@ -327,7 +333,13 @@ pub fn download_bulk<W: Write + Send + 'static, R: Read>(
 /// its NAR in dependency order, end of stream. The server's handshake and
 /// acknowledgements are read by a thread meanwhile. The builder's Nix
 /// verifies every NAR's hash and size before it registers the path.
-pub fn upload_bulk<LR: Read, LW: Write, W: Write, R: Read + Send + 'static>(local: &mut ServeConn<LR, LW>, requests: W, replies: R, ordered: &[PathInfo], level: i32) -> Result<Moved, CopyError> {
+pub fn upload_bulk<LR: Read, LW: Write, W: Write, R: Read + Send + 'static>(
+    local: &mut ServeConn<LR, LW>,
+    requests: W,
+    replies: R,
+    ordered: &[PathInfo],
+    level: i32,
+) -> Result<Moved, CopyError> {
     if ordered.is_empty() {
         return Ok(Moved::default());
     }
@@ -469,7 +481,15 @@ mod tests {
     use super::*;
 
     fn info(p: &str, refs: &[&str]) -> PathInfo {
-        PathInfo { path: p.into(), deriver: String::new(), references: refs.iter().map(|s| s.to_string()).collect(), nar_size: 0, nar_hash: String::new(), ca: String::new(), sigs: vec![] }
+        PathInfo {
+            path: p.into(),
+            deriver: String::new(),
+            references: refs.iter().map(|s| s.to_string()).collect(),
+            nar_size: 0,
+            nar_hash: String::new(),
+            ca: String::new(),
+            sigs: vec![],
+        }
     }
 
     #[test]

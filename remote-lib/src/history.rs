@@ -141,7 +141,14 @@ mod tests {
     use super::*;
 
     fn rec(i: usize) -> Record {
-        Record { start: i as f64, drv: format!("/nix/store/00000000000000000000000000000000-d{i}.drv"), name: format!("d{i}"), machine: "ssh://b1".into(), result: "built".into(), ..Default::default() }
+        Record {
+            start: i as f64,
+            drv: format!("/nix/store/00000000000000000000000000000000-d{i}.drv"),
+            name: format!("d{i}"),
+            machine: "ssh://b1".into(),
+            result: "built".into(),
+            ..Default::default()
+        }
     }
 
     #[test]

@@ -145,10 +145,7 @@ pub struct Accepted {
 /// Reads the inputs and wanted outputs.
 pub fn read_accepted<R: Read>(r: &mut R) -> Result<Accepted, HookProtocolError> {
     let e = HookProtocolError::AfterAccept;
-    Ok(Accepted {
-        inputs: wire::read_strings(r, MAX_PATH, "inputs").map_err(e)?,
-        wanted_outputs: wire::read_strings(r, MAX_PATH, "wanted outputs").map_err(e)?,
-    })
+    Ok(Accepted { inputs: wire::read_strings(r, MAX_PATH, "inputs").map_err(e)?, wanted_outputs: wire::read_strings(r, MAX_PATH, "wanted outputs").map_err(e)? })
 }
 
 /// A reply to `try`.

@@ -93,7 +93,12 @@ impl Plan {
             } else {
                 match drv.outputs.iter().find(|o| &o.name == w) {
                     Some(o) if o.path_known() => o.path.clone(),
-                    Some(_) => return Err(JobError::Local { during: "reading the derivation", why: format!("output '{w}' of '{drv_path}' has no known path (content-addressed); build-hook cannot fetch it") }),
+                    Some(_) => {
+                        return Err(JobError::Local {
+                            during: "reading the derivation",
+                            why: format!("output '{w}' of '{drv_path}' has no known path (content-addressed); build-hook cannot fetch it"),
+                        })
+                    }
                     None => return Err(JobError::Local { during: "reading the derivation", why: format!("Nix asked for output '{w}', which '{drv_path}' does not have") }),
                 }
             };
@@ -257,7 +262,8 @@ impl<'a> Job<'a> {
             return Ok(());
         }
         // Everything that needs only the local store happens before the lock.
-        let ordered = copy::local_infos(&mut self.local_serve("QueryPathInfos").1, &missing).map_err(|e| JobError::Local { during: "reading the inputs", why: session::chain(&e) })?;
+        let ordered =
+            copy::local_infos(&mut self.local_serve("QueryPathInfos").1, &missing).map_err(|e| JobError::Local { during: "reading the inputs", why: session::chain(&e) })?;
         self.local_idle();
         let level = self.upload_level(&ordered);
         let stall = self.session().timeouts().stall;
@@ -363,7 +369,11 @@ impl<'a> Job<'a> {
         let (ctx, m, plan) = (self.ctx, self.m, self.plan);
         let spare = self.spare.take();
         let want: Vec<String> = plan.wanted.iter().map(|p| p.to_string()).collect();
-        let valid = self.local_serve("QueryValidPaths").1.query_valid_paths(&want, false, false).map_err(|e| JobError::Local { during: "asking the local store", why: session::chain(&e) })?;
+        let valid = self
+            .local_serve("QueryValidPaths")
+            .1
+            .query_valid_paths(&want, false, false)
+            .map_err(|e| JobError::Local { during: "asking the local store", why: session::chain(&e) })?;
         self.local_idle();
         let fetch: Vec<StorePath> = plan.wanted.iter().filter(|p| !valid.iter().any(|v| v == p.as_str())).cloned().collect();
         if fetch.is_empty() {

@@ -155,13 +155,7 @@ fn parse_into(text: &str, source: &str, local_system: &str, loader: &mut Loader,
 }
 
 fn include(path: &str, at: Location, local_system: &str, loader: &mut Loader, out: &mut Parsed, inc: &mut Includes) {
-    let diag = |message: String, hint: String| Diagnostic {
-        severity: Severity::Error,
-        at: at.clone(),
-        field: "@file include",
-        message,
-        hint,
-    };
+    let diag = |message: String, hint: String| Diagnostic { severity: Severity::Error, at: at.clone(), field: "@file include", message, hint };
     if !path.starts_with('/') {
         out.diagnostics.push(diag(
             format!("machines file path '{path}' is relative; Nix runs the hook in '/', so it would be read as '/{path}'"),
@@ -170,10 +164,7 @@ fn include(path: &str, at: Location, local_system: &str, loader: &mut Loader, ou
         return;
     }
     if inc.stack.iter().any(|p| p == path) {
-        out.diagnostics.push(diag(
-            format!("'@{path}' includes itself (through {})", inc.stack.join(" → ")),
-            "remove the include that leads back to this file".into(),
-        ));
+        out.diagnostics.push(diag(format!("'@{path}' includes itself (through {})", inc.stack.join(" → ")), "remove the include that leads back to this file".into()));
         return;
     }
     if inc.stack.len() >= MAX_INCLUDE_DEPTH {
@@ -181,10 +172,8 @@ fn include(path: &str, at: Location, local_system: &str, loader: &mut Loader, ou
         return;
     }
     if inc.reads >= MAX_INCLUDE_READS {
-        out.diagnostics.push(diag(
-            format!("'@{path}' is one include too many: the machines list already read {MAX_INCLUDE_READS} files"),
-            "include each machines file once".into(),
-        ));
+        out.diagnostics
+            .push(diag(format!("'@{path}' is one include too many: the machines list already read {MAX_INCLUDE_READS} files"), "include each machines file once".into()));
         return;
     }
     inc.reads += 1;
@@ -196,10 +185,7 @@ fn include(path: &str, at: Location, local_system: &str, loader: &mut Loader, ou
         }
         Ok(None) => out.diagnostics.push(Diagnostic {
             severity: Severity::Warning,
-            ..diag(
-                format!("machines file '{path}' does not exist; it adds no machines"),
-                "create it, or remove the reference (Nix ignores a missing file silently)".into(),
-            )
+            ..diag(format!("machines file '{path}' does not exist; it adds no machines"), "create it, or remove the reference (Nix ignores a missing file silently)".into())
         }),
         Err(e) => out.diagnostics.push(diag(
             format!("cannot read machines file '{path}': {e}"),
@@ -314,18 +300,7 @@ fn parse_entry(entry: &str, at: &Location, local_system: &str, diags: &mut Vec<D
             hint: "separate machines with a newline or ';'".into(),
         });
     }
-    Some(Machine {
-        uri,
-        ssh,
-        systems,
-        ssh_key,
-        max_jobs,
-        speed_factor,
-        supported_features,
-        mandatory_features,
-        host_key,
-        origin: at.clone(),
-    })
+    Some(Machine { uri, ssh, systems, ssh_key, max_jobs, speed_factor, supported_features, mandatory_features, host_key, origin: at.clone() })
 }
 
 fn shorten(s: &str) -> String {
@@ -350,10 +325,7 @@ fn decode_host_key(b64: &str) -> Option<String> {
 
 /// Adds `ssh://` when the text is not clearly a store URI (Nix 2.4+ rule).
 pub fn normalise_uri(s: &str) -> String {
-    let keep = s.contains("://")
-        || s.contains('/')
-        || ["auto", "daemon", "local"].contains(&s)
-        || ["auto?", "daemon?", "local?", "?"].iter().any(|p| s.starts_with(p));
+    let keep = s.contains("://") || s.contains('/') || ["auto", "daemon", "local"].contains(&s) || ["auto?", "daemon?", "local?", "?"].iter().any(|p| s.starts_with(p));
     if keep {
         s.to_string()
     } else {
@@ -488,10 +460,7 @@ mod tests {
         let p = run("good\nb2 x86_64-linux - lots\nb3 x86_64-linux - 1 -2\nb4 - - - - - - !!notbase64\nb5 - key/id", &[]);
         assert_eq!(p.machines.len(), 1);
         let d: Vec<_> = p.diagnostics.iter().map(|d| (d.at.line, d.at.column, d.field)).collect();
-        assert_eq!(
-            d,
-            [(2, 19, FIELDS[3]), (3, 21, FIELDS[4]), (4, 16, FIELDS[7]), (5, 6, FIELDS[2])]
-        );
+        assert_eq!(d, [(2, 19, FIELDS[3]), (3, 21, FIELDS[4]), (4, 16, FIELDS[7]), (5, 6, FIELDS[2])]);
         let text = p.diagnostics[0].to_string();
         assert!(text.starts_with("builders:2:19: error: max jobs (column 4): 'lots' is not a whole number"), "{text}");
         assert!(text.contains("hint: "), "{text}");

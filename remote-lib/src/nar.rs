@@ -110,12 +110,7 @@ fn node<R: Read>(r: &mut R, dest: Option<&Path>, depth: usize) -> Result<(), Nar
             match dest {
                 Some(p) => {
                     let mode = if executable { 0o555 } else { 0o444 };
-                    let mut f = fs::OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .mode(mode | 0o200)
-                        .open(p)
-                        .map_err(write_err(p))?;
+                    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode | 0o200).open(p).map_err(write_err(p))?;
                     copy_exact(r, &mut f, len).map_err(|e| match e {
                         CopyError::Read(e) => NarError::Wire(e),
                         CopyError::Write(e) => NarError::Write { path: p.to_path_buf(), source: e },

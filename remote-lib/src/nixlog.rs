@@ -45,11 +45,7 @@ pub fn msg(level: Level, text: &str) -> String {
 
 /// `@nix {"action":"start",...}`
 pub fn start(id: u64, level: Level, activity_type: u64, text: &str) -> String {
-    format!(
-        "@nix {{\"action\":\"start\",\"id\":{id},\"level\":{},\"type\":{activity_type},\"text\":{},\"fields\":[]}}\n",
-        level as u32,
-        json_string(text)
-    )
+    format!("@nix {{\"action\":\"start\",\"id\":{id},\"level\":{},\"type\":{activity_type},\"text\":{},\"fields\":[]}}\n", level as u32, json_string(text))
 }
 
 /// `@nix {"action":"stop",...}`

@@ -280,7 +280,15 @@ mod tests {
     const H: &str = "sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s";
 
     fn info() -> PathInfo {
-        PathInfo { path: P.into(), deriver: D.into(), references: vec![P.into()], nar_size: 120, nar_hash: H.into(), ca: String::new(), sigs: vec!["cache.example.org-1:c2lnbmF0dXJl".into()] }
+        PathInfo {
+            path: P.into(),
+            deriver: D.into(),
+            references: vec![P.into()],
+            nar_size: 120,
+            nar_hash: H.into(),
+            ca: String::new(),
+            sigs: vec!["cache.example.org-1:c2lnbmF0dXJl".into()],
+        }
     }
 
     #[test]

@@ -26,7 +26,10 @@ impl LocalCapability {
 /// Why a machine cannot take a request, for the "why was this refused" report.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Ineligible {
-    System { wanted: String, has: Vec<String> },
+    System {
+        wanted: String,
+        has: Vec<String>,
+    },
     MissingFeatures(Vec<String>),
     MandatoryNotRequired(Vec<String>),
     /// max-jobs is 0: the machine is listed but never used.
@@ -55,12 +58,7 @@ pub fn eligible(m: &Machine, req: &TryRequest) -> Result<(), Ineligible> {
     if req.needed_system != "builtin" && !m.systems.contains(&req.needed_system) {
         return Err(Ineligible::System { wanted: req.needed_system.clone(), has: m.systems.clone() });
     }
-    let missing: Vec<_> = req
-        .required_features
-        .iter()
-        .filter(|f| !m.supported_features.contains(f) && !m.mandatory_features.contains(f))
-        .cloned()
-        .collect();
+    let missing: Vec<_> = req.required_features.iter().filter(|f| !m.supported_features.contains(f) && !m.mandatory_features.contains(f)).cloned().collect();
     if !missing.is_empty() {
         return Err(Ineligible::MissingFeatures(missing));
     }
@@ -118,12 +116,7 @@ mod tests {
 
     use crate::machines::test_machine as machine;
     fn req(system: &str, features: &[&str]) -> TryRequest {
-        TryRequest {
-            am_willing: false,
-            needed_system: system.into(),
-            drv_path: "/nix/store/x.drv".into(),
-            required_features: features.iter().map(|s| s.to_string()).collect(),
-        }
+        TryRequest { am_willing: false, needed_system: system.into(), drv_path: "/nix/store/x.drv".into(), required_features: features.iter().map(|s| s.to_string()).collect() }
     }
     fn c(index: usize, load: u64, speed: f64) -> Candidate {
         Candidate { index, load, speed }

@@ -301,11 +301,7 @@ impl<R: Read, W: Write> ServeConn<R, W> {
             let _download = wire::read_u64(r, "downloadSize").map_err(&e)?;
             let nar_size = wire::read_u64(r, "narSize").map_err(&e)?;
             let (nar_hash, ca, sigs) = if minor >= 4 {
-                (
-                    wire::read_string(r, 256, "narHash").map_err(&e)?,
-                    wire::read_string(r, 1024, "ca").map_err(&e)?,
-                    read_list(r, MAX_SIGS, 1024, "sigs").map_err(&e)?,
-                )
+                (wire::read_string(r, 256, "narHash").map_err(&e)?, wire::read_string(r, 1024, "ca").map_err(&e)?, read_list(r, MAX_SIGS, 1024, "sigs").map_err(&e)?)
             } else {
                 Default::default()
             };
@@ -365,7 +361,6 @@ impl<R: Read, W: Write> ServeConn<R, W> {
         }
         Ok(res)
     }
-
 }
 
 /// The client's half of the handshake, for one-directional bulk sessions
@@ -551,18 +546,18 @@ mod tests {
     /// definition, for a server speaking 2.3 and 2.6.
     #[test]
     fn build_results_of_nixs_characterisation_cases() {
-        let drv = Derivation::parse("/nix/store/00000000000000000000000000000000-x.drv", br#"Derive([("out","/nix/store/00000000000000000000000000000000-x","","")],[],[],"x86_64-linux","/bin/sh",[],[])"#).unwrap();
+        let drv = Derivation::parse(
+            "/nix/store/00000000000000000000000000000000-x.drv",
+            br#"Derive([("out","/nix/store/00000000000000000000000000000000-x","","")],[],[],"x86_64-linux","/bin/sh",[],[])"#,
+        )
+        .unwrap();
         for minor in [3u8, 6] {
             let mut reply = Vec::new();
             wire::write_u64(&mut reply, SERVE_MAGIC_2).unwrap();
             wire::write_u64(&mut reply, ServeVersion(2, minor).to_wire()).unwrap();
             // status, errorMsg, timesBuilt, isNonDeterministic, startTime, stopTime, built outputs
             type Case<'a> = (u64, &'a str, u64, u64, u64, u64, &'a [&'a str]);
-            let cases: [Case; 3] = [
-                (5, "no idea why", 0, 0, 0, 0, &[]),
-                (12, "no idea why", 3, 1, 30, 50, &[]),
-                (0, "", 1, 0, 30, 50, &["bar", "foo"]),
-            ];
+            let cases: [Case; 3] = [(5, "no idea why", 0, 0, 0, 0, &[]), (12, "no idea why", 3, 1, 30, 50, &[]), (0, "", 1, 0, 30, 50, &["bar", "foo"])];
             for (status, msg, times, nondet, start, stop, outs) in cases {
                 wire::write_u64(&mut reply, status).unwrap();
                 wire::write_bytes(&mut reply, msg.as_bytes()).unwrap();

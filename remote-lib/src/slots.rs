@@ -249,12 +249,7 @@ mod tests {
         let d = dir("proc");
         let slot = d.path.join("ssh:__b-0");
         fs::write(&slot, "").unwrap();
-        let mut child = std::process::Command::new("flock")
-            .arg("-o")
-            .arg(&slot)
-            .args(["sleep", "5"])
-            .spawn()
-            .expect("flock(1) from util-linux");
+        let mut child = std::process::Command::new("flock").arg("-o").arg(&slot).args(["sleep", "5"]).spawn().expect("flock(1) from util-linux");
         for _ in 0..100 {
             let (s, busy) = d.probe("ssh://b", 1).unwrap();
             if s.is_none() && busy == 1 {

@@ -36,10 +36,7 @@ impl StorePath {
         if nix32_decode(hash, 20).is_none() {
             return Err(bad_hash());
         }
-        let name = tail.strip_prefix('-').ok_or_else(|| StorePathError::BadName {
-            path: s.to_string(),
-            why: "the 33rd character must be '-'",
-        })?;
+        let name = tail.strip_prefix('-').ok_or_else(|| StorePathError::BadName { path: s.to_string(), why: "the 33rd character must be '-'" })?;
         check_name(name).map_err(|why| StorePathError::BadName { path: s.to_string(), why })?;
         Ok(StorePath { full: s.to_string(), base_start: s.len() - base.len() })
     }

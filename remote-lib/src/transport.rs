@@ -803,10 +803,7 @@ mod tests {
     #[test]
     fn aes_gcm_moves_to_the_front_of_the_default_order() {
         let openssh_9 = "chacha20-poly1305@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr,aes128-gcm@openssh.com,aes256-gcm@openssh.com";
-        assert_eq!(
-            aes_gcm_first(openssh_9).as_deref(),
-            Some("aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr")
-        );
+        assert_eq!(aes_gcm_first(openssh_9).as_deref(), Some("aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr"));
         assert_eq!(aes_gcm_first("aes256-gcm@openssh.com,chacha20-poly1305@openssh.com"), None);
         assert_eq!(aes_gcm_first("chacha20-poly1305@openssh.com,aes128-ctr"), None);
         assert_eq!(aes_gcm_first(""), None);

@@ -132,10 +132,7 @@ mod tests {
         let mut out = Vec::new();
         write_bytes(&mut out, b"try").unwrap();
         write_u64(&mut out, 0).unwrap();
-        assert_eq!(
-            out,
-            [3, 0, 0, 0, 0, 0, 0, 0, b't', b'r', b'y', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
-        );
+        assert_eq!(out, [3, 0, 0, 0, 0, 0, 0, 0, b't', b'r', b'y', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
         let mut r = &out[..];
         assert_eq!(read_string(&mut r, 10, "tag").unwrap(), "try");
         assert_eq!(read_u64(&mut r, "n").unwrap(), 0);
