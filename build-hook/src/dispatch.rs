@@ -61,7 +61,7 @@ impl Dispatcher {
         let load = LoadDir::new(cfg.load_dir(&local));
         let health = HealthStore::new(load.private_dir("health"));
         let (history, drains) = (History::new(load.private_dir("")), Drains::new(load.path.join("build-hook/drain")));
-        let control_dir = if cfg.control_persist > 0 { control_dir(&load) } else { None };
+        let control_dir = if cfg.control_persist > 0 { transport::control_dir(&load) } else { None };
         let ssh = SshConfig {
             program: cfg.ssh_program.clone(),
             connect_timeout: cfg.connect_timeout,
@@ -291,7 +291,7 @@ impl Dispatcher {
             match e {
                 JobError::BuildFailed { msg, .. } => {
                     // As Nix's own hook reports it, and with its exit status (1).
-                    out::msg(Level::Error, &format!("error: build of '{}' on '{uri}' failed: {msg}", req.drv_path));
+                    out::msg(Level::Error, &build_failed(&req.drv_path, &uri, &msg));
                     return 1;
                 }
                 JobError::Builder(e @ SessionError::Lost { .. }) => {
@@ -314,13 +314,7 @@ impl Dispatcher {
     /// Appends the attempt to the shared history (advice only: a failure to
     /// write it is ignored).
     fn record(&self, req: &TryRequest, a: &crate::ops::Attempt, s: Stats, err: Option<&JobError>) {
-        let (result, reason) = match err {
-            None => ("built", String::new()),
-            Some(JobError::BuildFailed { msg, .. }) => ("failed", msg.clone()),
-            Some(JobError::Builder(e @ SessionError::Lost { .. })) => ("lost", e.to_string()),
-            Some(JobError::Builder(e @ SessionError::Refused { .. })) => ("refused", e.to_string()),
-            Some(e) => ("local", e.to_string()),
-        };
+        let (result, reason) = crate::ops::outcome(err);
         let r = crate::ops::record(req, a, s, result, reason);
         let _ = self.history.append(&r);
         crate::ops::run_result_hook(&self.cfg, &r);
@@ -389,29 +383,23 @@ impl Dispatcher {
     }
 }
 
-/// Where shared-connection sockets go: the load directory when the socket
-/// path fits, else a private directory in /tmp; `None` disables sharing.
-fn control_dir(load: &LoadDir) -> Option<std::path::PathBuf> {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    // sun_path holds 107 bytes; OpenSSH binds "<dir>/<%C: 40>.<16 random>" first.
-    const MAX_DIR: usize = 107 - 1 - 40 - 17;
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
-    let preferred = load.private_dir("ssh");
-    let dir = if preferred.as_os_str().len() <= MAX_DIR { preferred } else { std::env::temp_dir().join(format!("build-hook-ssh-{uid}")) };
-    if dir.as_os_str().len() > MAX_DIR {
-        return None;
-    }
-    let _ = std::fs::create_dir_all(&dir);
-    let md = std::fs::symlink_metadata(&dir).ok()?;
-    // Never use a directory someone else could have prepared for us.
-    if !md.is_dir() || md.uid() != uid {
-        return None;
-    }
-    let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
-    Some(dir)
+/// A failed remote build, worded as Nix's own hook words it.
+fn build_failed(drv: &str, uri: &str, msg: &str) -> String {
+    format!("error: build of '{drv}' on '{uri}' failed: {msg}")
 }
 
 fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or(s)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn failures_are_worded_as_nix_words_them() {
+        assert_eq!(
+            super::build_failed("/nix/store/x.drv", "ssh://b1", "builder for '/nix/store/x.drv' failed with exit code 3"),
+            "error: build of '/nix/store/x.drv' on 'ssh://b1' failed: builder for '/nix/store/x.drv' failed with exit code 3"
+        );
+        assert_eq!(super::first_line("a\nb"), "a");
+    }
 }

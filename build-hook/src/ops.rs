@@ -6,7 +6,9 @@ use crate::dispatch::Dispatcher;
 use remote_lib::derivation::Derivation;
 use remote_lib::history::{self, Record};
 use remote_lib::hook_protocol::TryRequest;
+use remote_lib::job::JobError;
 use remote_lib::select::{self, Candidate};
+use remote_lib::session::SessionError;
 use remote_lib::slots::LoadDir;
 use remote_lib::store_path::StorePath;
 use serde::{Deserialize, Serialize};
@@ -53,6 +55,17 @@ pub struct Attempt<'a> {
     pub start: f64,
     /// Seconds the `try` waited for the slot.
     pub waited: f64,
+}
+
+/// An attempt's result word and reason, for the history.
+pub fn outcome(err: Option<&JobError>) -> (&'static str, String) {
+    match err {
+        None => ("built", String::new()),
+        Some(JobError::BuildFailed { msg, .. }) => ("failed", msg.clone()),
+        Some(JobError::Builder(e @ SessionError::Lost { .. })) => ("lost", e.to_string()),
+        Some(JobError::Builder(e @ SessionError::Refused { .. })) => ("refused", e.to_string()),
+        Some(e) => ("local", e.to_string()),
+    }
 }
 
 /// The record of one attempt, for the history.

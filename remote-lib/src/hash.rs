@@ -103,10 +103,6 @@ impl<R: Read> HashingReader<R> {
     pub fn new(inner: R) -> Self {
         HashingReader { inner, hasher: Sha256::new(), count: 0 }
     }
-    /// Bytes read so far.
-    pub fn count(&self) -> u64 {
-        self.count
-    }
     /// Finishes the hash and gives back the inner reader.
     pub fn finish(self) -> (Sha256Hash, u64, R) {
         (Sha256Hash(self.hasher.finalize().into()), self.count, self.inner)

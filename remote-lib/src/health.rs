@@ -282,29 +282,25 @@ impl HealthStore {
     /// Takes the directory's update lock (released when the file is closed);
     /// `None` if it cannot be had (read-only load directory, …).
     fn lock(&self) -> Option<fs::File> {
-        use std::os::fd::AsRawFd;
         let _ = fs::create_dir_all(&self.dir);
         let f = fs::OpenOptions::new().create(true).truncate(false).write(true).open(self.dir.join(".lock")).ok()?;
         loop {
-            // SAFETY: flock on a valid, owned file descriptor.
-            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } == 0 {
-                return Some(f);
-            }
-            if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-                return None;
+            match f.lock() {
+                Ok(()) => return Some(f),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => return None,
             }
         }
     }
 }
 
+/// Writes `data` to a temporary file beside `path` and renames it into
+/// place, so readers see the old record or the new one, never a part.
 fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp{}-{:?}", std::process::id(), std::thread::current().id()).replace(['(', ')'], ""));
-    let mut f = fs::File::create(&tmp)?;
-    f.write_all(data)?;
-    drop(f);
-    fs::rename(&tmp, path).inspect_err(|_| {
-        let _ = fs::remove_file(&tmp);
-    })
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
+    tmp.write_all(data)?;
+    tmp.persist(path).map(drop).map_err(|e| e.error)
 }
 
 /// A cheap jitter source in [0,1) (no RNG dependency needed for spreading retries).

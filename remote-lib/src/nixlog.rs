@@ -17,7 +17,6 @@ pub enum Level {
 
 /// Activity types we start.
 pub const ACT_UNKNOWN: u64 = 0;
-pub const ACT_COPY_PATHS: u64 = 103;
 
 /// Escapes a string for JSON.
 pub fn json_string(s: &str) -> String {
@@ -62,7 +61,7 @@ mod tests {
         let m = msg(Level::Error, "bad \"thing\"\non b1\u{1b}[0m");
         assert_eq!(m, "@nix {\"action\":\"msg\",\"level\":0,\"msg\":\"bad \\\"thing\\\"\\non b1\\u001b[0m\"}\n");
         assert_eq!(m.matches('\n').count(), 1);
-        let s = start(7, Level::Info, ACT_COPY_PATHS, "copying");
+        let s = start(7, Level::Info, 103, "copying");
         assert!(s.contains("\"id\":7") && s.contains("\"type\":103") && s.contains("\"text\":\"copying\""));
         assert_eq!(stop(7), "@nix {\"action\":\"stop\",\"id\":7}\n");
     }

@@ -7,7 +7,6 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -95,25 +94,28 @@ impl LoadDir {
         Ok((file, path))
     }
 
-    fn flock(file: &File, path: &Path, op: i32) -> Result<bool, SlotError> {
+    /// Takes the lock, waiting for it.
+    fn lock(file: &File, path: &Path) -> Result<(), SlotError> {
         loop {
-            // SAFETY: flock on a valid, owned file descriptor.
-            let r = unsafe { libc::flock(file.as_raw_fd(), op) };
-            if r == 0 {
-                return Ok(true);
+            match file.lock() {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => return r.map_err(|source| SlotError::Lock { path: path.to_path_buf(), source }),
             }
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EWOULDBLOCK) => return Ok(false),
-                _ => return Err(SlotError::Lock { path: path.to_path_buf(), source: e }),
-            }
+        }
+    }
+
+    /// Takes the lock if it is free: `false` when someone holds it.
+    fn try_lock(file: &File, path: &Path) -> Result<bool, SlotError> {
+        match file.try_lock() {
+            Ok(()) => Ok(true),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+            Err(std::fs::TryLockError::Error(source)) => Err(SlotError::Lock { path: path.to_path_buf(), source }),
         }
     }
 
     fn lock_blocking(&self, name: &str) -> Result<FileLock, SlotError> {
         let (file, path) = self.open(name)?;
-        Self::flock(&file, &path, libc::LOCK_EX)?;
+        Self::lock(&file, &path)?;
         Ok(FileLock { file, path })
     }
 
@@ -133,7 +135,7 @@ impl LoadDir {
     pub fn upload_lock_until(&self, uri: &str, deadline: std::time::Instant) -> Result<Option<FileLock>, SlotError> {
         let (file, path) = self.open(&file_name(uri, ".upload-lock"))?;
         loop {
-            if Self::flock(&file, &path, libc::LOCK_EX | libc::LOCK_NB)? {
+            if Self::try_lock(&file, &path)? {
                 return Ok(Some(FileLock { file, path }));
             }
             if std::time::Instant::now() >= deadline {
@@ -150,7 +152,7 @@ impl LoadDir {
         let mut busy = 0;
         for i in 0..max_jobs {
             let (file, path) = self.open(&file_name(uri, &format!("-{i}")))?;
-            if Self::flock(&file, &path, libc::LOCK_EX | libc::LOCK_NB)? {
+            if Self::try_lock(&file, &path)? {
                 if kept.is_none() {
                     kept = Some(Slot { index: i, lock: FileLock { file, path } });
                 }

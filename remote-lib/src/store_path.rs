@@ -53,10 +53,6 @@ impl StorePath {
     pub fn name(&self) -> &str {
         &self.base_name()[33..]
     }
-    /// True for `.drv` files.
-    pub fn is_derivation(&self) -> bool {
-        self.name().ends_with(".drv")
-    }
 }
 
 fn check_name(name: &str) -> Result<(), &'static str> {
@@ -96,7 +92,6 @@ mod tests {
     fn accepts_real_paths() {
         let p = StorePath::parse(SD, "/nix/store/42ka40fgb8k4q9lhi1l10fy6ak13bvs0-top.drv").unwrap();
         assert_eq!(p.name(), "top.drv");
-        assert!(p.is_derivation());
         assert_eq!(p.base_name(), "42ka40fgb8k4q9lhi1l10fy6ak13bvs0-top.drv");
     }
 

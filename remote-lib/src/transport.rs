@@ -409,6 +409,29 @@ pub fn with_live_children(f: impl FnOnce(&[u32])) {
     f(&LIVE.lock().unwrap_or_else(|e| e.into_inner()));
 }
 
+/// Where shared-connection sockets go: the load directory when the socket
+/// path fits, else a private directory in /tmp; `None` disables sharing.
+pub fn control_dir(load: &crate::slots::LoadDir) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // sun_path holds 107 bytes; OpenSSH binds "<dir>/<%C: 40>.<16 random>" first.
+    const MAX_DIR: usize = 107 - 1 - 40 - 17;
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let preferred = load.private_dir("ssh");
+    let dir = if preferred.as_os_str().len() <= MAX_DIR { preferred } else { std::env::temp_dir().join(format!("build-hook-ssh-{uid}")) };
+    if dir.as_os_str().len() > MAX_DIR {
+        return None;
+    }
+    let _ = std::fs::create_dir_all(&dir);
+    let md = std::fs::symlink_metadata(&dir).ok()?;
+    // Never use a directory someone else could have prepared for us.
+    if !md.is_dir() || md.uid() != uid {
+        return None;
+    }
+    let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+    Some(dir)
+}
+
 /// Where the remote's stderr goes: kept as a tail for error messages and,
 /// once the build is ours, copied to the build log (fd 4).
 #[derive(Clone, Default)]

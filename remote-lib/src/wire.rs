@@ -8,9 +8,6 @@
 
 use std::io::{self, Read, Write};
 
-/// Largest string we accept where the caller does not say otherwise (store
-/// paths, setting values, environment values of a derivation).
-pub const DEFAULT_MAX_STRING: usize = 64 * 1024 * 1024;
 /// Largest list we accept (paths in a closure, settings, env entries).
 pub const MAX_LIST: u64 = 1 << 22;
 
