@@ -85,7 +85,8 @@ impl Sha256Hash {
     }
 }
 
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
+/// Lowercase or uppercase base16 to bytes.
+pub(crate) fn decode_hex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
     }

@@ -6,7 +6,7 @@
 //! declares.
 
 use crate::derivation::Output;
-use crate::hash::{nix32_encode, Sha256Hash};
+use crate::hash::{decode_hex, nix32_encode, Sha256Hash};
 use crate::serve::PathInfo;
 use crate::store_path::StorePath;
 use sha2::Digest;
@@ -232,13 +232,6 @@ impl FixedHash {
         }
         Ok(())
     }
-}
-
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
 }
 
 /// Reads at most `limit` bytes: a NAR is read through its announced size, so

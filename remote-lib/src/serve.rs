@@ -27,7 +27,8 @@ fn read_list<R: Read + ?Sized>(r: &mut R, max: usize, limit: usize, what: &'stat
     (0..n).map(|_| wire::read_string(r, limit, what)).collect()
 }
 
-/// A protocol version `major.minor`, ordered.
+/// A protocol version `major.minor`, ordered (the serve and the daemon
+/// protocols encode it alike).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ServeVersion(pub u8, pub u8);
 
@@ -37,6 +38,12 @@ impl ServeVersion {
     }
     pub fn to_wire(self) -> u64 {
         ((self.0 as u64) << 8) | self.1 as u64
+    }
+}
+
+impl std::fmt::Display for ServeVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.0, self.1)
     }
 }
 

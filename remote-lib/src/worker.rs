@@ -69,24 +69,8 @@ const MAX_READ_REQUEST: u64 = 1 << 20;
 /// Size of the frames an upload is cut into.
 const FRAME: usize = 64 * 1024;
 
-/// A protocol version `major.minor`, ordered.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct WorkerVersion(pub u8, pub u8);
-
-impl WorkerVersion {
-    pub fn from_wire(v: u64) -> Self {
-        WorkerVersion(((v >> 8) & 0xff) as u8, (v & 0xff) as u8)
-    }
-    pub fn to_wire(self) -> u64 {
-        ((self.0 as u64) << 8) | self.1 as u64
-    }
-}
-
-impl std::fmt::Display for WorkerVersion {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{}", self.0, self.1)
-    }
-}
+/// A protocol version `major.minor`: the same form as the serve protocol's.
+pub use crate::serve::ServeVersion as WorkerVersion;
 
 /// What went wrong talking to a `nix-daemon`.
 #[derive(Debug, thiserror::Error)]
