@@ -9,18 +9,8 @@
 set -eu
 COUNTS=${1:-100 1000 5000 20000}; SIZES=${2:-10 100 1000}
 cd "$(dirname "$0")/.."
-bash scripts/install-deps.sh
-command -v /usr/bin/time >/dev/null || apt-get install -y -qq time >/dev/null
-export PATH="$HOME/.cargo/bin:$PATH"
-cargo build --release --locked --bin build-hook 2>&1 | tail -1
-source tests/lib/testbed.sh
-tb_up 1 >/dev/null
-trap tb_down EXIT
-tb_machines_line 1 4 > "$TB/machines"
-OURS=$PWD/target/release/build-hook
-BUILTIN=/usr/libexec/nix/build-remote
-DATA=${BH_BENCH_DATA:-/tmp/bh-bench-data}
-mkdir -p "$DATA"
+source bench/lib.sh
+bench_one_builder
 # A hook wrapped to record its peak RSS (KiB).
 wrap() { # wrap NAME HOOK
   printf '#!/bin/sh\nexec /usr/bin/time -f "%%M" -a -o "%s" "%s" "$@"\n' "$TB/rss-$1.txt" "$2" > "$TB/hook-$1"

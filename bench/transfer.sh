@@ -8,17 +8,8 @@
 set -eu
 ROUNDS=${1:-2}
 cd "$(dirname "$0")/.."
-bash scripts/install-deps.sh
-export PATH="$HOME/.cargo/bin:$PATH"
-cargo build --release --locked --bin build-hook 2>&1 | tail -1
-source tests/lib/testbed.sh
-tb_up 1 >/dev/null
-trap tb_down EXIT
-tb_machines_line 1 4 > "$TB/machines"
-OURS=$PWD/target/release/build-hook
-BUILTIN=/usr/libexec/nix/build-remote
-DATA=${BH_BENCH_DATA:-/tmp/bh-bench-data}
-mkdir -p "$DATA"
+source bench/lib.sh
+bench_one_builder
 bash bench/make-data.sh "$DATA" 20 5 mixed > "$DATA/mixed.nix"
 bash bench/make-data.sh "$DATA" 20 5 random > "$DATA/random.nix"
 

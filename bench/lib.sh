@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Shared set-up of the benchmarks (source it from the repository's root):
+# installs what they need, builds the hook, brings up one test builder with
+# max-jobs 4 (torn down on exit), and sets OURS, BUILTIN and DATA.
+bench_one_builder() {
+  bash scripts/install-deps.sh
+  export PATH="$HOME/.cargo/bin:$PATH"
+  cargo build --release --locked --bin build-hook 2>&1 | tail -1
+  source tests/lib/testbed.sh
+  tb_up 1 >/dev/null
+  trap tb_down EXIT
+  tb_machines_line 1 4 > "$TB/machines"
+  OURS=$PWD/target/release/build-hook
+  BUILTIN=/usr/libexec/nix/build-remote
+  DATA=${BH_BENCH_DATA:-/tmp/bh-bench-data}
+  mkdir -p "$DATA"
+}
