@@ -98,10 +98,14 @@ impl Dispatcher {
         }
     }
 
-    /// Sends the machines-list diagnostics to Nix.
+    /// Sends the machines-list diagnostics to Nix (notes are for `check`).
     pub fn report_diagnostics(&self) {
         for d in &self.diagnostics {
-            let level = if d.severity == Severity::Error { Level::Error } else { Level::Warn };
+            let level = match d.severity {
+                Severity::Error => Level::Error,
+                Severity::Warning => Level::Warn,
+                Severity::Note => continue,
+            };
             out::msg(level, &format!("build-hook: {d}"));
         }
     }

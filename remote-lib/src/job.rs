@@ -133,6 +133,10 @@ pub struct Context<'a> {
 /// unknown and are asked again next time.
 pub fn builder_caps(health: &HealthStore, m: &Machine, ssh: &SshConfig, limit: Duration) -> Health {
     let h = health.get(&m.uri);
+    if transport::is_local(m) {
+        // Between two processes on this host nothing is worth compressing.
+        return Health { zstd: Some(false), aes: Some(false), ..h };
+    }
     if h.zstd.is_some() && h.aes.is_some() {
         return h;
     }

@@ -30,16 +30,20 @@ pub struct Machine {
     pub origin: Location,
 }
 
-/// How to reach an `ssh://` machine.
+/// How to reach a machine: over ssh, or (`ssh://localhost`, and stores on
+/// this host such as a path, `local`, `auto` or `daemon`) by running
+/// `nix-store --serve` here, as Nix does.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SshTarget {
-    /// `[user@]host`, as given to `ssh`.
+    /// `[user@]host`, as given to `ssh` (`localhost`: no ssh).
     pub host: String,
     pub port: Option<u16>,
     /// `remote-program` (default `nix-store`).
     pub remote_program: String,
     /// `remote-store`, passed as `--store` on the builder.
     pub remote_store: Option<String>,
+    /// The machine is a store on this host, named by the URI itself.
+    pub local_store: bool,
 }
 
 /// A place in a machines list.
@@ -63,6 +67,9 @@ pub enum Severity {
     Error,
     /// The entry is used, perhaps not as written.
     Warning,
+    /// Worth knowing when checking the list, not on every build (Nix says
+    /// nothing): a machines file that does not exist.
+    Note,
 }
 
 /// A problem found in a machines list.
@@ -81,6 +88,7 @@ impl fmt::Display for Diagnostic {
         let sev = match self.severity {
             Severity::Error => "error",
             Severity::Warning => "warning",
+            Severity::Note => "note",
         };
         write!(f, "{}: {sev}: {}: {}\n  hint: {}", self.at, self.field, self.message, self.hint)
     }
@@ -184,7 +192,7 @@ fn include(path: &str, at: Location, local_system: &str, loader: &mut Loader, ou
             inc.stack.pop();
         }
         Ok(None) => out.diagnostics.push(Diagnostic {
-            severity: Severity::Warning,
+            severity: Severity::Note,
             ..diag(format!("machines file '{path}' does not exist; it adds no machines"), "create it, or remove the reference (Nix ignores a missing file silently)".into())
         }),
         Err(e) => out.diagnostics.push(diag(
@@ -235,15 +243,15 @@ fn parse_entry(entry: &str, at: &Location, local_system: &str, diags: &mut Vec<D
         return err(0, "the store URI is missing or '-'".into(), "start the entry with the builder, e.g. 'ssh://user@host'");
     };
     let uri = normalise_uri(&raw_uri);
-    let ssh = match parse_ssh_uri(&uri) {
+    let ssh = match parse_store_uri(&uri) {
         Ok(t) => t,
-        Err(UriProblem::Scheme(scheme)) => {
+        Err(UriProblem::Scheme(scheme, hint)) => {
             diags.push(Diagnostic {
                 severity: Severity::Error,
                 at: loc(0),
                 field: FIELDS[0],
-                message: format!("'{uri}' uses '{scheme}', which build-hook does not speak; this machine is skipped"),
-                hint: "use an ssh:// URI for this builder (every Nix has 'nix-store --serve'), or Nix's built-in hook for this store type".into(),
+                message: format!("'{uri}' is a store of type '{scheme}', which build-hook cannot build on; this machine is skipped"),
+                hint: hint.into(),
             });
             return None;
         }
@@ -300,7 +308,28 @@ fn parse_entry(entry: &str, at: &Location, local_system: &str, diags: &mut Vec<D
             hint: "separate machines with a newline or ';'".into(),
         });
     }
+    let mut ssh = ssh;
+    if ssh.local_store {
+        ssh.remote_store = Some(with_system_features(&uri, &supported_features, &mandatory_features));
+    }
     Some(Machine { uri, ssh, systems, ssh_key, max_jobs, speed_factor, supported_features, mandatory_features, host_key, origin: at.clone() })
+}
+
+/// A store on this host builds what its `system-features` allow: as Nix
+/// opens a builder's store, the machine's features become that setting,
+/// unless the URI sets it.
+fn with_system_features(uri: &str, supported: &[String], mandatory: &[String]) -> String {
+    let (_, query) = uri.split_once('?').unwrap_or((uri, ""));
+    if query.split('&').any(|kv| kv.split_once('=').map_or(kv, |(k, _)| k) == "system-features") {
+        return uri.to_string();
+    }
+    let features: Vec<String> = supported.iter().chain(mandatory).map(|f| percent_escape_query(f)).collect();
+    let sep = if uri.contains('?') { '&' } else { '?' };
+    format!("{uri}{sep}system-features={}", features.join("%20"))
+}
+
+fn percent_escape_query(s: &str) -> String {
+    s.bytes().map(|b| if b.is_ascii_alphanumeric() || b"-._~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
 }
 
 fn shorten(s: &str) -> String {
@@ -334,17 +363,33 @@ pub fn normalise_uri(s: &str) -> String {
 }
 
 enum UriProblem {
-    Scheme(String),
+    /// A store type we cannot build on, and what to do.
+    Scheme(String, &'static str),
     Bad(String),
 }
 
-fn parse_ssh_uri(uri: &str) -> Result<SshTarget, UriProblem> {
+/// The store types on this host that can build (Nix's local and daemon
+/// stores): `nix-store --serve --store URI` run here reaches them.
+fn is_local_store_uri(uri: &str) -> bool {
+    let base = uri.split_once('?').map_or(uri, |(b, _)| b);
+    base.starts_with('/') || ["", "local", "auto", "daemon"].contains(&base) || base.starts_with("unix://") || base.starts_with("local://")
+}
+
+fn parse_store_uri(uri: &str) -> Result<SshTarget, UriProblem> {
+    if is_local_store_uri(uri) {
+        return Ok(SshTarget { host: "localhost".into(), port: None, remote_program: "nix-store".into(), remote_store: Some(uri.to_string()), local_store: true });
+    }
     let Some(rest) = uri.strip_prefix("ssh://") else {
-        let scheme = uri.split("://").next().filter(|_| uri.contains("://")).unwrap_or(uri);
-        return Err(UriProblem::Scheme(scheme.to_string()));
+        let scheme = uri.split_once("://").map_or(uri, |(s, _)| s);
+        let hint = match scheme {
+            "ssh-ng" => "write it as ssh://… (the same host and parameters reach 'nix-store --serve'), or use Nix's built-in hook for ssh-ng",
+            "file" | "http" | "https" | "s3" => "a binary cache cannot build; list it in 'substituters' instead",
+            _ => "use an ssh:// URI, a path or 'local'/'auto'/'daemon' for this builder",
+        };
+        return Err(UriProblem::Scheme(scheme.to_string(), hint));
     };
     let (authority, query) = rest.split_once('?').unwrap_or((rest, ""));
-    let mut t = SshTarget { host: String::new(), port: None, remote_program: "nix-store".into(), remote_store: None };
+    let mut t = SshTarget { host: String::new(), port: None, remote_program: "nix-store".into(), remote_store: None, local_store: false };
     let (user_host, port) = match authority.rsplit_once(':') {
         Some((h, p)) if !h.is_empty() && p.bytes().all(|c| c.is_ascii_digit()) && !p.is_empty() => {
             (h, Some(p.parse::<u16>().map_err(|_| UriProblem::Bad(format!("port '{p}' is out of range")))?))
@@ -501,7 +546,7 @@ mod tests {
         assert_eq!(p.machines[1].origin.file, "/etc/nix/more");
         assert_eq!(p.diagnostics.len(), 2);
         assert!(p.diagnostics[0].message.contains("relative") && p.diagnostics[0].message.contains("'/machines'"));
-        assert_eq!(p.diagnostics[1].severity, Severity::Warning);
+        assert_eq!(p.diagnostics[1].severity, Severity::Note, "a missing file is only worth a note, as Nix says nothing");
         let looped = run("@/a", &[("/a", "@/a")]);
         assert!(looped.diagnostics[0].message.contains("includes itself"), "{:?}", looped.diagnostics);
         let chain: Vec<(String, String)> = (0..20).map(|i| (format!("/c{i}"), format!("@/c{}", i + 1))).collect();
@@ -521,10 +566,29 @@ mod tests {
 
     #[test]
     fn non_ssh_schemes_and_hostile_hosts_are_refused() {
-        let p = run("ssh-ng://b1\nlocal\nssh://-oProxyCommand=x\nssh://b$(id)", &[]);
+        let p = run("ssh-ng://b1\nfile:///tmp/cache\nssh://-oProxyCommand=x\nssh://b$(id)", &[]);
         assert!(p.machines.is_empty());
         assert_eq!(p.diagnostics.len(), 4);
-        assert!(p.diagnostics[0].message.contains("'ssh-ng'"));
+        assert!(p.diagnostics[0].message.contains("type 'ssh-ng'"), "{}", p.diagnostics[0]);
+        assert!(p.diagnostics[1].hint.contains("binary cache cannot build"), "{}", p.diagnostics[1]);
+    }
+
+    #[test]
+    fn stores_on_this_host_build_through_a_local_nix_store_serve() {
+        let p = run("/tmp/m2 - - 1 1 bar\nlocal?root=/r - - 1 1 a,b c\nauto - - 1 1\ndaemon\n/tmp/m3?system-features=x - - 1 1 bar", &[]);
+        assert!(p.diagnostics.is_empty(), "{:?}", p.diagnostics);
+        let stores: Vec<_> = p.machines.iter().map(|m| (m.ssh.host.as_str(), m.ssh.local_store, m.ssh.remote_store.clone().unwrap_or_default())).collect();
+        assert_eq!(
+            stores,
+            [
+                ("localhost", true, "/tmp/m2?system-features=bar".to_string()),
+                ("localhost", true, "local?root=/r&system-features=a%20b%20c".to_string()),
+                ("localhost", true, "auto?system-features=".to_string()),
+                ("localhost", true, "daemon?system-features=".to_string()),
+                ("localhost", true, "/tmp/m3?system-features=x".to_string()),
+            ]
+        );
+        assert_eq!(p.machines[0].uri, "/tmp/m2", "the machine keeps the name it was given");
     }
 
     #[test]
