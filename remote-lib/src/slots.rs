@@ -251,14 +251,20 @@ mod tests {
         let d = dir("proc");
         let slot = d.path.join("ssh:__b-0");
         fs::write(&slot, "").unwrap();
-        let mut child = std::process::Command::new("flock").arg("-o").arg(&slot).args(["sleep", "5"]).spawn().expect("flock(1) from util-linux");
-        for _ in 0..100 {
-            let (s, busy) = d.probe("ssh://b", 1).unwrap();
-            if s.is_none() && busy == 1 {
+        // The child says when it holds the lock; probing before that could take it first.
+        let ready = d.path.join("ready");
+        let mut child = std::process::Command::new("flock")
+            .arg("-o")
+            .arg(&slot)
+            .arg("-c")
+            .arg(format!("touch '{}'; sleep 30", ready.display()))
+            .spawn()
+            .expect("flock(1) from util-linux");
+        for _ in 0..1000 {
+            if ready.exists() {
                 break;
             }
-            drop(s);
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
         let (s, busy) = d.probe("ssh://b", 1).unwrap();
         assert!(s.is_none() && busy == 1);
