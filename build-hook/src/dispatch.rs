@@ -116,15 +116,6 @@ impl Dispatcher {
 
     /// Answers one `try`. Returns the accepted machine after `# accept` was sent.
     pub fn handle_try(&mut self, req: &TryRequest) -> anyhow::Result<Option<Accept>> {
-        if req.required_features.iter().any(|f| f == "ca-derivations") {
-            let level = if self.local_cap.could_build(req) { Level::Chatty } else { Level::Warn };
-            out::msg(
-                level,
-                &format!("build-hook: declining '{}': floating content-addressed derivations are not supported by build-hook yet; Nix builds them locally", req.drv_path),
-            );
-            out::reply(&Reply::Decline);
-            return Ok(None);
-        }
         let started = Instant::now();
         let deadline = started + Duration::from_millis(self.cfg.slot_wait_ms);
         let mut poll = Duration::from_millis(5);

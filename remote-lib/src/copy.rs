@@ -199,6 +199,20 @@ pub fn upload<LR: Read, LW: Write, RR: Read, RW: Write>(local: &mut ServeConn<LR
     Ok(sent)
 }
 
+/// Copies `ordered` (checked, in dependency order) from the builder into a
+/// local store that is not on this machine's disk (a binary cache), through
+/// the local `nix-store --serve --write`, which checks each NAR against its
+/// announced hash as it imports it. The same requests as [`upload`], the
+/// other way round.
+pub fn import_outputs<RR: Read, RW: Write, LR: Read, LW: Write>(remote: &mut ServeConn<RR, RW>, local: &mut ServeConn<LR, LW>, ordered: &[PathInfo]) -> Result<u64, CopyError> {
+    upload(remote, local, ordered).map_err(|e| match e {
+        CopyError::Builder { during, source } => CopyError::LocalServe { during, source },
+        CopyError::LocalServe { during, source } => CopyError::Builder { during, source },
+        CopyError::MissingLocally { path } => CopyError::MissingRemotely { path },
+        e => e,
+    })
+}
+
 /// Asks the builder for the metadata of `outputs` (one question): every one
 /// must be valid there, and every entry is checked ([`path_info::check`]).
 pub fn remote_infos<RR: Read, RW: Write>(remote: &mut ServeConn<RR, RW>, store_dir: &str, outputs: &[StorePath]) -> Result<Vec<PathInfo>, CopyError> {

@@ -36,6 +36,19 @@ impl Output {
     }
 }
 
+/// What a derivation's outputs are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Paths known from the inputs (the usual kind).
+    InputAddressed,
+    /// Paths fixed by declared hashes.
+    Fixed,
+    /// Content-addressed, paths known only after the build (`__contentAddressed`).
+    Floating,
+    /// Anything else (deferred or impure outputs): not built remotely.
+    Other,
+}
+
 /// A parsed derivation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Derivation {
@@ -183,6 +196,137 @@ impl Derivation {
         Ok(Derivation { outputs, input_drvs, input_srcs, platform, builder, args, env })
     }
 
+    /// The kind of the derivation's outputs (all outputs are of one kind).
+    pub fn kind(&self) -> Kind {
+        let all = |f: &dyn Fn(&Output) -> bool| !self.outputs.is_empty() && self.outputs.iter().all(f);
+        if all(&|o| o.path_known() && o.hash_algo.is_empty() && o.hash.is_empty()) {
+            Kind::InputAddressed
+        } else if all(&|o| o.path_known() && !o.hash_algo.is_empty() && !o.hash.is_empty()) {
+            Kind::Fixed
+        } else if all(&|o| !o.path_known() && !o.hash_algo.is_empty() && o.hash.is_empty() && o.hash_algo != "impure") {
+            Kind::Floating
+        } else {
+            Kind::Other
+        }
+    }
+
+    /// The derivation's name (the `.drv` path's name without `.drv`).
+    pub fn name_of(drv_path: &str) -> &str {
+        let base = drv_path.rsplit('/').next().unwrap_or(drv_path);
+        let name = base.split_once('-').map_or(base, |(_, n)| n);
+        name.strip_suffix(".drv").unwrap_or(name)
+    }
+
+    /// The ATerm text as Nix writes it, with input derivations replaced by
+    /// `inputs` (hash → output names) when given, and output paths blanked
+    /// (also in the environment) when `mask_outputs` is set.
+    pub fn unparse(&self, mask_outputs: bool, inputs: Option<&BTreeMap<String, Vec<String>>>) -> Vec<u8> {
+        let mut s = Vec::with_capacity(1024);
+        let list = |s: &mut Vec<u8>, items: &mut dyn Iterator<Item = Vec<u8>>| {
+            s.push(b'[');
+            for (i, it) in items.enumerate() {
+                if i > 0 {
+                    s.push(b',');
+                }
+                s.extend_from_slice(&it);
+            }
+            s.push(b']');
+        };
+        s.extend_from_slice(b"Derive(");
+        let mut outs = self.outputs.iter().map(|o| {
+            let mut t = b"(".to_vec();
+            for (i, f) in [o.name.as_str(), if mask_outputs { "" } else { o.path.as_str() }, &o.hash_algo, &o.hash].iter().enumerate() {
+                if i > 0 {
+                    t.push(b',');
+                }
+                quote(&mut t, f);
+            }
+            t.push(b')');
+            t
+        });
+        list(&mut s, &mut outs);
+        s.push(b',');
+        let input_drvs = inputs.unwrap_or(&self.input_drvs);
+        let mut ins = input_drvs.iter().map(|(k, outs)| {
+            let mut t = b"(".to_vec();
+            quote(&mut t, k);
+            t.push(b',');
+            let mut sorted = outs.clone();
+            sorted.sort();
+            sorted.dedup();
+            t.push(b'[');
+            for (i, o) in sorted.iter().enumerate() {
+                if i > 0 {
+                    t.push(b',');
+                }
+                quote(&mut t, o);
+            }
+            t.extend_from_slice(b"])");
+            t
+        });
+        list(&mut s, &mut ins);
+        s.push(b',');
+        list(&mut s, &mut self.input_srcs.iter().map(|p| quoted(p)));
+        s.push(b',');
+        quote(&mut s, &self.platform);
+        s.push(b',');
+        quote(&mut s, &self.builder);
+        s.push(b',');
+        list(&mut s, &mut self.args.iter().map(|a| quoted(a)));
+        s.push(b',');
+        let mut env = self.env.iter().map(|(k, v)| {
+            let mut t = b"(".to_vec();
+            quote(&mut t, k);
+            t.push(b',');
+            let masked = mask_outputs && self.outputs.iter().any(|o| &o.name == k);
+            quote(&mut t, if masked { "" } else { v });
+            t.push(b')');
+            t
+        });
+        list(&mut s, &mut env);
+        s.push(b')');
+        s
+    }
+
+    /// Nix's "hash modulo" of a derivation (`hashDerivationModulo` with
+    /// masked outputs, as `staticOutputHashes`): what a content-addressed
+    /// output's realisation is keyed by (`sha256:<base16>!<output>`), and
+    /// what an input-addressed output path is computed from. Input
+    /// derivations are read through `read` and replaced by their own hash
+    /// modulo (a fixed-output one by the hash of its declared content).
+    pub fn hash_modulo(&self, read: &mut dyn FnMut(&str) -> Result<Derivation, String>) -> Result<[u8; 32], String> {
+        self.hash_modulo_depth(&mut Memo { read, known: BTreeMap::new() }, true, 0)
+    }
+
+    /// Input derivations are hashed with their outputs as they are (Nix's
+    /// `pathDerivationModulo`); only the derivation asked about is masked.
+    fn hash_modulo_depth(&self, memo: &mut Memo, mask: bool, depth: usize) -> Result<[u8; 32], String> {
+        use sha2::Digest;
+        if depth > 512 {
+            return Err("input derivations nest more than 512 deep".into());
+        }
+        if self.kind() == Kind::Fixed {
+            // One hash per output in Nix; derivations here have one output when fixed.
+            let o = &self.outputs[0];
+            let text = format!("fixed:out:{}:{}:{}", o.hash_algo, o.hash, o.path);
+            return Ok(sha2::Sha256::digest(text.as_bytes()).into());
+        }
+        let mut inputs: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (path, outs) in &self.input_drvs {
+            let h = match memo.known.get(path) {
+                Some(h) => *h,
+                None => {
+                    let d = (memo.read)(path)?;
+                    let h = d.hash_modulo_depth(memo, false, depth + 1)?;
+                    memo.known.insert(path.clone(), h);
+                    h
+                }
+            };
+            inputs.entry(crate::hash::Sha256Hash(h).to_hex()).or_default().extend(outs.iter().cloned());
+        }
+        Ok(sha2::Sha256::digest(self.unparse(mask, Some(&inputs))).into())
+    }
+
     /// Writes the `BasicDerivation` wire form. `inputs` is the closure
     /// Nix sent after accept; it replaces `inputSrcs` when the derivation has
     /// input derivations.
@@ -213,11 +357,87 @@ impl Derivation {
     }
 }
 
+/// Input derivations' hashes, each worked out once (a build graph shares
+/// many inputs).
+struct Memo<'a> {
+    read: &'a mut dyn FnMut(&str) -> Result<Derivation, String>,
+    known: BTreeMap<String, [u8; 32]>,
+}
+
+/// Appends `v` as an ATerm string (Nix's escapes: `"`, `\\`, newline, CR, tab).
+fn quote(s: &mut Vec<u8>, v: &str) {
+    s.push(b'"');
+    for &c in v.as_bytes() {
+        match c {
+            b'"' => s.extend_from_slice(b"\\\""),
+            b'\\' => s.extend_from_slice(b"\\\\"),
+            b'\n' => s.extend_from_slice(b"\\n"),
+            b'\r' => s.extend_from_slice(b"\\r"),
+            b'\t' => s.extend_from_slice(b"\\t"),
+            c => s.push(c),
+        }
+    }
+    s.push(b'"');
+}
+
+fn quoted(v: &str) -> Vec<u8> {
+    let mut t = Vec::new();
+    quote(&mut t, v);
+    t
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const TOP: &str = r#"Derive([("out","/nix/store/33lfs1if5diswhrxb547bs5d6x5qv1wy-top","","")],[("/nix/store/26zjw483mz5dh3k05amp80pyvvibhsld-dep.drv",["out"])],[],"x86_64-linux","/bin/sh",["-c","echo building top; cat $dep/sub/f > $out"],[("PATH","/bin:/usr/bin"),("builder","/bin/sh"),("dep","/nix/store/86blry61wgdwbnnw978vd4h6h2wi0048-dep"),("name","top"),("nonce","vec1"),("out","/nix/store/33lfs1if5diswhrxb547bs5d6x5qv1wy-top"),("system","x86_64-linux")])"#;
+
+    // Made by Nix 2.8.0's nix-instantiate (see the test below for the expression's parts).
+    const DEP: &str = r#"Derive([("out","/nix/store/mvk0r91i0xv5bdijwv2hq8k66mzs6dms-dep","","")],[],[],"x86_64-linux","/bin/sh",["-c","echo \"q\\\\ t\ttab\" > $out"],[("builder","/bin/sh"),("name","dep"),("out","/nix/store/mvk0r91i0xv5bdijwv2hq8k66mzs6dms-dep"),("system","x86_64-linux")])"#;
+    const FOD: &str = r#"Derive([("out","/nix/store/cf1fjhz2mpqm06x4fby60z4bxpnsmmws-fod","sha256","4d6037fc764dc35938630567521c3f9ed3a6be10ce88f4b1e29f42f6e13e6c3c")],[],[],"x86_64-linux","/bin/sh",["-c","echo hi > $out"],[("builder","/bin/sh"),("name","fod"),("out","/nix/store/cf1fjhz2mpqm06x4fby60z4bxpnsmmws-fod"),("outputHash","sha256-TWA3/HZNw1k4YwVnUhw/ntOmvhDOiPSx4p9C9uE+bDw="),("outputHashAlgo","sha256"),("outputHashMode","flat"),("system","x86_64-linux")])"#;
+    const TOP2: &str = r#"Derive([("dev","/nix/store/z79c04lh5m0gwrff8g3jbhv3q7vl49wk-top-dev","",""),("out","/nix/store/17i1y56mpihpc4qqa6v33bn5rjih5jfh-top","","")],[("/nix/store/174vfyzg61ysikd0cgvqx0wndq4w0szf-dep.drv",["out"]),("/nix/store/xwcp9ivknchzkkb4jg06hzfybjm4z96b-fod.drv",["out"])],[],"x86_64-linux","/bin/sh",["-c","cat /nix/store/mvk0r91i0xv5bdijwv2hq8k66mzs6dms-dep /nix/store/cf1fjhz2mpqm06x4fby60z4bxpnsmmws-fod > $out"],[("builder","/bin/sh"),("dev","/nix/store/z79c04lh5m0gwrff8g3jbhv3q7vl49wk-top-dev"),("name","top"),("out","/nix/store/17i1y56mpihpc4qqa6v33bn5rjih5jfh-top"),("outputs","out dev"),("system","x86_64-linux")])"#;
+    // `__contentAddressed = true` (recursive sha256); Nix 2.8 registered its
+    // realisation under sha256:b38c5560…21e7!out.
+    const CAF: &str = r#"Derive([("out","","r:sha256","")],[],[],"x86_64-linux","/bin/sh",["-c","echo ca > $out"],[("builder","/bin/sh"),("name","caf"),("out","/1rz4g4znpzjwh1xymhjpm42vipw92pr73vdgl6xs1hycac8kf2n9"),("outputHashAlgo","sha256"),("outputHashMode","recursive"),("system","x86_64-linux")])"#;
+
+    fn read_test_drv(path: &str) -> Result<Derivation, String> {
+        let text = match path {
+            "/nix/store/174vfyzg61ysikd0cgvqx0wndq4w0szf-dep.drv" => DEP,
+            "/nix/store/xwcp9ivknchzkkb4jg06hzfybjm4z96b-fod.drv" => FOD,
+            _ => return Err(format!("no {path}")),
+        };
+        Derivation::parse(path, text.as_bytes()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn unparse_gives_back_the_exact_text() {
+        for t in [DEP, FOD, TOP2, CAF, TOP] {
+            let d = Derivation::parse("/nix/store/x.drv", t.as_bytes()).unwrap();
+            assert_eq!(String::from_utf8(d.unparse(false, None)).unwrap(), t);
+        }
+    }
+
+    #[test]
+    fn hash_modulo_matches_nix_for_every_kind() {
+        use crate::store_path::make_store_path;
+        let caf = Derivation::parse("/nix/store/nwd2y68bvjs0qdd60sxbyv0gcf6dlngx-caf.drv", CAF.as_bytes()).unwrap();
+        assert_eq!(caf.kind(), Kind::Floating);
+        let h = caf.hash_modulo(&mut read_test_drv).unwrap();
+        assert_eq!(crate::hash::Sha256Hash(h).to_hex(), "b38c556096d615eb5a99ab7cac19cd46c4ec3ea62bcd9f7c81e16f8827bb21e7");
+        // Input-addressed output paths are made from the hash modulo: this
+        // checks masking, escapes and (for top) inputs replaced by their
+        // hashes, a fixed-output one included.
+        let dep = read_test_drv("/nix/store/174vfyzg61ysikd0cgvqx0wndq4w0szf-dep.drv").unwrap();
+        let h = dep.hash_modulo(&mut read_test_drv).unwrap();
+        assert_eq!(make_store_path("/nix/store", "output:out", &h, "dep"), "/nix/store/mvk0r91i0xv5bdijwv2hq8k66mzs6dms-dep");
+        let top = Derivation::parse("/nix/store/p0nzrd7jh57mxrsz1sfc3h567y8qjy37-top.drv", TOP2.as_bytes()).unwrap();
+        assert_eq!((top.kind(), read_test_drv("/nix/store/xwcp9ivknchzkkb4jg06hzfybjm4z96b-fod.drv").unwrap().kind()), (Kind::InputAddressed, Kind::Fixed));
+        let h = top.hash_modulo(&mut read_test_drv).unwrap();
+        assert_eq!(make_store_path("/nix/store", "output:out", &h, "top"), "/nix/store/17i1y56mpihpc4qqa6v33bn5rjih5jfh-top");
+        assert_eq!(make_store_path("/nix/store", "output:dev", &h, "top-dev"), "/nix/store/z79c04lh5m0gwrff8g3jbhv3q7vl49wk-top-dev");
+        assert!(top.hash_modulo(&mut |p: &str| Err(format!("no {p}"))).is_err());
+        assert_eq!(Derivation::name_of("/nix/store/p0nzrd7jh57mxrsz1sfc3h567y8qjy37-top.drv"), "top");
+    }
 
     #[test]
     fn parses_real_drv_from_nix_2_8() {

@@ -7,7 +7,7 @@
 
 use crate::compress;
 use crate::copy::{self, CopyError, Moved, Receive};
-use crate::derivation::Derivation;
+use crate::derivation::{Derivation, Kind};
 use crate::health::{self, Health, HealthStore};
 use crate::hook_protocol::{Accepted, BuildOptions};
 use crate::local_store::{LocalServe, LocalStore, LocalStoreError, Registrar};
@@ -76,6 +76,13 @@ pub struct Plan {
     pub wanted: Vec<StorePath>,
     /// Fixed-output outputs and their declared hashes.
     pub fixed: Vec<(StorePath, FixedHash)>,
+    /// Wanted outputs of a floating content-addressed derivation, whose
+    /// paths the builder tells after building.
+    pub floating: Vec<String>,
+    /// For those: the derivation's hash modulo, which keys their
+    /// realisations (`sha256:<base16>`), worked out here, not taken from
+    /// the builder.
+    pub drv_hash: Option<String>,
 }
 
 impl Plan {
@@ -87,12 +94,18 @@ impl Plan {
         let inputs = sets.inputs.iter().map(|p| StorePath::parse(sd, p).map(|p| p.to_string())).collect::<Result<Vec<_>, _>>().map_err(|e| bad(&e))?;
         let drv = store.read_drv(&drv_path).map_err(local("reading the derivation"))?;
         let mut wanted = Vec::new();
+        let mut floating = Vec::new();
+        let is_floating = drv.kind() == Kind::Floating;
         for w in &sets.wanted_outputs {
             let path = if w.starts_with('/') {
                 w.clone()
             } else {
                 match drv.outputs.iter().find(|o| &o.name == w) {
                     Some(o) if o.path_known() => o.path.clone(),
+                    Some(_) if is_floating => {
+                        floating.push(w.clone());
+                        continue;
+                    }
                     Some(_) => {
                         return Err(JobError::Local {
                             during: "reading the derivation",
@@ -110,7 +123,20 @@ impl Plan {
                 fixed.push((StorePath::parse(sd, &o.path).map_err(|e| bad(&e))?, h));
             }
         }
-        Ok(Plan { drv_path, drv, inputs, wanted, fixed })
+        let drv_hash = if floating.is_empty() {
+            None
+        } else {
+            if !store.on_disk() {
+                return Err(JobError::Local {
+                    during: "reading the derivation",
+                    why: format!("'{drv_path}' is content-addressed, and build-hook registers realisations only in a store on this machine's disk"),
+                });
+            }
+            let mut read = |p: &str| StorePath::parse(sd, p).map_err(|e| e.to_string()).and_then(|p| store.read_drv(&p).map_err(|e| session::chain(&e)));
+            let h = drv.hash_modulo(&mut read).map_err(|why| JobError::Local { during: "hashing the derivation", why })?;
+            Some(format!("sha256:{}", crate::hash::Sha256Hash(h).to_hex()))
+        };
+        Ok(Plan { drv_path, drv, inputs, wanted, fixed, floating, drv_hash })
     }
 }
 
@@ -179,6 +205,8 @@ pub struct Job<'a> {
     registrar: Option<Registrar>,
     /// A download session opened while the build runs.
     spare: Option<BulkSession>,
+    /// The floating outputs' paths, as the builder reported them (checked).
+    built: Vec<(String, StorePath)>,
     pub stats: Stats,
 }
 
@@ -188,9 +216,10 @@ impl<'a> Job<'a> {
     pub fn new(ctx: &'a Context<'a>, m: &'a Machine, plan: &'a Plan, session: Session, ev: &'a dyn Events) -> Result<Job<'a>, JobError> {
         let stall = session.timeouts().stall;
         let proc = ctx.local.spawn_serve().map_err(local("starting the local nix-store"))?;
-        let registrar = ctx.local.start_registrar().map_err(local("starting the local nix-store"))?;
+        // A store not on this disk takes outputs through its nix-store --serve instead.
+        let registrar = if ctx.local.on_disk() { Some(ctx.local.start_registrar().map_err(local("starting the local nix-store"))?) } else { None };
         let ls = ctx.local.serve_handshake(proc, stall).map_err(local("starting the local nix-store"))?;
-        Ok(Job { ctx, m, plan, ev, session: Some(session), local: Some(ls), registrar: Some(registrar), spare: None, stats: Stats::default() })
+        Ok(Job { ctx, m, plan, ev, session: Some(session), local: Some(ls), registrar, spare: None, built: Vec::new(), stats: Stats::default() })
     }
 
     /// Runs the three remote steps and closes the session; `stats` says
@@ -365,6 +394,10 @@ impl<'a> Job<'a> {
             let msg = if res.error_msg.is_empty() { res.status.to_string() } else { res.error_msg.clone() };
             return Err(JobError::BuildFailed { status: res.status, msg });
         }
+        match floating_outputs(plan, &ctx.local.store_dir, &res.built_outputs) {
+            Ok(b) => self.built = b,
+            Err(why) => return Err(self.fail("the build", Fault::Builder(why))),
+        }
         Ok(())
     }
 
@@ -372,19 +405,20 @@ impl<'a> Job<'a> {
     pub fn fetch_outputs(&mut self) -> Result<(), JobError> {
         let (ctx, m, plan) = (self.ctx, self.m, self.plan);
         let spare = self.spare.take();
-        let want: Vec<String> = plan.wanted.iter().map(|p| p.to_string()).collect();
+        let wanted: Vec<StorePath> = plan.wanted.iter().cloned().chain(self.built.iter().map(|(_, p)| p.clone())).collect();
+        let want: Vec<String> = wanted.iter().map(|p| p.to_string()).collect();
         let valid = self
             .local_serve("QueryValidPaths")
             .1
             .query_valid_paths(&want, false, false)
             .map_err(|e| JobError::Local { during: "asking the local store", why: session::chain(&e) })?;
         self.local_idle();
-        let fetch: Vec<StorePath> = plan.wanted.iter().filter(|p| !valid.iter().any(|v| v == p.as_str())).cloned().collect();
+        let fetch: Vec<StorePath> = wanted.iter().filter(|p| !valid.iter().any(|v| v == p.as_str())).cloned().collect();
         if fetch.is_empty() {
             if let Some(s) = spare {
                 s.discard();
             }
-            return Ok(());
+            return self.register_realisations();
         }
         let _act = Act::start(self.ev, Level::Info, &format!("copying outputs from '{}'", m.uri));
         self.session().phase("QueryPathInfos");
@@ -399,7 +433,24 @@ impl<'a> Job<'a> {
         self.local_idle();
         let h = builder_caps(ctx.health, m, ctx.ssh, self.ctx_stall());
         let level = compress::bulk_level(&h, ctx.forced_level);
-        let registrar = self.registrar.take().expect("one fetch per job");
+        let Some(registrar) = self.registrar.take() else {
+            if let Some(s) = spare {
+                s.discard();
+            }
+            let t = Instant::now();
+            let ordered = copy::topo_sort(infos);
+            let (Some(s), Some(ls)) = (self.session.as_mut(), self.local.as_mut()) else { unreachable!("open") };
+            s.phase("DumpStorePath");
+            ls.0.watch.phase("importing outputs", Some(s.timeouts().stall));
+            let nar = match copy::import_outputs(&mut s.serve, &mut ls.1, &ordered) {
+                Ok(nar) => nar,
+                Err(e) => return Err(self.copy_err("receiving outputs", e)),
+            };
+            self.local_idle();
+            (self.stats.download_bytes, self.stats.download_secs) = (nar, t.elapsed().as_secs_f64());
+            self.learn(0, Moved { nar, wire: nar }, t, &format!("copied {} outputs from", ordered.len()));
+            return Ok(());
+        };
         let into = Receive { local: ctx.local, outputs: &fetch, fixed: &plan.fixed };
         let ev = self.ev;
         let t = Instant::now();
@@ -431,7 +482,16 @@ impl<'a> Job<'a> {
         };
         (self.stats.download_bytes, self.stats.download_secs) = (moved.nar, t.elapsed().as_secs_f64());
         self.learn(level, moved, t, &format!("copied {} outputs from", fetch.len()));
-        Ok(())
+        self.register_realisations()
+    }
+
+    /// Records where the floating outputs are (their realisations), once
+    /// the paths are valid here.
+    fn register_realisations(&self) -> Result<(), JobError> {
+        match &self.plan.drv_hash {
+            Some(h) if !self.built.is_empty() => self.ctx.local.register_realisations(h, &self.built).map_err(local("registering realisations")),
+            _ => Ok(()),
+        }
     }
 
     /// Reports a transfer and learns the level for the next one.
@@ -445,6 +505,26 @@ impl<'a> Job<'a> {
             self.ctx.health.update(&self.m.uri, |h| h.learn(tr));
         }
     }
+}
+
+/// The paths of `plan`'s floating outputs from what the builder reported:
+/// each must be a store path of this store with the name Nix gives that
+/// output (`<name>` for `out`, else `<name>-<output>`).
+fn floating_outputs(plan: &Plan, store_dir: &str, reported: &[(String, String)]) -> Result<Vec<(String, StorePath)>, String> {
+    let drv_name = Derivation::name_of(plan.drv_path.as_str());
+    let mut out = Vec::new();
+    for o in &plan.floating {
+        let Some((_, base)) = reported.iter().find(|(n, _)| n == o) else {
+            return Err(format!("the builder built '{}' but did not say where its output '{o}' is", plan.drv_path));
+        };
+        let path = StorePath::parse(store_dir, &format!("{store_dir}/{base}")).map_err(|e| format!("the builder reported output '{o}' at a bad path: {e}"))?;
+        let want = if o == "out" { drv_name.to_string() } else { format!("{drv_name}-{o}") };
+        if path.name() != want {
+            return Err(format!("the builder reported output '{o}' at '{path}', but that output's name is '{want}'"));
+        }
+        out.push((o.clone(), path));
+    }
+    Ok(out)
 }
 
 impl Drop for Job<'_> {

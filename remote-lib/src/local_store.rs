@@ -31,6 +31,8 @@ pub enum LocalStoreError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot read derivation '{path}' through 'nix-store --store {store} --dump': {why}")]
+    DumpDrv { path: String, store: String, why: String },
     #[error(transparent)]
     Drv(#[from] DerivationError),
     #[error("cannot start the local 'nix-store --serve'")]
@@ -45,6 +47,15 @@ pub enum LocalStoreError {
     Register { paths: String, stderr: String },
     #[error("cannot run 'nix-store --load-db'")]
     RegisterIo(#[source] io::Error),
+    #[error("recording where {drv_hash}'s outputs are (its realisations) in '{db}' failed")]
+    Realisation {
+        drv_hash: String,
+        db: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("'{drv_hash}!{output}' is already realised here as '{have}', not as '{got}' which the builder built; the two builds differ (the derivation is not reproducible)")]
+    RealisationConflict { drv_hash: String, output: String, have: String, got: String },
     #[error("registered {paths}, but recording their content address and signatures in '{db}' failed (the paths are valid without them)")]
     Metadata {
         paths: String,
@@ -127,6 +138,20 @@ impl LocalStore {
         self.state_dir.clone()
     }
 
+    /// Whether the store's files and database are on this machine (a local
+    /// or daemon store), so that outputs can be unpacked and registered here.
+    /// Other stores (a binary cache such as `file://…`) are reached only
+    /// through `nix-store --store URI`.
+    pub fn on_disk(&self) -> bool {
+        match &self.store_uri {
+            None => true,
+            Some(s) => {
+                let base = s.split_once('?').map_or(s.as_str(), |(b, _)| b);
+                base.starts_with('/') || ["", "local", "auto", "daemon"].contains(&base) || base.starts_with("unix://") || base.starts_with("local://")
+            }
+        }
+    }
+
     fn command(&self) -> Command {
         let mut c = Command::new(&self.nix_store);
         if let Some(s) = &self.store_uri {
@@ -135,17 +160,55 @@ impl LocalStore {
         c
     }
 
-    /// Reads and parses a `.drv`.
+    /// Reads and parses a `.drv`: from disk, or through the store when it is
+    /// not on this machine's disk.
     pub fn read_drv(&self, drv: &StorePath) -> Result<Derivation, LocalStoreError> {
-        let text = std::fs::read(self.real_path(drv)).map_err(|source| LocalStoreError::ReadDrv { path: drv.to_string(), source })?;
+        let text =
+            if self.on_disk() { std::fs::read(self.real_path(drv)).map_err(|source| LocalStoreError::ReadDrv { path: drv.to_string(), source })? } else { self.dump_file(drv)? };
         Ok(Derivation::parse(drv.as_str(), &text)?)
     }
 
-    /// Starts a read-only local `nix-store --serve`; the handshake happens in
-    /// [`LocalStore::serve_handshake`], so the process can start up meanwhile.
+    /// The contents of a store path that is one regular file, through the
+    /// store's own `nix-store --serve` (its size asked first, and bounded: a
+    /// `.drv` is small).
+    fn dump_file(&self, p: &StorePath) -> Result<Vec<u8>, LocalStoreError> {
+        const MAX: u64 = 64 << 20;
+        const LIMIT: Duration = Duration::from_secs(300);
+        let fail = |why: String| LocalStoreError::DumpDrv { path: p.to_string(), store: self.store_uri.clone().unwrap_or_default(), why };
+        let (proc, mut conn) = self.serve_handshake(self.spawn_serve()?, LIMIT)?;
+        proc.watch.phase("reading a derivation", Some(LIMIT));
+        let res = (|| -> Result<Vec<u8>, String> {
+            let info = conn.query_path_infos(&[p.to_string()]).map_err(|e| e.to_string())?;
+            let size = match info.first() {
+                Some(i) if i.path == p.as_str() => i.nar_size,
+                _ => return Err("the store does not have it".into()),
+            };
+            if size > MAX {
+                return Err(format!("its archive is {size} bytes, more than a derivation can be"));
+            }
+            conn.send_dump_store_path(p.as_str()).and_then(|_| conn.flush()).map_err(|e| e.to_string())?;
+            let mut nar = Vec::new();
+            io::Read::read_to_end(&mut io::Read::take(conn.reader(), size), &mut nar).map_err(|e| e.to_string())?;
+            if nar.len() as u64 != size {
+                return Err("the archive ended early".into());
+            }
+            crate::nar::single_file(&nar).map_err(|e| e.to_string())
+        })();
+        drop(conn);
+        let ended = proc.finish();
+        res.map_err(|why| fail(if ended.tail.is_empty() { why } else { format!("{why}: {}", ended.tail) }))
+    }
+
+    /// Starts the local `nix-store --serve` (read-only for a store on disk;
+    /// `--write` otherwise, since outputs are then imported through it); the
+    /// handshake happens in [`LocalStore::serve_handshake`], so the process
+    /// can start up meanwhile.
     pub fn spawn_serve(&self) -> Result<RemoteProcess, LocalStoreError> {
         let mut c = self.command();
         c.arg("--serve");
+        if !self.on_disk() {
+            c.arg("--write");
+        }
         RemoteProcess::spawn(c, StderrTap::default()).map_err(LocalStoreError::Spawn)
     }
 
@@ -174,6 +237,43 @@ impl LocalStore {
         c.arg("--load-db");
         let db = self.state_dir().join("db/db.sqlite");
         Ok(Registrar { proc: Some(RemoteProcess::spawn(c, StderrTap::default()).map_err(LocalStoreError::Spawn)?), db })
+    }
+}
+
+impl LocalStore {
+    /// Records the realisations of a content-addressed derivation's outputs
+    /// (`drv_hash` is `sha256:<base16>` of its hash modulo) in the store's
+    /// database, as Nix's `registerDrvOutput` does: one transaction, each
+    /// path already valid; an output already realised at the same path is
+    /// left as it is, at another path is an error.
+    pub fn register_realisations(&self, drv_hash: &str, outputs: &[(String, StorePath)]) -> Result<(), LocalStoreError> {
+        let db = self.state_dir().join("db/db.sqlite");
+        let sql = |source| LocalStoreError::Realisation { drv_hash: drv_hash.to_string(), db: db.clone(), source };
+        let mut conn = rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE).map_err(sql)?;
+        conn.busy_timeout(Duration::from_secs(60)).map_err(sql)?;
+        let tx = conn.transaction().map_err(sql)?;
+        for (name, path) in outputs {
+            let have: Option<String> = {
+                let mut q = tx.prepare("SELECT v.path FROM Realisations r JOIN ValidPaths v ON v.id = r.outputPath WHERE r.drvPath = ?1 AND r.outputName = ?2").map_err(sql)?;
+                let mut rows = q.query(rusqlite::params![drv_hash, name]).map_err(sql)?;
+                match rows.next().map_err(sql)? {
+                    Some(row) => Some(row.get(0).map_err(sql)?),
+                    None => None,
+                }
+            };
+            match have {
+                Some(h) if h == path.as_str() => continue,
+                Some(h) => return Err(LocalStoreError::RealisationConflict { drv_hash: drv_hash.into(), output: name.clone(), have: h, got: path.to_string() }),
+                None => {
+                    tx.execute(
+                        "INSERT INTO Realisations (drvPath, outputName, outputPath, signatures) VALUES (?1, ?2, (SELECT id FROM ValidPaths WHERE path = ?3), '')",
+                        rusqlite::params![drv_hash, name, path.as_str()],
+                    )
+                    .map_err(sql)?;
+                }
+            }
+        }
+        tx.commit().map_err(sql)
     }
 }
 
@@ -298,6 +398,10 @@ mod tests {
         let r = LocalStore::new(Some("local?root=/r"), "nix-store", &env);
         assert_eq!((r.store_dir.as_str(), r.state_dir()), ("/t/store", PathBuf::from("/r/nix/var/nix")));
         let q = LocalStore::new(Some("local?root=/r&store=/s&state=/st"), "nix-store", &env);
+        assert!(q.on_disk() && d.on_disk() && l.on_disk() && LocalStore::new(Some("daemon"), "nix-store", &env).on_disk());
+        let cache = LocalStore::new(Some("file:///tmp/cache?compression=none"), "nix-store", &env);
+        assert!(!cache.on_disk());
+        assert_eq!(cache.state_dir(), PathBuf::from("/t/var/nix"), "the load directory stays the environment's");
         assert_eq!((q.store_dir.as_str(), q.state_dir()), ("/s", PathBuf::from("/st")));
         let p = StorePath::parse("/s", "/s/42ka40fgb8k4q9lhi1l10fy6ak13bvs0-top").unwrap();
         assert_eq!(q.real_path(&p), PathBuf::from("/r/s/42ka40fgb8k4q9lhi1l10fy6ak13bvs0-top"));

@@ -68,6 +68,29 @@ pub fn skip<R: Read>(r: &mut R) -> Result<(), NarError> {
     parse(r, Sink::Discard)
 }
 
+/// The contents of a NAR that is one regular file (a `.drv`, say).
+pub fn single_file(mut nar: &[u8]) -> Result<Vec<u8>, NarError> {
+    let r = &mut nar;
+    for want in ["nix-archive-1", "(", "type", "regular"] {
+        expect(r, want)?;
+    }
+    let mut t = tag(r)?;
+    if t == "executable" {
+        expect(r, "")?;
+        t = tag(r)?;
+    }
+    if t != "contents" {
+        return Err(NarError::Unexpected { expected: "contents", found: t });
+    }
+    let max = r.len();
+    let contents = wire::read_bytes(r, max, "file contents")?;
+    expect(r, ")")?;
+    if !r.is_empty() {
+        return Err(NarError::Bad(format!("{} bytes after the end of the archive", r.len())));
+    }
+    Ok(contents)
+}
+
 /// Restores a NAR from `r` at `dest`, which must not exist yet.
 pub fn restore<R: Read>(r: &mut R, dest: &Path) -> Result<(), NarError> {
     parse(r, Sink::Restore(dest))
@@ -297,6 +320,24 @@ mod tests {
         let d = std::env::temp_dir().join(format!("nar-test-{}-{name}", std::process::id()));
         let _ = remove_tree(&d);
         d
+    }
+
+    #[test]
+    fn a_single_file_archive_gives_its_contents() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("x.drv");
+        std::fs::write(&f, b"Derive([])").unwrap();
+        let mut nar = Vec::new();
+        dump(&f, &mut nar).unwrap();
+        assert_eq!(single_file(&nar).unwrap(), b"Derive([])");
+        assert!(single_file(&nar[..nar.len() - 8]).is_err(), "cut");
+        let mut longer = nar.clone();
+        longer.extend_from_slice(&[0; 8]);
+        assert!(single_file(&longer).is_err(), "trailing bytes");
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        let mut d = Vec::new();
+        dump(&dir.path().join("d"), &mut d).unwrap();
+        assert!(single_file(&d).is_err(), "a directory");
     }
 
     #[test]

@@ -170,6 +170,18 @@ pub struct BuildResult {
     pub times_built: u64,
     pub start_time: u64,
     pub stop_time: u64,
+    /// What the builder says it built: (output name, store path base name),
+    /// from the realisations it sends (content-addressed outputs are known
+    /// only from these). Unchecked: the caller parses the paths.
+    pub built_outputs: Vec<(String, String)>,
+}
+
+/// The part of a realisation (JSON) the hook uses.
+#[derive(serde::Deserialize)]
+struct RealisationJson {
+    id: String,
+    #[serde(rename = "outPath")]
+    out_path: String,
 }
 
 impl BuildResult {
@@ -348,7 +360,7 @@ impl<R: Read, W: Write> ServeConn<R, W> {
         let e = wire_err(d);
         let status = BuildStatus::from_wire(wire::read_u64(r, "status").map_err(&e)?);
         let error_msg = wire::read_string(r, MAX_MSG, "errorMsg").map_err(&e)?;
-        let mut res = BuildResult { status, error_msg, times_built: 0, start_time: 0, stop_time: 0 };
+        let mut res = BuildResult { status, error_msg, times_built: 0, start_time: 0, stop_time: 0, built_outputs: Vec::new() };
         if minor >= 3 {
             res.times_built = wire::read_u64(r, "timesBuilt").map_err(&e)?;
             let _nondet = wire::read_u64(r, "isNonDeterministic").map_err(&e)?;
@@ -363,7 +375,11 @@ impl<R: Read, W: Write> ServeConn<R, W> {
             }
             for _ in 0..n {
                 wire::read_string(r, MAX_PATH, "output id").map_err(&e)?;
-                wire::read_string(r, MAX_MSG, "realisation").map_err(&e)?;
+                let json = wire::read_string(r, MAX_MSG, "realisation").map_err(&e)?;
+                let bad = |why: String| ServeError::Reply { during: d, why };
+                let real: RealisationJson = serde_json::from_str(&json).map_err(|e| bad(format!("a realisation that is not valid JSON: {e}")))?;
+                let Some((_, name)) = real.id.rsplit_once('!') else { return Err(bad(format!("realisation id '{}' has no output name", real.id))) };
+                res.built_outputs.push((name.to_string(), real.out_path));
             }
         }
         Ok(res)

@@ -253,13 +253,8 @@ mod tests {
         fs::write(&slot, "").unwrap();
         // The child says when it holds the lock; probing before that could take it first.
         let ready = d.path.join("ready");
-        let mut child = std::process::Command::new("flock")
-            .arg("-o")
-            .arg(&slot)
-            .arg("-c")
-            .arg(format!("touch '{}'; sleep 30", ready.display()))
-            .spawn()
-            .expect("flock(1) from util-linux");
+        let mut child =
+            std::process::Command::new("flock").arg("-o").arg(&slot).arg("-c").arg(format!("touch '{}'; sleep 30", ready.display())).spawn().expect("flock(1) from util-linux");
         for _ in 0..1000 {
             if ready.exists() {
                 break;

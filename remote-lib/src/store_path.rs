@@ -83,6 +83,19 @@ impl AsRef<str> for StorePath {
     }
 }
 
+/// Nix's `makeStorePath`: `<store>/<nix32 of the SHA-256 of
+/// "<type>:sha256:<hex>:<store>:<name>", folded to 20 bytes>-<name>`.
+pub fn make_store_path(store_dir: &str, ty: &str, hash: &[u8; 32], name: &str) -> String {
+    use sha2::Digest;
+    let text = format!("{ty}:sha256:{}:{store_dir}:{name}", crate::hash::Sha256Hash(*hash).to_hex());
+    let full = sha2::Sha256::digest(text.as_bytes());
+    let mut folded = [0u8; 20];
+    for (i, b) in full.iter().enumerate() {
+        folded[i % 20] ^= b;
+    }
+    format!("{store_dir}/{}-{name}", crate::hash::nix32_encode(&folded))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -899,7 +899,7 @@ fn read_build_result(r: &mut dyn Read, version: WorkerVersion, d: &'static str) 
     let e = wire_err(d);
     let status = BuildStatus::from_wire(wire::read_u64(r, "status").map_err(&e)?);
     let error_msg = read_text(r, "errorMsg", d)?;
-    let mut res = BuildResult { status, error_msg, times_built: 0, start_time: 0, stop_time: 0 };
+    let mut res = BuildResult { status, error_msg, times_built: 0, start_time: 0, stop_time: 0, built_outputs: Vec::new() };
     let mut out = BuildOutcome { result: res.clone(), is_non_deterministic: false, cpu_user_us: None, cpu_system_us: None, built_outputs: BTreeMap::new() };
     if version >= WorkerVersion(1, 29) {
         res.times_built = wire::read_u64(r, "timesBuilt").map_err(&e)?;
