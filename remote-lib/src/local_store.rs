@@ -107,6 +107,8 @@ impl LocalStore {
         let (mut store_dir, mut state) = (None, None);
         if let Some(s) = store {
             let (base, query) = s.split_once('?').unwrap_or((s, ""));
+            // Nix 2.2x+ prints `--store /dir` as `local:///dir`.
+            let base = base.strip_prefix("local://").unwrap_or(base);
             if base.starts_with('/') {
                 root = Some(PathBuf::from(base));
             }
@@ -386,6 +388,8 @@ mod tests {
         let d = LocalStore::from_setting(None, "nix-store");
         assert_eq!(d.state_dir(), PathBuf::from("/nix/var/nix"));
         assert_eq!(LocalStore::from_setting(Some("/tmp/x"), "nix-store").root, PathBuf::from("/tmp/x"));
+        assert_eq!(LocalStore::from_setting(Some("local:///tmp/x"), "nix-store").root, PathBuf::from("/tmp/x"), "as Nix 2.34 passes --store /tmp/x");
+        assert_eq!(LocalStore::from_setting(Some("local://"), "nix-store").root, PathBuf::from("/"));
     }
 
     #[test]

@@ -45,7 +45,7 @@ for f in *.in; do subst "$f"; done
 # Until build-hook speaks the daemon protocol, `ssh-ng://` builders are
 # rewritten to `ssh://` (same host, same parameters) when asked.
 if [ "${BH_REWRITE_SSH_NG:-0}" = 1 ]; then
-  sed -i 's|ssh-ng://|ssh://|g' ./*.sh
+  sed -i 's|ssh-ng://|ssh://|g' build-remote.sh
 fi
 
 export TEST_NAME=${test%.sh}
