@@ -30,6 +30,7 @@ pub mod sample;
 pub mod select;
 pub mod serve;
 pub mod session;
+pub mod simulate;
 pub mod slots;
 pub mod store_path;
 pub mod transport;
