@@ -3,7 +3,8 @@
 //! makespan. Pure: records, machines and what was learned are handed in.
 //!
 //! The model: every `built` record is one job, arriving when its `try`
-//! began (`start - slot_wait`) and queued first come, first served while no
+//! began (`start - slot_wait`), or all at once in that order (a bulk build
+//! of the same derivations), and queued first come, first served while no
 //! machine for its system has a free slot. A job occupies one slot for its
 //! build time on the machine it is given: the median of that name's recorded
 //! builds there, else its recorded time scaled by the two machines' learned
@@ -35,6 +36,15 @@ pub enum Rule {
     Learned,
 }
 
+/// When the jobs arrive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arrivals {
+    /// When their `try` began, as recorded.
+    Recorded,
+    /// All at the first one's time, in the recorded order.
+    AtOnce,
+}
+
 /// What a replay gives.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Outcome {
@@ -44,6 +54,8 @@ pub struct Outcome {
     pub skipped: usize,
     /// From the first arrival to the last build's end, in seconds.
     pub makespan: f64,
+    /// Mean seconds from a job's arrival to its end (waiting included).
+    pub mean_turnaround: f64,
     /// Builds given to each machine, in list order.
     pub per_machine: Vec<usize>,
 }
@@ -56,7 +68,7 @@ struct Job {
 }
 
 /// Replays `records` on `machines` under `rule`.
-pub fn simulate(records: &[Record], machines: &[SimMachine], learned: &Learned, rule: Rule) -> Outcome {
+pub fn simulate(records: &[Record], machines: &[SimMachine], learned: &Learned, rule: Rule, arrivals: Arrivals) -> Outcome {
     let builds_on = |m: &SimMachine, system: &str| m.slots > 0 && (system.is_empty() || system == "builtin" || m.systems.iter().any(|s| s == system));
     let mut jobs: Vec<Job> = Vec::new();
     let mut out = Outcome { per_machine: vec![0; machines.len()], ..Default::default() };
@@ -72,6 +84,11 @@ pub fn simulate(records: &[Record], machines: &[SimMachine], learned: &Learned, 
     jobs.sort_by(|a, b| a.arrival.total_cmp(&b.arrival));
     out.builds = jobs.len();
     let Some(first) = jobs.first().map(|j| j.arrival) else { return out };
+    if arrivals == Arrivals::AtOnce {
+        for j in &mut jobs {
+            j.arrival = first;
+        }
+    }
     let rel = |uri: &str| learned.relative(uri).map_or(1.0, |s| s.relative);
     let duration = |j: &Job, m: &SimMachine| match recorded.get(&(j.key.clone(), m.uri.as_str())) {
         Some(v) => median(v),
@@ -84,7 +101,7 @@ pub fn simulate(records: &[Record], machines: &[SimMachine], learned: &Learned, 
     // Each machine's running builds, by the time they end.
     let mut running: Vec<Vec<f64>> = vec![Vec::new(); machines.len()];
     let mut queue: VecDeque<usize> = VecDeque::new();
-    let (mut next, mut t, mut end) = (0, first, first);
+    let (mut next, mut t, mut end, mut turnaround) = (0, first, first, 0.0);
     loop {
         for r in &mut running {
             r.retain(|e| *e > t);
@@ -112,6 +129,7 @@ pub fn simulate(records: &[Record], machines: &[SimMachine], learned: &Learned, 
                     running[c.index].push(e);
                     out.per_machine[c.index] += 1;
                     end = end.max(e);
+                    turnaround += e - j.arrival;
                     queue.remove(i);
                 }
                 None => i += 1,
@@ -125,6 +143,7 @@ pub fn simulate(records: &[Record], machines: &[SimMachine], learned: &Learned, 
         }
     }
     out.makespan = end - first;
+    out.mean_turnaround = turnaround / jobs.len() as f64;
     out
 }
 
@@ -150,7 +169,7 @@ mod tests {
     }
     fn both(rs: &[Record], ms: &[SimMachine]) -> (Outcome, Outcome) {
         let l = Learned::from_records(rs);
-        (simulate(rs, ms, &l, Rule::Nix), simulate(rs, ms, &l, Rule::Learned))
+        (simulate(rs, ms, &l, Rule::Nix, Arrivals::Recorded), simulate(rs, ms, &l, Rule::Learned, Arrivals::Recorded))
     }
 
     /// a and b configured equal; b measured twice as fast on three names
@@ -182,6 +201,29 @@ mod tests {
         // to a then wait for it.
         assert!((learned.makespan - 3100.0).abs() < 1e-9, "{learned:?}");
         assert_eq!(learned.per_machine, vec![2, 7]);
+        // Turnaround: p 20 s each x6, big 200, small0 3, small1 6 (waited 3) against
+        // p 10 s x6, big 100, small0 6, small1 12 (waited 6 for a).
+        assert!((nix.mean_turnaround - 329.0 / 9.0).abs() < 1e-9, "{nix:?}");
+        assert!((learned.mean_turnaround - 178.0 / 9.0).abs() < 1e-9, "{learned:?}");
+    }
+
+    #[test]
+    fn all_at_once_queues_every_build_at_the_first_arrival() {
+        let rs = history();
+        let ms = [machine("ssh://a", 1, 1.0), machine("ssh://b", 1, 1.0)];
+        let l = Learned::from_records(&rs);
+        let nix = simulate(&rs, &ms, &l, Rule::Nix, Arrivals::AtOnce);
+        let learned = simulate(&rs, &ms, &l, Rule::Learned, Arrivals::AtOnce);
+        // Nix: a p0 0-20, b p0 0-10, b p1 10-20; at 20 both free: a p1 20-40
+        // (list order), b p2 20-30, b p2 30-40; at 40 both free: a big 40-240,
+        // b small0 40-43, b small1 43-46.
+        assert_eq!(nix.per_machine, vec![3, 6]);
+        assert!((nix.makespan - 240.0).abs() < 1e-9, "{nix:?}");
+        // Learned: b p0 0-10, a p0 0-20, b p1 10-20; at 20: b p1 20-30 (faster),
+        // a p2 20-40, b p2 30-40; at 40: b big 40-140 (long), a small0 40-46,
+        // a small1 46-52.
+        assert_eq!(learned.per_machine, vec![4, 5]);
+        assert!((learned.makespan - 140.0).abs() < 1e-9, "{learned:?}");
     }
 
     #[test]
@@ -202,6 +244,6 @@ mod tests {
         rs.push(Record { result: "failed".into(), ..built("ssh://a", "y", 0.0, 5.0) });
         let (nix, _) = both(&rs, &[machine("ssh://a", 1, 1.0), machine("ssh://b", 1, 1.0)]);
         assert_eq!((nix.builds, nix.skipped), (9, 1));
-        assert_eq!(simulate(&[], &[], &Learned::default(), Rule::Nix), Outcome::default());
+        assert_eq!(simulate(&[], &[], &Learned::default(), Rule::Nix, Arrivals::AtOnce), Outcome::default());
     }
 }
