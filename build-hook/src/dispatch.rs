@@ -11,6 +11,7 @@ use remote_lib::health::{self, HealthStore};
 use remote_lib::history::{self, History};
 use remote_lib::hook_protocol::{Accepted, Reply, Settings, TryRequest};
 use remote_lib::job::{Context, Job, JobError, Plan, Stats};
+use remote_lib::learn::{self, Learned, Speed};
 use remote_lib::local_store::LocalStore;
 use remote_lib::machines::{self, Machine, Severity};
 use remote_lib::nixlog::Level;
@@ -38,6 +39,9 @@ pub struct Dispatcher {
     local_cap: LocalCapability,
     /// Machines that failed in this process, with why.
     failed: BTreeMap<usize, String>,
+    /// What the history says, read the first time more than one machine
+    /// has a free slot.
+    learned: Option<(Learned, Vec<Speed>)>,
 }
 
 /// A machine chosen for a request, with its slot held.
@@ -95,7 +99,16 @@ impl Dispatcher {
             ssh,
             local_cap,
             failed: BTreeMap::new(),
+            learned: None,
         }
+    }
+
+    /// What the history says about the machines' speeds and the derivations'
+    /// durations, with each machine's speed (in list order).
+    pub fn learn(&self) -> (Learned, Vec<Speed>) {
+        let learned = Learned::from_records(&self.history.read_tail(learn::MAX_RECORDS, learn::MAX_BYTES));
+        let speeds = learned.speeds(&self.machines.iter().map(|m| (m.uri.as_str(), m.speed_factor)).collect::<Vec<_>>());
+        (learned, speeds)
     }
 
     /// Sends the machines-list diagnostics to Nix (notes are for `check`).
@@ -158,7 +171,7 @@ impl Dispatcher {
     }
 
     fn choose(&mut self, req: &TryRequest, am_willing: bool) -> anyhow::Result<Choice> {
-        let _main = self.load.main_lock()?;
+        let main = self.load.main_lock()?;
         let now = health::now();
         let mut right_type = false;
         let mut cands = Vec::new();
@@ -193,12 +206,51 @@ impl Dispatcher {
                 None => reasons.push(format!("{}: all {} slot(s) busy", m.uri, m.max_jobs)),
             }
         }
-        if let Some(slot) = select::best(&cands).and_then(|best| slots.remove(&best.index).map(|s| (best.index, s))) {
+        if cands.len() > 1 && self.learned.is_none() {
+            // Read the history once, without holding the main lock (a few
+            // milliseconds for a full one), then probe again.
+            drop(slots);
+            drop(main);
+            self.learned = Some(self.learn());
+            return self.choose(req, am_willing);
+        }
+        let pick = if cands.len() > 1 { self.rank_learned(req, &mut cands) } else { select::best(&cands) };
+        if let Some(slot) = pick.and_then(|best| slots.remove(&best.index).map(|s| (best.index, s))) {
             slot.1.lock.touch();
             return Ok(Choice::Chosen(slot.0, slot.1));
         }
         let reply = select::when_all_full(right_type, am_willing && self.local_cap.could_build(req));
         Ok(Choice::None(reply, reasons))
+    }
+
+    /// Ranks free machines by their learned speeds, a long build first to
+    /// the fastest ([`select::best_for`]); says so when that differs from
+    /// Nix's rule.
+    fn rank_learned(&self, req: &TryRequest, cands: &mut [Candidate]) -> Option<Candidate> {
+        let Some((learned, speeds)) = self.learned.as_ref() else { return select::best(cands) };
+        let nix = select::best(cands);
+        for c in cands.iter_mut() {
+            c.speed = speeds[c.index].effective;
+        }
+        let key = (req.needed_system.clone(), history::drv_name(&req.drv_path));
+        let long = learned.is_long(&key);
+        let pick = select::best_for(cands, long);
+        if let (Some(p), Some(n)) = (pick, nix) {
+            if p.index != n.index {
+                let why = match learned.expected(&key) {
+                    Some(e) if long => format!("a long build (about {:.0} s by {} earlier build(s)) goes to the fastest free machine", e.secs, e.builds),
+                    _ => "ranked by learned speeds".into(),
+                };
+                out::msg(
+                    Level::Talkative,
+                    &format!(
+                        "build-hook: '{}' goes to '{}', {}, rather than '{}', {}: {why}",
+                        req.drv_path, self.machines[p.index].uri, speeds[p.index], self.machines[n.index].uri, speeds[n.index]
+                    ),
+                );
+            }
+        }
+        pick
     }
 
     /// Tells the user why a request was declined or postponed.

@@ -62,11 +62,17 @@ Operate your builders (every command also takes --builders SPEC):
   build-hook history [--json] [--last N] [--since -1h|TIME] [--svg FILE]
                                           the recorded builds, one per line, or
                                           a timeline picture (one row per slot)
+  build-hook history --simulate [--since -1h|TIME]
+                                          the recorded builds replayed on the
+                                          machines under Nix's rule and under
+                                          learned speeds: the makespan of each
   build-hook drain MACHINE|--all [--until +2h|UNIXTIME]
                                           no new builds there (running ones finish)
   build-hook undrain MACHINE|--all
   build-hook explain DRV                  why each machine would or would not
-                                          take DRV, and which one would be picked";
+                                          take DRV, with the speed that ranks it
+                                          (configured or learned), and which one
+                                          would be picked";
 
 /// The operators' commands: `check`, `status`, `history`, `drain`,
 /// `undrain`, `explain`.
@@ -75,7 +81,7 @@ fn command(cmd: &str, args: &[String]) -> anyhow::Result<i32> {
     let (mut connect, mut json, mut all) = (false, false, false);
     let mut last = 20;
     let mut until = None;
-    let (mut svg, mut watch, mut since) = (None, false, 0.0);
+    let (mut svg, mut watch, mut since, mut simulate) = (None, false, 0.0, false);
     let mut words = Vec::new();
     let mut it = args.iter();
     let now = remote_lib::health::now();
@@ -88,6 +94,7 @@ fn command(cmd: &str, args: &[String]) -> anyhow::Result<i32> {
             "--last" => last = value("20")?.parse().map_err(|_| anyhow::anyhow!("--last takes a number of builds"))?,
             "--until" if cmd == "drain" => until = Some(ops::parse_until(&value("+2h")?, now).map_err(anyhow::Error::msg)?),
             "--svg" if cmd == "history" => svg = Some(value("timeline.svg")?),
+            "--simulate" if cmd == "history" => simulate = true,
             "--since" if cmd == "history" => {
                 // a time like drain's --until, or -N[smhd] for "that long ago"
                 let v = value("-1h")?;
@@ -122,6 +129,7 @@ fn command(cmd: &str, args: &[String]) -> anyhow::Result<i32> {
         }
         "status" if watch => ops::watch(&d, json, last),
         "status" => print!("{}", ops::status(&d, json, last)),
+        "history" if simulate => print!("{}", ops::simulate_cmd(&d, since)),
         "history" => match svg {
             Some(file) => {
                 let (records, _) = d.history.read();

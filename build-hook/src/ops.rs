@@ -214,6 +214,59 @@ pub fn history_cmd(d: &Dispatcher, json: bool, last: usize, since: f64) -> Strin
     out
 }
 
+/// `build-hook history --simulate`: the recorded builds since `since`
+/// replayed on the machines list under Nix's rule and the learned one.
+pub fn simulate_cmd(d: &Dispatcher, since: f64) -> String {
+    use remote_lib::simulate::{simulate, Arrivals, Outcome, Rule, SimMachine};
+    let (records, skipped) = d.history.read();
+    // Learned from the whole history (its newest records, as the hook
+    // learns), replayed from `since`.
+    let learned = remote_lib::learn::Learned::from_records(&records);
+    let records: Vec<Record> = records.into_iter().filter(|r| r.start >= since).collect();
+    let machines: Vec<SimMachine> = d.machines.iter().map(|m| SimMachine { uri: m.uri.clone(), systems: m.systems.clone(), slots: m.max_jobs, speed: m.speed_factor }).collect();
+    let speeds = learned.speeds(&machines.iter().map(|m| (m.uri.as_str(), m.speed)).collect::<Vec<_>>());
+    let run = |rule, arrivals| simulate(&records, &machines, &learned, rule, arrivals);
+    let nix = run(Rule::Nix, Arrivals::Recorded);
+    let mut out = format!(
+        "replayed {} recorded build(s) on {} machine(s) with {} slot(s) from {}",
+        nix.builds,
+        machines.len(),
+        machines.iter().map(|m| m.slots).sum::<u64>(),
+        d.machines_source
+    );
+    if nix.skipped > 0 {
+        out.push_str(&format!("; {} skipped: no machine in the list builds their system", nix.skipped));
+    }
+    if skipped > 0 {
+        out.push_str(&format!("; {skipped} unreadable line(s) skipped"));
+    }
+    out.push('\n');
+    if nix.builds == 0 {
+        out.push_str("nothing to replay: the history has no successful build (build-hook history lists what it has)\n");
+        return out;
+    }
+    let per = |o: &Outcome| machines.iter().zip(&o.per_machine).map(|(m, n)| format!("{} {n}", m.uri)).collect::<Vec<_>>().join(", ");
+    let pct = |new: f64, old: f64| if old > 0.0 { format!("{:+.1} %", (new - old) / old * 100.0) } else { "-".into() };
+    for (arrivals, what) in [(Arrivals::Recorded, "arriving as recorded"), (Arrivals::AtOnce, "all at once (a bulk build of the same derivations)")] {
+        let (nix, lrn) = (run(Rule::Nix, arrivals), run(Rule::Learned, arrivals));
+        out.push_str(&format!("{what}:\n"));
+        out.push_str(&format!("  Nix's rule:   makespan {:>9.1} s  mean turnaround {:>8.1} s  builds: {}\n", nix.makespan, nix.mean_turnaround, per(&nix)));
+        out.push_str(&format!(
+            "  learned rule: makespan {:>9.1} s  mean turnaround {:>8.1} s  builds: {}  (makespan {}, turnaround {})\n",
+            lrn.makespan,
+            lrn.mean_turnaround,
+            per(&lrn),
+            pct(lrn.makespan, nix.makespan),
+            pct(lrn.mean_turnaround, nix.mean_turnaround)
+        ));
+    }
+    out.push_str("speeds of the learned rule:\n");
+    for (m, s) in machines.iter().zip(&speeds) {
+        out.push_str(&format!("  {}: {s}\n", m.uri));
+    }
+    out
+}
+
 /// An SVG timeline of `records`: one row per machine slot, one bar per
 /// build attempt, coloured by phase — waiting for the slot, upload, build,
 /// download (connecting and registering are the grey between them) — with a
@@ -329,6 +382,23 @@ pub fn explain(d: &Dispatcher, drv_path: &str) -> Result<String, String> {
     let req = TryRequest { am_willing: false, needed_system: drv.platform.clone(), drv_path: drv_path.into(), required_features: features };
     let now = remote_lib::health::now();
     let mut out = format!("{drv_path}\n  system {}; required features [{}]\n", req.needed_system, req.required_features.join(","));
+    let (learned, speeds) = d.learn();
+    let key = (req.needed_system.clone(), history::drv_name(drv_path));
+    let long = learned.is_long(&key);
+    out.push_str(&match learned.expected(&key) {
+        Some(e) => format!(
+            "  expected build time {:.0} s on a machine of average speed (median of {} build(s) of {}): {}\n",
+            e.secs,
+            e.builds,
+            key.1,
+            if long {
+                format!("long (≥ {:.0} s), so the fastest free machine is preferred", remote_lib::learn::LONG_BUILD_SECS)
+            } else {
+                format!("not long (< {:.0} s)", remote_lib::learn::LONG_BUILD_SECS)
+            }
+        ),
+        None => format!("  expected build time unknown: no successful build of {} in the history\n", key.1),
+    });
     let mut cands = Vec::new();
     for (i, m) in d.machines.iter().enumerate() {
         let h = d.health.get(&m.uri);
@@ -345,8 +415,10 @@ pub fn explain(d: &Dispatcher, drv_path: &str) -> Result<String, String> {
         } else {
             match d.load.probe(&m.uri, m.max_jobs) {
                 Ok((Some(_), busy)) => {
-                    cands.push(Candidate { index: i, load: busy, speed: m.speed_factor });
-                    format!("yes: {busy}/{} slots busy, speed factor {}, load/speed {:.2}", m.max_jobs, m.speed_factor, busy as f64 / m.speed_factor)
+                    let speed = &speeds[i];
+                    cands.push(Candidate { index: i, load: busy, speed: speed.effective });
+                    let here = learned.expected_on(&key, &m.uri).map(|s| format!(", expected {s:.0} s here")).unwrap_or_default();
+                    format!("yes: {busy}/{} slots busy, {speed}, load/speed {:.2}{here}", m.max_jobs, busy as f64 / speed.effective)
                 }
                 Ok((None, busy)) => format!("not now: all {busy} slot(s) busy (it would wait, then postpone)"),
                 Err(e) => format!("no: cannot probe its slots: {}", remote_lib::session::chain(&e)),
@@ -354,8 +426,13 @@ pub fn explain(d: &Dispatcher, drv_path: &str) -> Result<String, String> {
         };
         out.push_str(&format!("  {}: {verdict}\n", m.uri));
     }
-    match select::best(&cands) {
-        Some(b) => out.push_str(&format!("would pick now: {} (lowest load/speed, then higher speed, then lower load, then list order)\n", d.machines[b.index].uri)),
+    let rule = if long {
+        "a long build: the fastest, then lowest load/speed, then lower load, then list order"
+    } else {
+        "lowest load/speed, then higher speed, then lower load, then list order"
+    };
+    match select::best_for(&cands, long) {
+        Some(b) => out.push_str(&format!("would pick now: {} ({rule})\n", d.machines[b.index].uri)),
         None => out.push_str("would pick now: none\n"),
     }
     Ok(out)

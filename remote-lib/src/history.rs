@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, Write};
+use std::io::{self, BufRead, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 /// Size past which the history is rotated.
@@ -88,6 +88,40 @@ impl History {
             f
         };
         (&f).write_all(line.as_bytes())
+    }
+
+    /// The most recent records, oldest first: at most `max_records`, read
+    /// from at most the last `max_bytes` of the files (the current one, then
+    /// the rotated one for what is left), so the cost is bounded however
+    /// large the history is. A line cut by the byte limit is skipped.
+    pub fn read_tail(&self, max_records: usize, max_bytes: u64) -> Vec<Record> {
+        let mut chunks = Vec::new();
+        let mut budget = max_bytes;
+        for p in [self.path(), self.dir.join("history.1.jsonl")] {
+            if budget == 0 {
+                break;
+            }
+            let Ok(mut f) = File::open(&p) else { continue };
+            let Ok(len) = f.metadata().map(|m| m.len()) else { continue };
+            // One byte before, to see whether the first line is whole.
+            let from = len.saturating_sub(budget).saturating_sub(1);
+            let mut buf = Vec::new();
+            if f.seek(io::SeekFrom::Start(from)).is_err() || (&mut f).take(len - from).read_to_end(&mut buf).is_err() {
+                continue;
+            }
+            budget = budget.saturating_sub(len - from);
+            if from > 0 {
+                // Drop the part of a line before the first newline (nothing but
+                // that newline when the limit fell on a line's start).
+                let cut = buf.iter().position(|b| *b == b'\n').map_or(buf.len(), |i| i + 1);
+                buf.drain(..cut);
+            }
+            chunks.push(buf);
+        }
+        let mut out: Vec<Record> = chunks.iter().rev().flat_map(|c| c.split(|b| *b == b'\n')).filter_map(parse_line).collect();
+        let extra = out.len().saturating_sub(max_records);
+        out.drain(..extra);
+        out
     }
 
     /// Every readable record, oldest first (the rotated file, then the
@@ -188,6 +222,28 @@ mod tests {
         assert!(dir.path().join("history.1.jsonl").exists());
         assert!(std::fs::metadata(h.path()).unwrap().len() < ROTATE_BYTES);
         assert_eq!(h.read().0.len() as u64, n);
+    }
+
+    #[test]
+    fn the_tail_is_the_newest_records_within_the_byte_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = History::new(dir.path());
+        assert!(h.read_tail(10, 1 << 20).is_empty(), "no history yet");
+        // Every line the same length: two-digit numbers.
+        let per_line = serde_json::to_string(&rec(10)).unwrap().len() as u64 + 1;
+        for i in 10..20 {
+            h.append(&rec(i)).unwrap();
+        }
+        std::fs::rename(h.path(), dir.path().join("history.1.jsonl")).unwrap();
+        for i in 20..30 {
+            h.append(&rec(i)).unwrap();
+        }
+        let starts = |v: Vec<Record>| v.iter().map(|r| r.start as usize).collect::<Vec<_>>();
+        assert_eq!(starts(h.read_tail(3, 1 << 20)), vec![27, 28, 29]);
+        assert_eq!(starts(h.read_tail(12, 1 << 20)), (18..30).collect::<Vec<_>>(), "continues into the rotated file");
+        // 4.5 lines' worth of bytes: four whole lines, the cut one skipped.
+        assert_eq!(starts(h.read_tail(100, per_line * 9 / 2)), vec![26, 27, 28, 29]);
+        assert_eq!(starts(h.read_tail(100, per_line * 12)), (18..30).collect::<Vec<_>>(), "exactly two lines of the rotated file");
     }
 
     #[test]

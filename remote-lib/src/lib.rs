@@ -2,7 +2,7 @@
 //!
 //! Layers (see `docs/architecture.md`):
 //! - decide (pure, plus the load directory): [`hook_protocol`], [`machines`],
-//!   [`select`], [`slots`], [`health`];
+//!   [`select`], [`slots`], [`health`], [`learn`];
 //! - move bytes: [`transport`], [`serve`], [`copy`], [`nar`], [`wire`],
 //!   [`local_store`], [`sample`];
 //! - know things: [`derivation`], [`store_path`], [`hash`], [`nixlog`].
@@ -19,6 +19,7 @@ pub mod health;
 pub mod history;
 pub mod hook_protocol;
 pub mod job;
+pub mod learn;
 pub mod local_store;
 pub mod machines;
 pub mod nar;
@@ -29,6 +30,7 @@ pub mod sample;
 pub mod select;
 pub mod serve;
 pub mod session;
+pub mod simulate;
 pub mod slots;
 pub mod store_path;
 pub mod transport;

@@ -76,6 +76,8 @@ pub struct Candidate {
     pub index: usize,
     /// Busy slots.
     pub load: u64,
+    /// The speed it is ranked by: the configured speed factor, or the
+    /// effective speed learned from the history ([`crate::learn`]).
     pub speed: f64,
 }
 
@@ -97,6 +99,20 @@ pub fn best(candidates: &[Candidate]) -> Option<Candidate> {
         }
     }
     best
+}
+
+/// The learned rule: a build that is long by its history
+/// ([`crate::learn::Learned::is_long`]) goes to the fastest candidate (the
+/// highest speed; among equally fast ones, [`best`]); any other build is
+/// ranked by [`best`]. With no history the speeds are the configured
+/// factors and nothing is long, so this is Nix's rule.
+pub fn best_for(candidates: &[Candidate], long: bool) -> Option<Candidate> {
+    if !long {
+        return best(candidates);
+    }
+    let top = candidates.iter().map(|c| c.speed).fold(f64::NEG_INFINITY, f64::max);
+    let fastest: Vec<Candidate> = candidates.iter().filter(|c| c.speed == top).copied().collect();
+    best(&fastest)
 }
 
 /// The answer when no machine has a free slot (Nix's rule): postpone if some
@@ -149,6 +165,17 @@ mod tests {
         // equal -> list order
         assert_eq!(best(&[c(0, 1, 2.0), c(1, 1, 2.0)]).unwrap().index, 0);
         assert_eq!(best(&[]), None);
+    }
+
+    #[test]
+    fn a_long_build_goes_to_the_fastest_free_machine() {
+        // A(speed 1) idle; B(speed 3) with 2 busy: Nix's rule takes A, a long build B.
+        let cs = [c(0, 0, 1.0), c(1, 2, 3.0)];
+        assert_eq!(best_for(&cs, false).unwrap().index, 0);
+        assert_eq!(best_for(&cs, true).unwrap().index, 1);
+        // Equally fast: Nix's rule among them (lower load/speed wins).
+        assert_eq!(best_for(&[c(0, 1, 1.0), c(1, 1, 3.0), c(2, 0, 3.0)], true).unwrap().index, 2);
+        assert_eq!(best_for(&[], true), None);
     }
 
     #[test]
