@@ -160,8 +160,13 @@ pub struct Context<'a> {
 pub fn builder_caps(health: &HealthStore, m: &Machine, ssh: &SshConfig, limit: Duration) -> Health {
     let h = health.get(&m.uri);
     if transport::is_local(m) {
-        // Between two processes on this host nothing is worth compressing.
-        return Health { zstd: Some(false), aes: Some(false), ..h };
+        // Between two processes on this host nothing is worth compressing
+        // (level 0) unless the user forces a level; nothing to probe.
+        static ZSTD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let zstd = *ZSTD.get_or_init(|| {
+            std::process::Command::new("zstd").arg("-V").stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).status().is_ok_and(|s| s.success())
+        });
+        return Health { zstd: Some(zstd), aes: Some(false), compress: Some(0), ..h };
     }
     if h.zstd.is_some() && h.aes.is_some() {
         return h;
