@@ -153,6 +153,19 @@ impl Config {
         }
     }
 
+    /// A setting from nix.conf (`NIX_CONF_DIR/nix.conf`), as Nix reads it.
+    pub fn nix_conf(&self, name: &str) -> Option<String> {
+        let conf = self.conf_dir.join("nix.conf");
+        let text = std::fs::read_to_string(&conf).ok()?;
+        let source = conf.display().to_string();
+        let parsed = remote_lib::nixconf::parse(&text, &source, &mut |p: &str| match std::fs::read_to_string(p) {
+            Ok(t) => Ok(Some(t)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        });
+        parsed.get(name).map(str::to_string)
+    }
+
     /// The machines text and the name to report it under.
     pub fn builders(&self, settings: &Settings) -> (String, String) {
         if let Some(b) = settings.get("builders") {
@@ -169,18 +182,9 @@ impl Config {
         if let Some(rs) = &self.remote_systems {
             return (machines::remote_systems_to_builders(rs), "NIX_REMOTE_SYSTEMS".into());
         }
-        let conf = self.conf_dir.join("nix.conf");
-        if let Ok(text) = std::fs::read_to_string(&conf) {
-            // As Nix reads it: the last value wins, includes, extra-builders.
-            let source = conf.display().to_string();
-            let parsed = remote_lib::nixconf::parse(&text, &source, &mut |p: &str| match std::fs::read_to_string(p) {
-                Ok(t) => Ok(Some(t)),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(e),
-            });
-            if let Some(b) = parsed.get("builders") {
-                return (b.to_string(), source);
-            }
+        // As Nix reads it: the last value wins, includes, extra-builders.
+        if let Some(b) = self.nix_conf("builders") {
+            return (b, self.conf_dir.join("nix.conf").display().to_string());
         }
         (format!("@{}", self.conf_dir.join("machines").display()), "the default machines file".into())
     }
@@ -244,6 +248,33 @@ mod tests {
         std::fs::write(dir.path().join("extra.conf"), "extra-builders = ssh://b9\n").unwrap();
         let (text, source) = c.builders(&settings(&[]));
         assert_eq!((text.as_str(), source), ("@/last ssh://b9", format!("{conf}/nix.conf")), "last value wins, includes and extra- are read");
+    }
+
+    #[test]
+    fn settings_nix_did_not_send_come_from_nix_conf_then_nix_s_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().display().to_string();
+        std::fs::write(
+            dir.path().join("nix.conf"),
+            "max-jobs = 0
+system-features = kvm
+extra-system-features = big
+",
+        )
+        .unwrap();
+        let c = cfg(&[("NIX_CONF_DIR", &conf)]).unwrap();
+        // As Lix 2.92+ sends them: only what was overridden on the command line.
+        let mut s = settings(&[("extra-platforms", "aarch64-linux")]);
+        s.fill_absent(&|k| c.nix_conf(k), "x86_64-linux", false);
+        assert_eq!(s.max_jobs(), 0, "from nix.conf");
+        assert_eq!(s.system_features(), ["kvm", "big"], "from nix.conf, extra- appended");
+        assert_eq!(s.extra_platforms(), ["aarch64-linux"], "sent by Nix: kept");
+        assert_eq!(s.system(), "x86_64-linux");
+        let bare = cfg(&[("NIX_CONF_DIR", "/nonexistent")]).unwrap();
+        let mut s = settings(&[]);
+        s.fill_absent(&|k| bare.nix_conf(k), "x86_64-linux", true);
+        assert_eq!((s.max_jobs(), s.extra_platforms()), (1, vec!["i686-linux".to_string()]), "Nix's defaults");
+        assert_eq!(s.system_features(), ["nixos-test", "benchmark", "big-parallel", "kvm"]);
     }
 
     #[test]

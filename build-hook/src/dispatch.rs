@@ -338,11 +338,8 @@ impl Dispatcher {
             match e {
                 JobError::BuildFailed { msg, .. } => {
                     if self.settings.build_options().keep_failed {
-                        let local = if self.local_cap.could_build(req) {
-                            " You can re-run the command with `--builders ''` to disable remote building for this invocation."
-                        } else {
-                            ""
-                        };
+                        let local =
+                            if self.local_cap.could_build(req) { " You can re-run the command with `--builders ''` to disable remote building for this invocation." } else { "" };
                         out::msg(Level::Warn, &format!("warning: The failed build directory was kept on the remote builder due to `--keep-failed`.{local}"));
                     }
                     // As Nix's own hook reports it, and with its exit status (1).

@@ -47,6 +47,20 @@ impl Settings {
     pub fn get(&self, k: &str) -> Option<&str> {
         self.raw.get(k).map(String::as_str)
     }
+
+    /// Fills the settings that decide postpone versus decline when Nix did
+    /// not send them (Lix 2.92+ sends only overridden settings): from
+    /// `conf` (nix.conf as Nix reads it), else Nix's own defaults for
+    /// `local_system` ([`nix_default`]).
+    pub fn fill_absent(&mut self, conf: &dyn Fn(&str) -> Option<String>, local_system: &str, has_kvm: bool) {
+        for k in ["system", "max-jobs", "system-features", "extra-platforms"] {
+            if self.raw.contains_key(k) {
+                continue;
+            }
+            let v = conf(k).unwrap_or_else(|| nix_default(k, local_system, has_kvm));
+            self.raw.insert(k.to_string(), v);
+        }
+    }
     fn num(&self, k: &str) -> u64 {
         self.get(k).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
     }
@@ -85,6 +99,30 @@ impl Settings {
             max_log_size: self.num("max-build-log-size"),
             keep_failed: self.flag("keep-failed", false),
         }
+    }
+}
+
+/// Nix's default for a setting the hook reads (Nix's `globals.cc`):
+/// `max-jobs` 1; `system-features` the ones every Nix offers (`kvm` when
+/// `/dev/kvm` is usable); `extra-platforms` `i686-linux` on x86_64 Linux and
+/// `x86_64-darwin` on Apple silicon (Rosetta); `system` this machine's.
+pub fn nix_default(k: &str, local_system: &str, has_kvm: bool) -> String {
+    match k {
+        "max-jobs" => "1".into(),
+        "system-features" => {
+            let mut f = vec!["nixos-test", "benchmark", "big-parallel"];
+            if has_kvm {
+                f.push("kvm");
+            }
+            f.join(" ")
+        }
+        "extra-platforms" => match local_system {
+            "x86_64-linux" => "i686-linux".into(),
+            "aarch64-darwin" => "x86_64-darwin".into(),
+            _ => String::new(),
+        },
+        "system" => local_system.into(),
+        _ => String::new(),
     }
 }
 
