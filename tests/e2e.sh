@@ -528,6 +528,38 @@ W
   slots_free 1 2 || fail "slot left locked"
 }
 
+# Multi-user Nix: a nix-daemon (its own NIX_CONF_DIR naming our hook and the
+# machines) spawns the hook as root while a user who is not root builds
+# through the daemon's socket.
+test_a_user_builds_through_nix_daemon_and_our_hook() {
+  machines 1:2
+  id bh-user >/dev/null 2>&1 || useradd -M -d /nonexistent -s /bin/sh bh-user || fail "cannot add a user"
+  local d=$TB/daemon; rm -rf "$d"; mkdir -p "$d/conf"
+  printf 'build-users-group =\nsubstituters =\nsandbox = false\nmax-jobs = 0\nbuild-hook = %s\nbuilders = @%s\nexperimental-features = nix-command\n' "$HOOK" "$TB/machines" > "$d/conf/nix.conf"
+  NIX_CONF_DIR=$d/conf NIX_DAEMON_SOCKET_PATH=$d/socket NIX_CONFIG= nix-daemon >"$d/daemon.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 1 100); do [ -S "$d/socket" ] && break; sleep 0.05; done
+  [ -S "$d/socket" ] || { kill $pid; fail "nix-daemon did not start: $(cat "$d/daemon.log")"; }
+  chmod 755 "$d" "$TB"; chmod 666 "$d/socket"
+  # The user's own copy of the expression (the test tree may not be readable by them).
+  local w; w=$(mktemp -d /tmp/bh-user-XXXX); cp "$NIX/chain.nix" "$NIX/chain-input.txt" "$w/"; chmod -R a+rX "$w"
+  log=$(mktemp); chmod 666 "$log"
+  runuser -u bh-user -- env -i PATH=/usr/bin:/bin HOME=/tmp NIX_REMOTE="unix://$d/socket" \
+    NIX_CONFIG=$'substituters =\nexperimental-features = nix-command' \
+    timeout 300 nix-build "$w/chain.nix" -A top --argstr nonce "$(nonce daemon)" --no-out-link >"$log" 2>&1; rc=$?
+  kill $pid; wait $pid 2>/dev/null
+  cat "$log"
+  [ $rc = 0 ] || fail "the user's build through nix-daemon failed"
+  out=$(grep '^/nix/store/' "$log" | tail -1)
+  [ "$(head -1 "$out")" = hello ] || fail "wrong output"
+  assert_contains "$log" "building top on b1"
+  nix-store --verify-path "$out" $(nix-store -qR "$out") || fail "not valid"
+  [ "$(stat -c %U "$out")" = root ] || fail "the output should belong to root (the daemon's hook registered it)"
+  # Built by our hook (its history has the build), not Nix's.
+  grep -q "$(basename "$(grep -o "/nix/store/[a-z0-9]*-top.drv" "$log" | head -1)")" "$LOAD/build-hook/history.jsonl" || fail "no history record: not our hook?"
+  rm -rf "$w"
+}
+
 main() {
   tb_up 2 >/dev/null || { echo "cannot bring up the test bed"; exit 1; }
   local all=(
@@ -542,7 +574,7 @@ main() {
     new_connections_prefer_aes_gcm_unless_the_user_chose incompressible_inputs_are_copied_uncompressed
     fixed_output_is_checked_and_registered_with_its_content_address_and_signatures
     percent_signs_and_long_uris_in_key_uri_and_load_dir operators_see_history_status_drain_and_explain
-    a_closure_of_5000_missing_paths_copies_both_ways
+    a_closure_of_5000_missing_paths_copies_both_ways a_user_builds_through_nix_daemon_and_our_hook
   )
   local sel=("$@"); [ ${#sel[@]} -eq 0 ] && sel=("${all[@]}")
   for t in "${sel[@]}"; do t_run "$t" "test_$t"; done
