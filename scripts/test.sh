@@ -3,7 +3,9 @@
 # formatting and lints, runs the unit, golden and local-store tests (cargo
 # test), a short run of every fuzz target, then the real end-to-end suite
 # (tests/e2e.sh: real nix-build -> build-hook -> sshd builders in namespaces)
-# and the fault suite (tests/faults.sh). Run as root.
+# the fault suite (tests/faults.sh) and Nix's own remote-build tests for
+# Nix 2.8, 2.26 and 2.34 (tests/conformance.sh; the newer Nix in Debian
+# chroots it makes). Run as root.
 set -u
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "scripts/test.sh must run as root (it creates network namespaces and builds with Nix)"; exit 1; }
@@ -30,5 +32,6 @@ step "end-to-end (tests/e2e.sh)" bash tests/e2e.sh
 if [ -f tests/faults.sh ]; then
   step "faults (tests/faults.sh)" bash tests/faults.sh
 fi
+step "conformance: Nix's own remote-build tests, Nix 2.8/2.26/2.34 (tests/conformance.sh)" bash tests/conformance.sh
 [ $status -eq 0 ] && echo "scripts/test.sh: every step passed" || echo "scripts/test.sh: some step FAILED (see above)"
 exit $status
