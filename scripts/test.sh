@@ -33,5 +33,6 @@ if [ -f tests/faults.sh ]; then
   step "faults (tests/faults.sh)" bash tests/faults.sh
 fi
 step "conformance: Nix's own remote-build tests, Nix 2.8/2.26/2.34 (tests/conformance.sh)" bash tests/conformance.sh
+step "versions: e2e scenarios with Nix 2.8/2.26/2.34 clients and a Nix 2.34 builder (tests/versions.sh)" bash tests/versions.sh
 [ $status -eq 0 ] && echo "scripts/test.sh: every step passed" || echo "scripts/test.sh: some step FAILED (see above)"
 exit $status

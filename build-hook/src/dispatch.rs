@@ -76,6 +76,7 @@ impl Dispatcher {
             known_hosts_dir: load.private_dir("known-hosts"),
             extra_opts: transport::split_sshopts(&cfg.sshopts),
             ciphers: None,
+            bridge: std::env::current_exe().ok(),
         };
         let (text, source) = cfg.builders(&settings);
         let system = settings.system();

@@ -2,6 +2,7 @@
 //! Set `build-hook = /path/to/build-hook` in nix.conf. This binary only
 //! composes `remote-lib`: it reads the protocol, decides, and runs the job.
 
+mod bridge;
 mod check;
 mod config;
 mod dispatch;
@@ -29,6 +30,8 @@ fn main() {
                 2
             }
         }),
+        // Started by the hook itself in front of ssh to an ssh-ng:// builder.
+        Some("__ssh-ng-bridge") => std::process::exit(bridge::run(&args[2..])),
         Some("--help" | "-h" | "help") => {
             println!("{USAGE}");
             return;

@@ -23,6 +23,21 @@ fn write(s: &str) {
     let _ = e.flush();
 }
 
+/// A writer onto stderr that takes the same lock, for the ssh-ng bridge
+/// (whose stderr is the hook's view of the builder's).
+pub struct Stderr;
+
+impl Write for Stderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        std::io::stderr().lock().write_all(buf)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().lock().flush()
+    }
+}
+
 /// Sends a reply to `try`.
 pub fn reply(r: &Reply) {
     write(&r.text());

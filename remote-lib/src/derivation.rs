@@ -327,6 +327,38 @@ impl Derivation {
         Ok(sha2::Sha256::digest(self.unparse(mask, Some(&inputs))).into())
     }
 
+    /// Reads the `BasicDerivation` wire form (what [`Derivation::write_basic`]
+    /// writes): the inputs come back as `input_srcs`, with no input
+    /// derivations. Every count and string is bounded.
+    pub fn read_basic<R: io::Read + ?Sized>(r: &mut R) -> Result<Derivation, wire::WireError> {
+        const MAX: usize = 1 << 24;
+        let n = wire::read_u64(r, "outputs")?;
+        if n > 4096 {
+            return Err(wire::WireError::TooLong { what: "outputs", len: n, limit: 4096 });
+        }
+        let mut outputs = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let name = wire::read_string(r, 4096, "output name")?;
+            let path = wire::read_string(r, 4096, "output path")?;
+            let hash_algo = wire::read_string(r, 4096, "output hash algorithm")?;
+            let hash = wire::read_string(r, 4096, "output hash")?;
+            outputs.push(Output { name, path, hash_algo, hash });
+        }
+        let input_srcs = wire::read_strings(r, 4096, "inputs")?;
+        let platform = wire::read_string(r, 4096, "platform")?;
+        let builder = wire::read_string(r, MAX, "builder")?;
+        let args = wire::read_strings(r, MAX, "args")?;
+        let n = wire::read_u64(r, "env")?;
+        if n > 1 << 16 {
+            return Err(wire::WireError::TooLong { what: "env", len: n, limit: 1 << 16 });
+        }
+        let mut env = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            env.push((wire::read_string(r, 4096, "env name")?, wire::read_string(r, MAX, "env value")?));
+        }
+        Ok(Derivation { outputs, input_drvs: BTreeMap::new(), input_srcs, platform, builder, args, env })
+    }
+
     /// Writes the `BasicDerivation` wire form. `inputs` is the closure
     /// Nix sent after accept; it replaces `inputSrcs` when the derivation has
     /// input derivations.
@@ -465,6 +497,17 @@ mod tests {
         assert!(matches!(err, DerivationError::Format { .. }), "{err}");
         let bad = TOP.replace("[],\"x86_64-linux\"", "[\"relative\"],\"x86_64-linux\"");
         assert!(Derivation::parse("/nix/store/a.drv", bad.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn basic_derivation_reads_back() {
+        let d = Derivation::parse("/nix/store/42ka40fgb8k4q9lhi1l10fy6ak13bvs0-top.drv", TOP.as_bytes()).unwrap();
+        let mut out = Vec::new();
+        d.write_basic(&mut out, &["/nix/store/86blry61wgdwbnnw978vd4h6h2wi0048-dep".into()]).unwrap();
+        let back = Derivation::read_basic(&mut &out[..]).unwrap();
+        assert_eq!((back.outputs, back.input_srcs.clone(), back.env, back.args), (d.outputs, vec!["/nix/store/86blry61wgdwbnnw978vd4h6h2wi0048-dep".to_string()], d.env, d.args));
+        assert!(back.input_drvs.is_empty());
+        assert!(Derivation::read_basic(&mut &out[..out.len() - 3]).is_err(), "cut");
     }
 
     #[test]

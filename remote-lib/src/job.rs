@@ -159,6 +159,11 @@ pub struct Context<'a> {
 /// unknown and are asked again next time.
 pub fn builder_caps(health: &HealthStore, m: &Machine, ssh: &SshConfig, limit: Duration) -> Health {
     let h = health.get(&m.uri);
+    if m.ssh.daemon {
+        // A daemon's builder is reached through the bridge only: no bulk
+        // sessions (they would run nix-store there), nothing to probe.
+        return Health { zstd: Some(false), aes: Some(false), ..h };
+    }
     if transport::is_local(m) {
         // Between two processes on this host nothing is worth compressing
         // (level 0) unless the user forces a level; nothing to probe.

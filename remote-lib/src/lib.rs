@@ -10,6 +10,7 @@
 //! The library never prints: it returns values and errors, and the binary
 //! owns stderr.
 
+pub mod bridge;
 pub mod compress;
 pub mod copy;
 pub mod derivation;

@@ -38,12 +38,15 @@ pub struct SshTarget {
     /// `[user@]host`, as given to `ssh` (`localhost`: no ssh).
     pub host: String,
     pub port: Option<u16>,
-    /// `remote-program` (default `nix-store`).
+    /// `remote-program` (default `nix-store`; `nix-daemon` for `ssh-ng://`).
     pub remote_program: String,
     /// `remote-store`, passed as `--store` on the builder.
     pub remote_store: Option<String>,
     /// The machine is a store on this host, named by the URI itself.
     pub local_store: bool,
+    /// `ssh-ng://`: the builder runs `<remote-program> --stdio` (default
+    /// `nix-daemon`) and speaks the daemon protocol.
+    pub daemon: bool,
 }
 
 /// A place in a machines list.
@@ -377,19 +380,24 @@ fn is_local_store_uri(uri: &str) -> bool {
 
 fn parse_store_uri(uri: &str) -> Result<SshTarget, UriProblem> {
     if is_local_store_uri(uri) {
-        return Ok(SshTarget { host: "localhost".into(), port: None, remote_program: "nix-store".into(), remote_store: Some(uri.to_string()), local_store: true });
+        return Ok(SshTarget { host: "localhost".into(), port: None, remote_program: "nix-store".into(), remote_store: Some(uri.to_string()), local_store: true, daemon: false });
     }
-    let Some(rest) = uri.strip_prefix("ssh://") else {
+    let (daemon, rest) = match (uri.strip_prefix("ssh://"), uri.strip_prefix("ssh-ng://")) {
+        (Some(r), _) => (false, Some(r)),
+        (None, Some(r)) => (true, Some(r)),
+        _ => (false, None),
+    };
+    let Some(rest) = rest else {
         let scheme = uri.split_once("://").map_or(uri, |(s, _)| s);
         let hint = match scheme {
-            "ssh-ng" => "write it as ssh://… (the same host and parameters reach 'nix-store --serve'), or use Nix's built-in hook for ssh-ng",
             "file" | "http" | "https" | "s3" => "a binary cache cannot build; list it in 'substituters' instead",
             _ => "use an ssh:// URI, a path or 'local'/'auto'/'daemon' for this builder",
         };
         return Err(UriProblem::Scheme(scheme.to_string(), hint));
     };
     let (authority, query) = rest.split_once('?').unwrap_or((rest, ""));
-    let mut t = SshTarget { host: String::new(), port: None, remote_program: "nix-store".into(), remote_store: None, local_store: false };
+    let program = if daemon { "nix-daemon" } else { "nix-store" };
+    let mut t = SshTarget { host: String::new(), port: None, remote_program: program.into(), remote_store: None, local_store: false, daemon };
     let (user_host, port) = match authority.rsplit_once(':') {
         Some((h, p)) if !h.is_empty() && p.bytes().all(|c| c.is_ascii_digit()) && !p.is_empty() => {
             (h, Some(p.parse::<u16>().map_err(|_| UriProblem::Bad(format!("port '{p}' is out of range")))?))
@@ -566,10 +574,10 @@ mod tests {
 
     #[test]
     fn non_ssh_schemes_and_hostile_hosts_are_refused() {
-        let p = run("ssh-ng://b1\nfile:///tmp/cache\nssh://-oProxyCommand=x\nssh://b$(id)", &[]);
+        let p = run("s3://bucket\nfile:///tmp/cache\nssh://-oProxyCommand=x\nssh-ng://b$(id)", &[]);
         assert!(p.machines.is_empty());
         assert_eq!(p.diagnostics.len(), 4);
-        assert!(p.diagnostics[0].message.contains("type 'ssh-ng'"), "{}", p.diagnostics[0]);
+        assert!(p.diagnostics[0].message.contains("type 's3'"), "{}", p.diagnostics[0]);
         assert!(p.diagnostics[1].hint.contains("binary cache cannot build"), "{}", p.diagnostics[1]);
     }
 
@@ -601,6 +609,17 @@ mod tests {
         assert_eq!(p.machines[0].speed_factor, 2.0);
         assert!(p.machines[0].host_key.is_some());
         assert_eq!(p.machines[2].mandatory_features, vec!["benchmark"]);
+    }
+
+    #[test]
+    fn ssh_ng_machines_run_the_daemon() {
+        let p = run("ssh-ng://u@b1:2222?remote-store=local%3Froot%3D%2Fs - - 2\nssh-ng://b2?remote-program=/opt/nix/bin/nix-daemon", &[]);
+        assert!(p.diagnostics.is_empty(), "{:?}", p.diagnostics);
+        let (a, b) = (&p.machines[0].ssh, &p.machines[1].ssh);
+        assert!(a.daemon && b.daemon);
+        assert_eq!((a.host.as_str(), a.port, a.remote_program.as_str(), a.remote_store.as_deref()), ("u@b1", Some(2222), "nix-daemon", Some("local?root=/s")));
+        assert_eq!(b.remote_program, "/opt/nix/bin/nix-daemon");
+        assert!(!run("ssh://b1", &[]).machines[0].ssh.daemon);
     }
 
     #[test]

@@ -147,6 +147,13 @@ impl BuildStatus {
     pub fn from_wire(v: u64) -> Self {
         Self::ALL.get(v as usize).copied().unwrap_or(BuildStatus::Unknown(v))
     }
+    /// The number on the wire.
+    pub fn to_wire(self) -> u64 {
+        match self {
+            BuildStatus::Unknown(v) => v,
+            s => Self::ALL.iter().position(|x| *x == s).unwrap_or(0) as u64,
+        }
+    }
     /// The outputs are valid on the builder.
     pub fn success(self) -> bool {
         matches!(self, BuildStatus::Built | BuildStatus::Substituted | BuildStatus::AlreadyValid | BuildStatus::ResolvesToAlreadyValid)

@@ -178,7 +178,7 @@ impl Session {
     pub fn connect(m: &Machine, ssh: &SshConfig, t: Timeouts) -> Result<Session, SessionError> {
         let machine = m.uri.clone();
         let local = |e: &dyn std::error::Error| SessionError::Local { machine: m.uri.clone(), during: "connecting", why: e.to_string() };
-        let cmd = transport::ssh_command(m, ssh, &transport::serve_words(m)).map_err(|e| local(&e))?;
+        let cmd = transport::session_command(m, ssh).map_err(|e| local(&e))?;
         let mut proc = RemoteProcess::spawn(cmd, StderrTap::default()).map_err(|e| local(&e))?;
         proc.watch.phase("connecting", Some(t.handshake));
         let (Some(r), Some(w)) = (proc.stdout.take(), proc.stdin.take()) else {

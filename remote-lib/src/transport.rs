@@ -37,6 +37,8 @@ pub enum TransportError {
         #[source]
         source: io::Error,
     },
+    #[error("{machine} is an ssh-ng:// builder, and this program cannot start the bridge that speaks to its nix-daemon")]
+    NoBridge { machine: String },
 }
 
 /// SSH settings that apply to every machine.
@@ -56,6 +58,10 @@ pub struct SshConfig {
     /// A cipher preference list for a new connection (see [`aes_gcm_first`]);
     /// `None` leaves ssh's own choice.
     pub ciphers: Option<String>,
+    /// The program that bridges a serve session to an `ssh-ng://` builder's
+    /// daemon ([`crate::bridge`]): `PROGRAM __ssh-ng-bridge -- SSH-COMMAND...`.
+    /// `None`: `ssh-ng://` machines cannot be used.
+    pub bridge: Option<PathBuf>,
 }
 
 /// Splits `NIX_SSHOPTS` like a shell would (quotes, backslashes), as Nix 2.26+.
@@ -106,6 +112,36 @@ pub fn shell_quote(s: &str) -> String {
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))
     }
+}
+
+/// The command that gives a serve session with `m`: ssh to `nix-store
+/// --serve --write`, or for an `ssh-ng://` machine the bridge in front of
+/// ssh to `nix-daemon --stdio` (see [`SshConfig::bridge`]).
+pub fn session_command(m: &Machine, cfg: &SshConfig) -> Result<Command, TransportError> {
+    if !m.ssh.daemon {
+        return ssh_command(m, cfg, &serve_words(m));
+    }
+    let Some(bridge) = &cfg.bridge else { return Err(TransportError::NoBridge { machine: m.uri.clone() }) };
+    let inner = ssh_command(m, cfg, &daemon_words(m))?;
+    let mut c = Command::new(bridge);
+    c.arg("__ssh-ng-bridge").arg("--").arg(inner.get_program()).args(inner.get_args());
+    for (k, v) in inner.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    Ok(c)
+}
+
+/// The daemon's command words: `<remote-program> --stdio [--store URI]`.
+pub fn daemon_words(m: &Machine) -> Vec<String> {
+    let mut w = vec![m.ssh.remote_program.clone(), "--stdio".into()];
+    if let Some(s) = &m.ssh.remote_store {
+        w.push("--store".into());
+        w.push(s.clone());
+    }
+    w
 }
 
 /// The remote command words: `<remote-program> --serve --write [--store URI]`.
@@ -741,7 +777,27 @@ mod tests {
             known_hosts_dir: dir.join("kh"),
             extra_opts: split_sshopts("-F /etc/x -o 'IdentityAgent none'"),
             ciphers: None,
+            bridge: Some(PathBuf::from("/opt/bh/build-hook")),
         }
+    }
+
+    #[test]
+    fn ssh_ng_sessions_go_through_the_bridge_to_the_daemon() {
+        let dir = std::env::temp_dir();
+        let m = machine("ssh-ng://b1?remote-store=local%3Froot%3D%2Fs");
+        let c = session_command(&m, &cfg(&dir)).unwrap();
+        assert_eq!(c.get_program(), "/opt/bh/build-hook");
+        let args: Vec<String> = c.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert_eq!(&args[..3], ["__ssh-ng-bridge", "--", "ssh"]);
+        assert_eq!(args.last().map(String::as_str), Some("nix-daemon --stdio --store 'local?root=/s'"));
+        let local = machine("ssh-ng://localhost");
+        let c = session_command(&local, &cfg(&dir)).unwrap();
+        let args: Vec<String> = c.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert_eq!(args, ["__ssh-ng-bridge", "--", "nix-daemon", "--stdio"]);
+        let none = SshConfig { bridge: None, ..cfg(&dir) };
+        assert!(matches!(session_command(&m, &none), Err(TransportError::NoBridge { .. })));
+        // ssh:// is unchanged
+        assert_eq!(session_command(&machine("ssh://b1"), &none).unwrap().get_program(), "ssh");
     }
 
     #[test]

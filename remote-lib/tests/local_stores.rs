@@ -442,6 +442,7 @@ fn ssh_config(s: &Scratch) -> SshConfig {
         known_hosts_dir: s.path().join("known-hosts"),
         extra_opts: vec![],
         ciphers: None,
+        bridge: None,
     }
 }
 

@@ -1,0 +1,235 @@
+//! The `ssh-ng://` bridge: a `nix-store --serve` server on one pair of
+//! pipes, backed by a `nix-daemon --stdio` client ([`crate::worker`]) on
+//! another. The hook runs it as a child process in front of
+//! `ssh HOST nix-daemon --stdio`, so that an `ssh-ng://` builder is driven by
+//! the same job, checks, watchdog and fail-over as an `ssh://` one: the
+//! session sees a serve peer, and this process's exit status carries the
+//! verdict (255 when ssh lost the connection, 1 when the daemon refused,
+//! with its words on stderr).
+//!
+//! Only the serve commands the hook sends are served: `QueryValidPaths`,
+//! `QueryPathInfos`, `DumpStorePath`, `BuildDerivation` and
+//! `AddToStoreNar`. Everything the client sends is bounded as the serve
+//! protocol's own reader bounds it; everything the daemon sends is checked
+//! by the worker client, and again by the hook when it reads our replies.
+
+use crate::derivation::Derivation;
+use crate::nar;
+use crate::path_info::Bounded;
+use crate::serve::{PathInfo, ServeVersion, SERVE_MAGIC_1, SERVE_MAGIC_2};
+use crate::wire::{self, WireError};
+use crate::worker::{BuildMode, ClientOptions, Event, WorkerConn, WorkerError};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+
+/// The serve version the bridge speaks as a server.
+pub const BRIDGE_VERSION: ServeVersion = ServeVersion(2, 7);
+
+/// Why the bridge stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    /// The hook's side of the bridge: its stream ended or was malformed.
+    #[error("the hook's serve stream: {0}")]
+    Client(#[from] WireError),
+    #[error("writing to the hook: {0}")]
+    ClientIo(#[source] io::Error),
+    #[error("serve command {0} is not served by the ssh-ng bridge")]
+    Unsupported(u64),
+    /// The daemon's side, in the worker client's words.
+    #[error(transparent)]
+    Daemon(#[from] WorkerError),
+}
+
+impl BridgeError {
+    /// The connection to the daemon ended (EOF or a broken pipe): whether
+    /// that was the link or the daemon is for ssh's exit status to tell.
+    pub fn daemon_closed(&self) -> bool {
+        matches!(self, BridgeError::Daemon(WorkerError::Closed { .. }))
+    }
+}
+
+/// Where the daemon's messages go (this process's stderr): log lines as
+/// text, activities and results as Nix's `@nix` records.
+fn log_sink(log: &mut dyn Write) -> impl FnMut(Event) + '_ {
+    move |e| {
+        let line = match &e {
+            Event::Next(text) => {
+                if text.ends_with('\n') {
+                    text.clone()
+                } else {
+                    format!("{text}\n")
+                }
+            }
+            other => other.nix_log_line(),
+        };
+        let _ = log.write_all(line.as_bytes());
+        let _ = log.flush();
+    }
+}
+
+/// Serves the hook on `(client_r, client_w)` with the daemon on
+/// `(daemon_r, daemon_w)` until the hook closes its stream (`Ok`).
+/// `options` are sent to the daemon before each build, with the build
+/// settings the hook sends in `BuildDerivation`.
+pub fn serve<CR: Read + Send, CW: Write, DR: Read, DW: Write + Send>(
+    client_r: CR,
+    client_w: CW,
+    daemon_r: DR,
+    daemon_w: DW,
+    options: ClientOptions,
+    log: &mut dyn Write,
+) -> Result<(), BridgeError> {
+    let mut cr = BufReader::with_capacity(256 * 1024, client_r);
+    let mut cw = BufWriter::with_capacity(256 * 1024, client_w);
+    // The daemon first: if it refuses us, the hook hears it as a refusal at connect.
+    let mut d = WorkerConn::handshake(daemon_r, daemon_w, log_sink(log))?;
+    let magic = wire::read_u64(&mut cr, "client magic")?;
+    if magic != SERVE_MAGIC_1 {
+        return Err(BridgeError::Client(WireError::TooLong { what: "client magic", len: magic, limit: SERVE_MAGIC_1 }));
+    }
+    let client = ServeVersion::from_wire(wire::read_u64(&mut cr, "client version")?);
+    let minor = client.1.min(BRIDGE_VERSION.1);
+    let out = |cw: &mut BufWriter<CW>, f: &mut dyn FnMut(&mut BufWriter<CW>) -> io::Result<()>| f(cw).and_then(|_| cw.flush()).map_err(BridgeError::ClientIo);
+    out(&mut cw, &mut |w| {
+        wire::write_u64(w, SERVE_MAGIC_2)?;
+        wire::write_u64(w, BRIDGE_VERSION.to_wire())
+    })?;
+    loop {
+        let cmd = match wire::read_u64(&mut cr, "serve command") {
+            Ok(c) => c,
+            Err(WireError::Eof { .. }) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        match cmd {
+            1 => {
+                let _lock = wire::read_u64(&mut cr, "lock")?;
+                let substitute = wire::read_u64(&mut cr, "substitute")? != 0;
+                let paths = wire::read_strings(&mut cr, 4096, "paths")?;
+                let valid = d.query_valid_paths(&paths, substitute, log_sink(log))?;
+                out(&mut cw, &mut |w| wire::write_strings(w, &valid))?;
+            }
+            2 => {
+                let paths = wire::read_strings(&mut cr, 4096, "paths")?;
+                let mut infos = Vec::new();
+                for p in &paths {
+                    if let Some(i) = d.query_path_info(p, log_sink(log))? {
+                        infos.push(i);
+                    }
+                }
+                out(&mut cw, &mut |w| {
+                    for i in &infos {
+                        write_serve_info(w, i, minor)?;
+                    }
+                    wire::write_bytes(w, b"")
+                })?;
+            }
+            3 => {
+                let path = wire::read_string(&mut cr, 4096, "path")?;
+                let mut nar_in = d.nar_from_path(&path, log_sink(log))?;
+                // Walking the archive finds its end; every byte read is passed on.
+                let mut tee = Tee { inner: &mut nar_in, copy: &mut cw, failed: None };
+                let walked = nar::skip(&mut tee);
+                if let Some(e) = tee.failed.take() {
+                    return Err(BridgeError::ClientIo(e));
+                }
+                walked.map_err(|e| WorkerError::Protocol { during: "NarFromPath", why: e.to_string() })?;
+                cw.flush().map_err(BridgeError::ClientIo)?;
+            }
+            8 => {
+                let drv_path = wire::read_string(&mut cr, 4096, "derivation path")?;
+                let drv = Derivation::read_basic(&mut cr)?;
+                let mut o = options.clone();
+                o.max_silent_time = wire::read_u64(&mut cr, "maxSilentTime")?;
+                let build_timeout = wire::read_u64(&mut cr, "buildTimeout")?;
+                let mut max_log_size = 0;
+                if minor >= 2 {
+                    max_log_size = wire::read_u64(&mut cr, "maxLogSize")?;
+                }
+                if minor >= 3 {
+                    let _repeats = wire::read_u64(&mut cr, "nrRepeats")?;
+                    let _enforce = wire::read_u64(&mut cr, "enforceDeterminism")?;
+                }
+                if minor >= 7 {
+                    o.keep_failed = wire::read_u64(&mut cr, "keepFailed")? != 0;
+                }
+                o.overrides.retain(|(k, _)| k != "timeout" && k != "max-build-log-size");
+                if build_timeout != 0 {
+                    o.overrides.push(("timeout".into(), build_timeout.to_string()));
+                }
+                if max_log_size != 0 {
+                    o.overrides.push(("max-build-log-size".into(), max_log_size.to_string()));
+                }
+                d.set_options(&o, log_sink(log))?;
+                let res = d.build_derivation(&drv_path, &drv, &drv.input_srcs, BuildMode::Normal, log_sink(log))?;
+                let r = &res.result;
+                out(&mut cw, &mut |w| {
+                    wire::write_u64(w, r.status.to_wire())?;
+                    wire::write_bytes(w, r.error_msg.as_bytes())?;
+                    if minor >= 3 {
+                        for v in [r.times_built, res.is_non_deterministic as u64, r.start_time, r.stop_time] {
+                            wire::write_u64(w, v)?;
+                        }
+                    }
+                    if minor >= 6 {
+                        wire::write_u64(w, res.built_outputs.len() as u64)?;
+                        for (id, json) in &res.built_outputs {
+                            wire::write_bytes(w, id.as_bytes())?;
+                            wire::write_bytes(w, json.as_bytes())?;
+                        }
+                    }
+                    Ok(())
+                })?;
+            }
+            9 => {
+                let path = wire::read_string(&mut cr, 4096, "path")?;
+                let deriver = wire::read_string(&mut cr, 4096, "deriver")?;
+                let nar_hash = wire::read_string(&mut cr, 4096, "narHash")?;
+                let references = wire::read_strings(&mut cr, 4096, "references")?;
+                let _registration_time = wire::read_u64(&mut cr, "registrationTime")?;
+                let nar_size = wire::read_u64(&mut cr, "narSize")?;
+                let _ultimate = wire::read_u64(&mut cr, "ultimate")?;
+                let sigs = wire::read_strings(&mut cr, 4096, "sigs")?;
+                let ca = wire::read_string(&mut cr, 4096, "ca")?;
+                let info = PathInfo { path, deriver, references, nar_size, nar_hash, ca, sigs };
+                let mut nar_in = Bounded::new(&mut cr, nar_size);
+                d.add_to_store_nar(&info, &mut nar_in, false, true, log_sink(log))?;
+                out(&mut cw, &mut |w| wire::write_u64(w, 1))?;
+            }
+            other => return Err(BridgeError::Unsupported(other)),
+        }
+    }
+}
+
+/// One `QueryPathInfos` entry in the serve protocol's form for `minor`.
+fn write_serve_info<W: Write>(w: &mut W, i: &PathInfo, minor: u8) -> io::Result<()> {
+    wire::write_bytes(w, i.path.as_bytes())?;
+    wire::write_bytes(w, i.deriver.as_bytes())?;
+    wire::write_strings(w, &i.references)?;
+    wire::write_u64(w, i.nar_size)?; // downloadSize
+    wire::write_u64(w, i.nar_size)?;
+    if minor >= 4 {
+        wire::write_bytes(w, i.nar_hash.as_bytes())?;
+        wire::write_bytes(w, i.ca.as_bytes())?;
+        wire::write_strings(w, &i.sigs)?;
+    }
+    Ok(())
+}
+
+/// Passes on every byte read through it.
+struct Tee<'a, R, W: Write> {
+    inner: &'a mut R,
+    copy: &'a mut W,
+    /// A write that failed (the read then fails too).
+    failed: Option<io::Error>,
+}
+
+impl<R: Read, W: Write> Read for Tee<'_, R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Err(e) = self.copy.write_all(&buf[..n]) {
+            let err = io::Error::new(e.kind(), e.to_string());
+            self.failed = Some(e);
+            return Err(err);
+        }
+        Ok(n)
+    }
+}
