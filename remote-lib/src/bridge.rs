@@ -24,6 +24,15 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 /// The serve version the bridge speaks as a server.
 pub const BRIDGE_VERSION: ServeVersion = ServeVersion(2, 7);
 
+/// Bridge-only serve command: whether the daemon trusts us. Reply: u64
+/// 0 (it does not say), 1 (trusted) or 2 (not trusted).
+pub const CMD_TRUST: u64 = 100;
+/// Bridge-only serve command: build a derivation by its path (valid on the
+/// builder), as a daemon that does not trust us allows for input-addressed
+/// derivations. Request: drv path, output names, then the build options as
+/// for `BuildDerivation`; reply: a `BuildResult` as for `BuildDerivation`.
+pub const CMD_BUILD_PATHS: u64 = 101;
+
 /// Why the bridge stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum BridgeError {
@@ -134,9 +143,17 @@ pub fn serve<CR: Read + Send, CW: Write, DR: Read, DW: Write + Send>(
                 walked.map_err(|e| WorkerError::Protocol { during: "NarFromPath", why: e.to_string() })?;
                 cw.flush().map_err(BridgeError::ClientIo)?;
             }
-            8 => {
+            CMD_TRUST => {
+                let t = match d.trust {
+                    None => 0,
+                    Some(crate::worker::Trust::Trusted) => 1,
+                    Some(crate::worker::Trust::NotTrusted) => 2,
+                };
+                out(&mut cw, &mut |w| wire::write_u64(w, t))?;
+            }
+            8 | CMD_BUILD_PATHS => {
                 let drv_path = wire::read_string(&mut cr, 4096, "derivation path")?;
-                let drv = Derivation::read_basic(&mut cr)?;
+                let (drv, outputs) = if cmd == 8 { (Some(Derivation::read_basic(&mut cr)?), Vec::new()) } else { (None, wire::read_strings(&mut cr, 4096, "outputs")?) };
                 let mut o = options.clone();
                 o.max_silent_time = wire::read_u64(&mut cr, "maxSilentTime")?;
                 let build_timeout = wire::read_u64(&mut cr, "buildTimeout")?;
@@ -159,7 +176,10 @@ pub fn serve<CR: Read + Send, CW: Write, DR: Read, DW: Write + Send>(
                     o.overrides.push(("max-build-log-size".into(), max_log_size.to_string()));
                 }
                 d.set_options(&o, log_sink(log))?;
-                let res = d.build_derivation(&drv_path, &drv, &drv.input_srcs, BuildMode::Normal, log_sink(log))?;
+                let res = match &drv {
+                    Some(drv) => d.build_derivation(&drv_path, drv, &drv.input_srcs, BuildMode::Normal, log_sink(log))?,
+                    None => d.build_paths(&drv_path, &outputs, BuildMode::Normal, log_sink(log))?,
+                };
                 let r = &res.result;
                 out(&mut cw, &mut |w| {
                     wire::write_u64(w, r.status.to_wire())?;

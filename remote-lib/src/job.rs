@@ -217,6 +217,11 @@ pub struct Job<'a> {
     spare: Option<BulkSession>,
     /// The floating outputs' paths, as the builder reported them (checked).
     built: Vec<(String, StorePath)>,
+    /// An `ssh-ng://` builder whose daemon does not trust us, building an
+    /// input-addressed derivation: it refuses `BuildDerivation`, so the
+    /// `.drv` and its closure are copied and the derivation built by path,
+    /// as Nix's own hook does.
+    by_path: bool,
     pub stats: Stats,
 }
 
@@ -229,7 +234,20 @@ impl<'a> Job<'a> {
         // A store not on this disk takes outputs through its nix-store --serve instead.
         let registrar = if ctx.local.on_disk() { Some(ctx.local.start_registrar().map_err(local("starting the local nix-store"))?) } else { None };
         let ls = ctx.local.serve_handshake(proc, stall).map_err(local("starting the local nix-store"))?;
-        Ok(Job { ctx, m, plan, ev, session: Some(session), local: Some(ls), registrar, spare: None, built: Vec::new(), stats: Stats::default() })
+        let mut session = session;
+        let mut by_path = false;
+        if m.ssh.daemon && !matches!(plan.drv.kind(), Kind::Fixed | Kind::Floating) {
+            session.phase("asking whether the builder trusts us");
+            match session.serve.bridge_trust() {
+                Ok(t) => by_path = t == Some(false),
+                Err(e) => return Err(JobError::Builder(session.fail("asking whether the builder trusts us", Fault::from(&e)))),
+            }
+            session.idle();
+            if by_path {
+                ev.log(Level::Talkative, &format!("build-hook: '{}' does not trust this user: copying the derivation and building it by path", m.uri));
+            }
+        }
+        Ok(Job { ctx, m, plan, ev, session: Some(session), local: Some(ls), registrar, spare: None, built: Vec::new(), by_path, stats: Stats::default() })
     }
 
     /// Runs the three remote steps and closes the session; `stats` says
@@ -293,13 +311,21 @@ impl<'a> Job<'a> {
     /// the builder's upload lock in dependency order.
     pub fn upload_inputs(&mut self) -> Result<(), JobError> {
         let (ctx, m, plan) = (self.ctx, self.m, self.plan);
+        let mut inputs = plan.inputs.clone();
+        if self.by_path {
+            for p in self.drv_closure()? {
+                if !inputs.contains(&p) {
+                    inputs.push(p);
+                }
+            }
+        }
         self.session().phase("QueryValidPaths");
-        let valid = match self.session().serve.query_valid_paths(&plan.inputs, true, ctx.substitute) {
+        let valid = match self.session().serve.query_valid_paths(&inputs, true, ctx.substitute) {
             Ok(v) => v,
             Err(e) => return Err(self.fail("QueryValidPaths", Fault::from(&e))),
         };
         let valid: std::collections::HashSet<String> = valid.into_iter().collect();
-        let missing: Vec<String> = plan.inputs.iter().filter(|p| !valid.contains(*p)).cloned().collect();
+        let missing: Vec<String> = inputs.iter().filter(|p| !valid.contains(*p)).cloned().collect();
         self.session().idle();
         if missing.is_empty() {
             return Ok(());
@@ -394,7 +420,12 @@ impl<'a> Job<'a> {
         }
         self.session().building();
         let t = Instant::now();
-        let res = self.session().serve.build_derivation(plan.drv_path.as_str(), &plan.drv, &plan.inputs, &ctx.options);
+        let res = if self.by_path {
+            let outputs: Vec<String> = plan.drv.outputs.iter().map(|o| o.name.clone()).collect();
+            self.session().serve.bridge_build_paths(plan.drv_path.as_str(), &outputs, &ctx.options)
+        } else {
+            self.session().serve.build_derivation(plan.drv_path.as_str(), &plan.drv, &plan.inputs, &ctx.options)
+        };
         self.stats.build_secs = t.elapsed().as_secs_f64();
         let res = match res {
             Ok(r) => r,
@@ -502,6 +533,24 @@ impl<'a> Job<'a> {
             Some(h) if !self.built.is_empty() => self.ctx.local.register_realisations(h, &self.built).map_err(local("registering realisations")),
             _ => Ok(()),
         }
+    }
+
+    /// The `.drv` and everything it refers to (input derivations and
+    /// sources), from the local store's path metadata.
+    fn drv_closure(&mut self) -> Result<Vec<String>, JobError> {
+        let mut seen: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+        let mut next = vec![self.plan.drv_path.to_string()];
+        while !next.is_empty() {
+            next.retain(|p| seen.insert(p.clone()));
+            if next.is_empty() {
+                break;
+            }
+            let infos = copy::local_infos(&mut self.local_serve("QueryPathInfos").1, &next)
+                .map_err(|e| JobError::Local { during: "reading the derivation's closure", why: session::chain(&e) })?;
+            next = infos.into_iter().flat_map(|i| i.references).filter(|r| !seen.contains(r)).collect();
+        }
+        self.local_idle();
+        Ok(seen.into_iter().collect())
     }
 
     /// Reports a transfer and learns the level for the next one.

@@ -363,6 +363,42 @@ impl<R: Read, W: Write> ServeConn<R, W> {
             self.w.flush()
         })()
         .map_err(io_err(d))?;
+        self.read_build_reply(d, minor)
+    }
+
+    /// Asks the ssh-ng bridge ([`crate::bridge`]) whether the builder's
+    /// daemon trusts us: `Some(true)`/`Some(false)`, `None` when it does not say.
+    pub fn bridge_trust(&mut self) -> Result<Option<bool>, ServeError> {
+        let d = "asking the bridge about trust";
+        (|| {
+            wire::write_u64(&mut self.w, crate::bridge::CMD_TRUST)?;
+            self.w.flush()
+        })()
+        .map_err(io_err(d))?;
+        Ok(match wire::read_u64(&mut self.r, "trust").map_err(wire_err(d))? {
+            1 => Some(true),
+            2 => Some(false),
+            _ => None,
+        })
+    }
+
+    /// Through the ssh-ng bridge: builds `drv_path`, which must be valid on
+    /// the builder with its inputs, by path (see [`crate::bridge::CMD_BUILD_PATHS`]).
+    pub fn bridge_build_paths(&mut self, drv_path: &str, outputs: &[String], opts: &BuildOptions) -> Result<BuildResult, ServeError> {
+        let d = "BuildPaths";
+        let minor = self.minor();
+        (|| {
+            wire::write_u64(&mut self.w, crate::bridge::CMD_BUILD_PATHS)?;
+            wire::write_bytes(&mut self.w, drv_path.as_bytes())?;
+            wire::write_strings(&mut self.w, outputs)?;
+            write_build_options(&mut self.w, opts, minor)?;
+            self.w.flush()
+        })()
+        .map_err(io_err(d))?;
+        self.read_build_reply(d, minor)
+    }
+
+    fn read_build_reply(&mut self, d: &'static str, minor: u8) -> Result<BuildResult, ServeError> {
         let r = &mut self.r;
         let e = wire_err(d);
         let status = BuildStatus::from_wire(wire::read_u64(r, "status").map_err(&e)?);
