@@ -528,6 +528,39 @@ W
   slots_free 1 2 || fail "slot left locked"
 }
 
+# ssh-ng:// builders: the builders run `nix-daemon --stdio` over sshd (as
+# root, so trusted); the hook speaks the daemon protocol through its bridge.
+ng_machines() { : > "$TB/machines"; local spec; for spec in "$@"; do tb_machines_line ${spec/:/ } | sed 's|^ssh://|ssh-ng://|' >> "$TB/machines"; done; }
+test_ssh_ng_builders_chain_fan_out_and_a_failure() {
+  reset_health
+  ng_machines 1:2 2:2
+  log=$(mktemp)
+  out=$(nb "$NIX/chain.nix" -A top --argstr nonce "$(nonce ng-chain)" 2>"$log")
+  cat "$log"
+  [ "$(head -1 "$out")" = hello ] || fail "chain content wrong"
+  assert_contains "$log" "on 'ssh-ng://root@10.201."
+  # the build log streams through the daemon protocol
+  assert_contains "$log" "building dep on b"
+  assert_contains "$log" "building top on b"
+  nix-store --verify-path "$out" $(nix-store -qR "$out") || fail "not valid"
+  ev="$TB/events.ng"; : > "$ev"
+  nb "$NIX/par.nix" --arg n 8 --argstr seconds 1 --argstr events "$ev" --argstr nonce "$(nonce ng-par)" >/dev/null || fail "fan-out failed"
+  [ "$(grep -c ' start ' "$ev")" = 8 ] || fail "expected 8 builds"
+  peaks_ok "$ev" 2
+  [ "$(python3 "$REPO/tests/lib/peak.py" "$ev" | wc -l)" = 2 ] || fail "only one builder used"
+  ng_machines 1:2
+  nb "$NIX/fail.nix" --argstr nonce "$(nonce ng-fail)" >"$log" 2>&1 && fail "a failing build succeeded"
+  cat "$log"
+  assert_contains "$log" "intentional failure on b1"
+  assert_contains "$log" "error: build of '"
+  slots_free 1 2 && slots_free 2 2 || fail "slot left locked"
+  # check --connect speaks the daemon protocol too
+  "$HOOK" check --builders "@$TB/machines" --connect >"$log" 2>&1 || { cat "$log"; fail "check --connect failed"; }
+  cat "$log"
+  assert_contains "$log" "nix-daemon protocol 1."
+  assert_contains "$log" "nix-daemon protocol 1.34 (Nix 2.8.0)"
+}
+
 # Multi-user Nix: a nix-daemon (its own NIX_CONF_DIR naming our hook and the
 # machines) spawns the hook as root while a user who is not root builds
 # through the daemon's socket.
@@ -575,6 +608,7 @@ main() {
     fixed_output_is_checked_and_registered_with_its_content_address_and_signatures
     percent_signs_and_long_uris_in_key_uri_and_load_dir operators_see_history_status_drain_and_explain
     a_closure_of_5000_missing_paths_copies_both_ways a_user_builds_through_nix_daemon_and_our_hook
+    ssh_ng_builders_chain_fan_out_and_a_failure
   )
   local sel=("$@"); [ ${#sel[@]} -eq 0 ] && sel=("${all[@]}")
   for t in "${sel[@]}"; do t_run "$t" "test_$t"; done

@@ -61,6 +61,23 @@ pub fn check(d: &Dispatcher, connect: bool) -> (Vec<String>, bool) {
         if connect {
             let t = std::time::Instant::now();
             match d.open_session(m) {
+                Ok(mut s) if m.ssh.daemon => match s.serve.bridge_trust() {
+                    Ok(info) => {
+                        s.close();
+                        let trust = match info.trusted {
+                            Some(true) => "trusts this user".to_string(),
+                            Some(false) => "does not trust this user: it takes only signed or content-addressed paths, and input-addressed derivations are built by path (add the user to 'trusted-users' there)".to_string(),
+                            None => "does not say whether it trusts this user (protocol before 1.35)".to_string(),
+                        };
+                        let nix = if info.nix_version.is_empty() { String::new() } else { format!(" (Nix {})", info.nix_version) };
+                        lines.push(format!("  connect: ok in {} ms, nix-daemon protocol {}{nix}; the daemon {trust}", t.elapsed().as_millis(), info.protocol));
+                    }
+                    Err(e) => {
+                        ok = false;
+                        s.kill();
+                        lines.push(format!("  connect: FAILED: asking the builder's nix-daemon: {e}"));
+                    }
+                },
                 Ok(s) => {
                     let (major, minor) = s.version();
                     s.close();

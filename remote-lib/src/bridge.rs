@@ -24,8 +24,9 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 /// The serve version the bridge speaks as a server.
 pub const BRIDGE_VERSION: ServeVersion = ServeVersion(2, 7);
 
-/// Bridge-only serve command: whether the daemon trusts us. Reply: u64
-/// 0 (it does not say), 1 (trusted) or 2 (not trusted).
+/// Bridge-only serve command: whether the daemon trusts us and what it is.
+/// Reply: u64 0 (it does not say), 1 (trusted) or 2 (not trusted); the
+/// daemon protocol version as text (`1.38`); its Nix version (or "").
 pub const CMD_TRUST: u64 = 100;
 /// Bridge-only serve command: build a derivation by its path (valid on the
 /// builder), as a daemon that does not trust us allows for input-addressed
@@ -56,20 +57,25 @@ impl BridgeError {
     }
 }
 
-/// Where the daemon's messages go (this process's stderr): log lines as
-/// text, activities and results as Nix's `@nix` records.
+/// Nix's result types that carry a line of the build's log
+/// (`resBuildLogLine`, `resPostBuildLogLine`).
+const LOG_LINE_RESULTS: [u64; 2] = [101, 107];
+
+/// Where the daemon's messages go (this process's stderr, which the hook
+/// forwards as the builder's log, as `nix-store --serve`'s stderr is): its
+/// messages and the build's log lines as text; activities (progress) are
+/// not shown.
 fn log_sink(log: &mut dyn Write) -> impl FnMut(Event) + '_ {
     move |e| {
-        let line = match &e {
-            Event::Next(text) => {
-                if text.ends_with('\n') {
-                    text.clone()
-                } else {
-                    format!("{text}\n")
-                }
-            }
-            other => other.nix_log_line(),
+        let text = match &e {
+            Event::Next(text) => text.clone(),
+            Event::Result { result_type, fields, .. } if LOG_LINE_RESULTS.contains(result_type) => match fields.first() {
+                Some(crate::worker::Field::String(s)) => s.clone(),
+                _ => return,
+            },
+            _ => return,
         };
+        let line = if text.ends_with('\n') { text } else { format!("{text}\n") };
         let _ = log.write_all(line.as_bytes());
         let _ = log.flush();
     }
@@ -149,7 +155,13 @@ pub fn serve<CR: Read + Send, CW: Write, DR: Read, DW: Write + Send>(
                     Some(crate::worker::Trust::Trusted) => 1,
                     Some(crate::worker::Trust::NotTrusted) => 2,
                 };
-                out(&mut cw, &mut |w| wire::write_u64(w, t))?;
+                let proto = d.daemon_version.to_string();
+                let nix = d.daemon_nix_version.clone().unwrap_or_default();
+                out(&mut cw, &mut |w| {
+                    wire::write_u64(w, t)?;
+                    wire::write_bytes(w, proto.as_bytes())?;
+                    wire::write_bytes(w, nix.as_bytes())
+                })?;
             }
             8 | CMD_BUILD_PATHS => {
                 let drv_path = wire::read_string(&mut cr, 4096, "derivation path")?;

@@ -239,7 +239,7 @@ impl<'a> Job<'a> {
         if m.ssh.daemon && !matches!(plan.drv.kind(), Kind::Fixed | Kind::Floating) {
             session.phase("asking whether the builder trusts us");
             match session.serve.bridge_trust() {
-                Ok(t) => by_path = t == Some(false),
+                Ok(info) => by_path = info.trusted == Some(false),
                 Err(e) => return Err(JobError::Builder(session.fail("asking whether the builder trusts us", Fault::from(&e)))),
             }
             session.idle();

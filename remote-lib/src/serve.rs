@@ -230,6 +230,17 @@ const MAX_REFS: usize = 1 << 20;
 /// Signatures one path may carry in a reply.
 const MAX_SIGS: usize = 64;
 
+/// What the ssh-ng bridge says of the builder's daemon.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BridgeInfo {
+    /// Whether it trusts us; `None` when it does not say (before 1.35).
+    pub trusted: Option<bool>,
+    /// Its protocol version, e.g. `1.38`.
+    pub protocol: String,
+    /// Its Nix version (1.33 and later), else "".
+    pub nix_version: String,
+}
+
 /// An open serve session.
 pub struct ServeConn<R: Read, W: Write> {
     r: BufReader<R>,
@@ -368,18 +379,21 @@ impl<R: Read, W: Write> ServeConn<R, W> {
 
     /// Asks the ssh-ng bridge ([`crate::bridge`]) whether the builder's
     /// daemon trusts us: `Some(true)`/`Some(false)`, `None` when it does not say.
-    pub fn bridge_trust(&mut self) -> Result<Option<bool>, ServeError> {
+    pub fn bridge_trust(&mut self) -> Result<BridgeInfo, ServeError> {
         let d = "asking the bridge about trust";
         (|| {
             wire::write_u64(&mut self.w, crate::bridge::CMD_TRUST)?;
             self.w.flush()
         })()
         .map_err(io_err(d))?;
-        Ok(match wire::read_u64(&mut self.r, "trust").map_err(wire_err(d))? {
+        let trusted = match wire::read_u64(&mut self.r, "trust").map_err(wire_err(d))? {
             1 => Some(true),
             2 => Some(false),
             _ => None,
-        })
+        };
+        let protocol = wire::read_string(&mut self.r, 64, "daemon protocol").map_err(wire_err(d))?;
+        let nix_version = wire::read_string(&mut self.r, 256, "daemon Nix version").map_err(wire_err(d))?;
+        Ok(BridgeInfo { trusted, protocol, nix_version })
     }
 
     /// Through the ssh-ng bridge: builds `drv_path`, which must be valid on
