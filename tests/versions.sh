@@ -34,7 +34,16 @@ T0=$SECONDS
 [ -x "$HOOK" ] || { echo "no hook at $HOOK (cargo build --release)" >&2; exit 2; }
 
 nonce() { echo "$1-$(date +%s%N)-$RANDOM"; }
-machines() { : > "$TB/machines"; local spec; for spec in "$@"; do tb_machines_line ${spec/:/ } >> "$TB/machines"; done; }
+# machines I:J...: the machines file, builder I with max-jobs J; ssh:// or,
+# when NG=1 (set by the ssh-ng scenarios, in their subshell), ssh-ng://: the
+# builder runs `nix-daemon --stdio` (as root, so trusted) and the hook speaks
+# the daemon protocol through its bridge.
+NG=0
+scheme() { if [ "$NG" = 1 ]; then echo ssh-ng; else echo ssh; fi; }
+machines() {
+  : > "$TB/machines"; local spec
+  for spec in "$@"; do tb_machines_line ${spec/:/ } | sed "s|^ssh://|$(scheme)://|" >> "$TB/machines"; done
+}
 
 # ---- clients -------------------------------------------------------------
 # C is the client of the running scenario: host, or a chroot's name.
@@ -165,7 +174,8 @@ vs_start_sshd_chroot() {
 forget_health() {
   local dir i
   for dir in "$LOAD" $(for c in $CLIENTS; do [ "$c" = host ] || echo "$(ch_dir "$c")$LOAD"; done); do
-    for i in "$B1" "$B2"; do rm -f "$dir/build-hook/health/ssh:__root@10.201.$i.2"; done
+    # ssh://, ssh-ng://, and ssh-ng://...?remote-program=... (the untrusting daemon)
+    for i in "$B1" "$B2"; do rm -f "$dir/build-hook/health/ssh"*":__root@10.201.$i.2" "$dir/build-hook/health/ssh-ng:__root@10.201.$i.2?"*; done
   done
 }
 
@@ -271,6 +281,21 @@ sc_log() {
   assert_contains "$log.nixlog" "BH-MARK-2 $n"
 }
 
+# ---- ssh-ng:// builders (the same builders, `nix-daemon --stdio` as root) --
+sc_ssh_ng_chain() {
+  NG=1
+  sc_chain
+  assert_contains "$log" "on 'ssh-ng://root@10.201."
+  assert_not_contains "$log" "on 'ssh://"
+}
+sc_ssh_ng_fan_out() {
+  NG=1
+  sc_fan_out
+  assert_contains "$log" "on 'ssh-ng://root@10.201.$B1.2'"
+  assert_contains "$log" "on 'ssh-ng://root@10.201.$B2.2'"
+  assert_not_contains "$log" "on 'ssh://"
+}
+
 # ---- with builder B2 running a newer Nix ---------------------------------
 sc_builder_is_new() {
   want=$(ch_nix_version "$NEW_BUILDER_CHROOT")
@@ -292,7 +317,7 @@ sc_chain_new_builder() {
   [ $rc -eq 0 ] || fail "nix-build failed ($rc)"
   assert_contains "$log" "building dep on b$B1"
   assert_contains "$log" "building top on b$B2"
-  assert_contains "$log" "copying 1 paths to 'ssh://root@10.201.$B2.2'"
+  assert_contains "$log" "copying 1 paths to '$(scheme)://root@10.201.$B2.2'"
   [ "$(cx cat "$out")" = "$(printf 'hello\nb%s' "$B2")" ] || fail "chain content wrong"
   verify_closure "$out"
 }
@@ -303,6 +328,81 @@ sc_fan_out_new_builder() {
   grep -q "on b$B2 in /nix/var/nix/builds/" "$log" || fail "b$B2 did not build as the new Nix does"
   grep -q "on b$B1 in /tmp/nix-build-" "$log" || fail "b$B1 did not build as Nix 2.8 does"
   assert_not_contains "$log" "on b$B2 in /tmp/"
+}
+
+sc_ssh_ng_chain_new_builder() {
+  NG=1
+  sc_chain_new_builder
+  assert_contains "$log" "on 'ssh-ng://root@10.201.$B1.2'"
+  assert_contains "$log" "on 'ssh-ng://root@10.201.$B2.2'"
+}
+sc_ssh_ng_fan_out_new_builder() {
+  NG=1
+  sc_fan_out_new_builder
+  assert_contains "$log" "on 'ssh-ng://root@10.201.$B1.2'"
+  assert_contains "$log" "on 'ssh-ng://root@10.201.$B2.2'"
+}
+
+# ---- an untrusting nix-daemon on the new builder -------------------------
+# B2's daemon as Nix 2.34's own trustless remote-build tests run it
+# (tests/functional/nix-daemon-untrusting.sh, with the experimental feature
+# those tests enable in nix.conf): it trusts nobody, root included. It lives
+# in $TB, which B2 sees at the same path.
+UNTRUSTING=$TB/nix-daemon-untrusting.sh
+make_untrusting() {
+  cat > "$UNTRUSTING" <<'EOF'
+#!/bin/sh
+export NIX_CONFIG='experimental-features = nix-command daemon-trust-override'
+exec nix-daemon --force-untrusted "$@"
+EOF
+  chmod 755 "$UNTRUSTING"
+}
+# The machines file: only B2, ssh-ng:// with the untrusting daemon as its
+# remote program (the hook runs `<remote-program> --stdio`).
+untrusting_machines() {
+  tb_machines_line "$B2" 2 | sed "s|^ssh://\([^ ]*\)|ssh-ng://\1?remote-program=$UNTRUSTING|" > "$TB/machines"
+}
+
+# A chain whose only input from outside is a source (content-addressed, so
+# the untrusting daemon takes it unsigned): the hook copies each .drv's
+# closure (content-addressed too) and has the daemon build it by path; dep's
+# output, made on B2, is there for top.
+sc_untrusted_chain() {
+  forget_health
+  untrusting_machines; cat "$TB/machines"
+  log=$(mktemp)
+  out=$(nb "$X/chain.nix" -A top --argstr nonce "$(nonce uchain)" -v 2>"$log"); rc=$?
+  cat "$log"; echo "out: $out"
+  [ $rc -eq 0 ] || fail "nix-build failed ($rc)"
+  assert_contains "$log" "does not trust this user: copying the derivation and building it by path"
+  [ "$(grep -c "does not trust this user" "$log")" = 2 ] || fail "expected dep and top built by path"
+  assert_contains "$log" "on 'ssh-ng://root@10.201.$B2.2?remote-program=$UNTRUSTING'"
+  assert_contains "$log" "building dep on b$B2"
+  assert_contains "$log" "building top on b$B2"
+  [ "$(cx cat "$out")" = "$(printf 'hello\nb%s' "$B2")" ] || fail "chain content wrong"
+  verify_closure "$out"
+}
+
+# dep is built on B1 (input-addressed, unsigned: no builder has a signing
+# key); top needs it uploaded to the untrusting daemon, which refuses.
+sc_untrusted_upload() {
+  forget_health
+  n=$(nonce uup); log=$(mktemp)
+  NG=1; machines "$B1:2"
+  dep=$(nb "$X/chain.nix" -A dep --argstr nonce "$n" 2>"$log") || { cat "$log"; fail "dep failed"; }
+  untrusting_machines; cat "$TB/machines"
+  nb "$X/chain.nix" -A top --argstr nonce "$n" >>"$log" 2>&1; rc=$?
+  cat "$log"
+  [ $rc -ne 0 ] || fail "nix-build succeeded"
+  [ $rc -ne 124 ] || fail "nix-build timed out"
+  assert_contains "$log" "building dep on b$B1"
+  assert_not_contains "$log" "building top on"
+  # the daemon's words, and the hook's hint
+  grep -E "cannot add path '[^ ]*-dep' because it lacks a signature by a trusted key" "$log" || fail "not refused in the daemon's words"
+  grep -q "trusted-users" "$log" || fail "no hint naming trusted-users"
+  # nothing of it was registered on B2
+  on_builder "$B2" nix-store --check-validity "$dep" 2>/dev/null && fail "$dep is valid on b$B2"
+  true
 }
 
 # ---- main ----------------------------------------------------------------
@@ -324,6 +424,7 @@ tb_client_key
 tb_builder "$B1" || exit 1
 tb_builder "$B2" || exit 1
 make_expressions
+make_untrusting
 forget_health
 
 label() { echo "nix-$(short "$(client_version "$1")")"; }
@@ -332,7 +433,7 @@ no_chroot() { fail "chroot $C could not be made (see $(ch_dir "$C").*.log)"; }
 for C in $CLIENTS; do
   L=$(label "$C" 2>/dev/null); [ -n "${L#nix-}" ] || L=$C
   echo "-- client $L ($C)"
-  for sc in chain fan-out failure closure log; do
+  for sc in chain fan-out failure closure log ssh-ng-chain ssh-ng-fan-out; do
     if [ "${OK_CLIENT[$C]}" = 1 ]; then t_run "$sc@$L" "sc_${sc//-/_}"; else t_run "$sc@$L" no_chroot; fi
   done
 done
@@ -351,6 +452,10 @@ if vs_start_sshd_chroot "$B2" "$NEW_BUILDER_CHROOT"; then
     L=$(label "$C")
     t_run "chain@$L+builder-$NB" sc_chain_new_builder
     t_run "fan-out@$L+builder-$NB" sc_fan_out_new_builder
+    t_run "ssh-ng-chain@$L+builder-$NB" sc_ssh_ng_chain_new_builder
+    t_run "ssh-ng-fan-out@$L+builder-$NB" sc_ssh_ng_fan_out_new_builder
+    t_run "untrusted-chain@$L+builder-$NB" sc_untrusted_chain
+    t_run "untrusted-upload@$L+builder-$NB" sc_untrusted_upload
   done
 else
   C=host t_run "builder-b$B2-is-$NB" false

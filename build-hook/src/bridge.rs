@@ -3,7 +3,8 @@
 //! the serve protocol on its stdin/stdout with that daemon behind it
 //! ([`remote_lib::bridge`]). Its exit status is the verdict the hook reads:
 //! 0 when the hook ended the session, 255 when ssh lost the builder, 1 when
-//! the builder's daemon refused (its words, and a hint, on stderr).
+//! the builder's daemon refused (its words, and a hint, on stderr), 3 when
+//! it refused because it does not trust us (another builder may not).
 
 use crate::out;
 use remote_lib::bridge;
@@ -42,7 +43,8 @@ pub fn run(args: &[String]) -> i32 {
     let (Some(to_daemon), Some(from_daemon)) = (child.stdin.take(), child.stdout.take()) else { return 255 };
     // The hook's own build options arrive with each BuildDerivation.
     let options = ClientOptions::for_build(&BuildOptions::default(), 3, false);
-    let res = bridge::serve(std::io::stdin(), std::io::stdout(), from_daemon, to_daemon, options, &mut err);
+    let mut trust = None;
+    let res = bridge::serve(std::io::stdin(), std::io::stdout(), from_daemon, to_daemon, options, &mut err, &mut trust);
     match res {
         Ok(()) => match wait_for(&mut child, Duration::from_secs(30)) {
             Some(s) if s.success() => 0,
@@ -60,6 +62,10 @@ pub fn run(args: &[String]) -> i32 {
             let _ = writeln!(err, "error: {e}");
             if let Some(h) = hint {
                 let _ = writeln!(err, "hint: {h}");
+            }
+            if e.refused_for_trust(trust) {
+                // Another builder, one that trusts us, may take the job.
+                return remote_lib::session::UNTRUSTED_EXIT;
             }
             match status {
                 // ssh ended the session: its status says whether the link went (255) or the daemon did.

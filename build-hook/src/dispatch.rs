@@ -347,6 +347,18 @@ impl Dispatcher {
                     out::msg(Level::Error, &build_failed(&req.drv_path, &uri, &msg));
                     return 1;
                 }
+                // (Exit status 3 means this only from the ssh-ng bridge.)
+                JobError::Builder(e @ SessionError::Refused { another_may: true, .. }) if self.machines[index].ssh.daemon => {
+                    // Reachable, so its health stays; only this build goes elsewhere.
+                    let why = e.to_string();
+                    out::msg(Level::Error, &format!("build-hook: '{uri}' refused '{}': {why}", req.drv_path));
+                    self.failed.insert(index, first_line(&why).to_string());
+                    tried.push(format!("{uri}: {why}"));
+                    match self.move_job(req, &uri, first_line(&why), &tried) {
+                        Some(next) => acc = next,
+                        None => return 1,
+                    }
+                }
                 JobError::Builder(e @ SessionError::Lost { .. }) => {
                     let why = e.to_string();
                     self.mark_failed(index, &why);

@@ -50,6 +50,14 @@ pub enum BridgeError {
 }
 
 impl BridgeError {
+    /// The daemon refused something because it does not trust us (`trust`
+    /// as its handshake said): an upload or a build request, not a build
+    /// that ran and failed.
+    pub fn refused_for_trust(&self, trust: Option<crate::worker::Trust>) -> bool {
+        trust == Some(crate::worker::Trust::NotTrusted)
+            && matches!(self, BridgeError::Daemon(WorkerError::Remote { during, .. }) if ["AddToStoreNar", "AddMultipleToStore", "BuildDerivation"].contains(during))
+    }
+
     /// The connection to the daemon ended (EOF or a broken pipe): whether
     /// that was the link or the daemon is for ssh's exit status to tell.
     pub fn daemon_closed(&self) -> bool {
@@ -92,11 +100,13 @@ pub fn serve<CR: Read + Send, CW: Write, DR: Read, DW: Write + Send>(
     daemon_w: DW,
     options: ClientOptions,
     log: &mut dyn Write,
+    trust: &mut Option<crate::worker::Trust>,
 ) -> Result<(), BridgeError> {
     let mut cr = BufReader::with_capacity(256 * 1024, client_r);
     let mut cw = BufWriter::with_capacity(256 * 1024, client_w);
     // The daemon first: if it refuses us, the hook hears it as a refusal at connect.
     let mut d = WorkerConn::handshake(daemon_r, daemon_w, log_sink(log))?;
+    *trust = d.trust;
     let magic = wire::read_u64(&mut cr, "client magic")?;
     if magic != SERVE_MAGIC_1 {
         return Err(BridgeError::Client(WireError::TooLong { what: "client magic", len: magic, limit: SERVE_MAGIC_1 }));

@@ -25,6 +25,10 @@ pub struct Timeouts {
     pub build_silent: Option<Duration>,
 }
 
+/// The ssh-ng bridge's exit status when the builder's daemon refused us
+/// because it does not trust us (not because of the build).
+pub const UNTRUSTED_EXIT: i32 = 3;
+
 /// What went wrong with a builder, decided by [`verdict`].
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SessionError {
@@ -35,8 +39,12 @@ pub enum SessionError {
     /// The builder's Nix refused or failed a request, or sent something we
     /// reject: it is reachable, so it keeps its health, and the user sees its
     /// own words.
+    /// `another_may`: the refusal is about us, not the build (an `ssh-ng://`
+    /// builder whose daemon does not trust us refused our paths, told by
+    /// the bridge's exit status [`UNTRUSTED_EXIT`]), so another builder may
+    /// take the job.
     #[error("{why}{}", said(builder_said))]
-    Refused { machine: String, during: &'static str, why: String, builder_said: String },
+    Refused { machine: String, during: &'static str, why: String, builder_said: String, another_may: bool },
     /// Something failed on this machine.
     #[error("{during} failed on this machine: {why}")]
     Local { machine: String, during: &'static str, why: String },
@@ -122,7 +130,7 @@ pub fn verdict(machine: &str, during: &'static str, fault: Fault, ended: &Ended)
             let why = format!("connection lost during {during}: the data stopped short{}", if ssh.is_empty() { String::new() } else { format!(" ({ssh})") });
             SessionError::Lost { machine, during, why }
         }
-        Fault::Builder(why) => SessionError::Refused { machine, during, why, builder_said: ended.tail.clone() },
+        Fault::Builder(why) => SessionError::Refused { machine, during, why, builder_said: ended.tail.clone(), another_may: false },
         Fault::Closed(what) => {
             let code = ended.status.and_then(|s| s.code());
             let lost = |how: String| {
@@ -138,6 +146,7 @@ pub fn verdict(machine: &str, during: &'static str, fault: Fault, ended: &Ended)
                     during,
                     why: format!("the builder ended the session during {during} (exit status {c}): {what}"),
                     builder_said: ended.tail.clone(),
+                    another_may: c == UNTRUSTED_EXIT,
                 },
             }
         }
@@ -443,7 +452,11 @@ mod tests {
         assert!(!e.is_lost());
         assert!(e.to_string().contains("the builder said: error: hash mismatch importing path"), "{e}");
         // what the builder printed is never searched: an 'error:'-free exit is a refusal too
-        assert!(matches!(verdict(M, "upload", Fault::Closed("x".into()), &ended(exit(0), "", None)), SessionError::Refused { .. }));
+        assert!(matches!(verdict(M, "upload", Fault::Closed("x".into()), &ended(exit(0), "", None)), SessionError::Refused { another_may: false, .. }));
+        assert!(matches!(
+            verdict(M, "upload", Fault::Closed("x".into()), &ended(exit(UNTRUSTED_EXIT), "lacks a signature", None)),
+            SessionError::Refused { another_may: true, .. }
+        ));
     }
 
     #[test]
