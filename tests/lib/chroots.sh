@@ -137,6 +137,8 @@ _ch_source() {
     return 0
   fi
   ver=$(chroot "$r" dpkg-query -W -f '${Version}' nix-bin); ver=${ver%%+*}; ver=${ver%%-*}
+  # A NixOS/nix git directory: $BH_NIX_GIT, else a mirror this machine may keep.
+  if [ -z "${BH_NIX_GIT:-}" ] && [ -d /work/.mirror/NixOS+nix/repo ]; then BH_NIX_GIT=/work/.mirror/NixOS+nix/repo; fi
   if [ -n "${BH_NIX_GIT:-}" ] && git --git-dir="$BH_NIX_GIT" rev-parse -q --verify "refs/tags/$ver" >/dev/null; then
     ch_log "$name: apt-get source failed (see $r.source.log); using tag $ver of $BH_NIX_GIT"
     rm -rf "$r/src/nix" "$r/src/nix-$ver"; mkdir -p "$r/src/nix-$ver"
