@@ -13,7 +13,7 @@ cargo build --release --locked --bin build-hook --example reply_latency 2>&1 | t
 source tests/lib/testbed.sh
 tb_up "$B" >/dev/null
 trap tb_down EXIT
-: > "$TB/machines"; for i in $(seq 1 "$B"); do tb_machines_line "$i" "$J" >> "$TB/machines"; done
+: > "$TB/machines"; for i in $(seq 1 "$B"); do tb_machines_line "$i" "$J" | sed "s|^ssh://|${BH_BENCH_SCHEME:-ssh}://|" >> "$TB/machines"; done
 OURS=$PWD/target/release/build-hook
 BUILTIN=/usr/libexec/nix/build-remote
 

@@ -9,7 +9,9 @@ bench_one_builder() {
   source tests/lib/testbed.sh
   tb_up 1 >/dev/null
   trap tb_down EXIT
-  tb_machines_line 1 4 > "$TB/machines"
+  # BH_BENCH_SCHEME=ssh-ng: the builder is reached as ssh-ng:// (its
+  # nix-daemon), by both hooks.
+  tb_machines_line 1 4 | sed "s|^ssh://|${BH_BENCH_SCHEME:-ssh}://|" > "$TB/machines"
   OURS=$PWD/target/release/build-hook
   BUILTIN=/usr/libexec/nix/build-remote
   DATA=${BH_BENCH_DATA:-/tmp/bh-bench-data}

@@ -33,6 +33,13 @@ pub const CMD_TRUST: u64 = 100;
 /// derivations. Request: drv path, output names, then the build options as
 /// for `BuildDerivation`; reply: a `BuildResult` as for `BuildDerivation`.
 pub const CMD_BUILD_PATHS: u64 = 101;
+/// Bridge-only serve command: many paths in one request. Request: u64
+/// count, each path's metadata as `AddToStoreNar` sends it, then each NAR
+/// in the same order; reply: u64 1. One `AddMultipleToStore` for daemons of
+/// 1.32 and later, else one `AddToStoreNar` each.
+pub const CMD_ADD_MULTIPLE: u64 = 102;
+/// Paths one `CMD_ADD_MULTIPLE` may carry.
+const MAX_MULTIPLE: u64 = 1 << 20;
 
 /// Why the bridge stopped.
 #[derive(Debug, thiserror::Error)]
@@ -222,23 +229,52 @@ pub fn serve<CR: Read + Send, CW: Write, DR: Read, DW: Write + Send>(
                 })?;
             }
             9 => {
-                let path = wire::read_string(&mut cr, 4096, "path")?;
-                let deriver = wire::read_string(&mut cr, 4096, "deriver")?;
-                let nar_hash = wire::read_string(&mut cr, 4096, "narHash")?;
-                let references = wire::read_strings(&mut cr, 4096, "references")?;
-                let _registration_time = wire::read_u64(&mut cr, "registrationTime")?;
-                let nar_size = wire::read_u64(&mut cr, "narSize")?;
-                let _ultimate = wire::read_u64(&mut cr, "ultimate")?;
-                let sigs = wire::read_strings(&mut cr, 4096, "sigs")?;
-                let ca = wire::read_string(&mut cr, 4096, "ca")?;
-                let info = PathInfo { path, deriver, references, nar_size, nar_hash, ca, sigs };
-                let mut nar_in = Bounded::new(&mut cr, nar_size);
+                let info = read_path_info_fields(&mut cr)?;
+                let mut nar_in = Bounded::new(&mut cr, info.nar_size);
                 d.add_to_store_nar(&info, &mut nar_in, false, true, log_sink(log))?;
+                out(&mut cw, &mut |w| wire::write_u64(w, 1))?;
+            }
+            CMD_ADD_MULTIPLE => {
+                let n = wire::read_u64(&mut cr, "paths")?;
+                if n > MAX_MULTIPLE {
+                    return Err(BridgeError::Client(WireError::TooLong { what: "paths", len: n, limit: MAX_MULTIPLE }));
+                }
+                let infos = (0..n).map(|_| read_path_info_fields(&mut cr)).collect::<Result<Vec<_>, _>>()?;
+                if d.version >= crate::worker::WorkerVersion(1, 32) {
+                    let cr = &mut cr;
+                    let mut nar_of = |i: usize, w: &mut dyn Write| -> io::Result<()> {
+                        let got = io::copy(&mut Bounded::new(&mut *cr, infos[i].nar_size), w)?;
+                        if got != infos[i].nar_size {
+                            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the hook's NAR stream ended early"));
+                        }
+                        Ok(())
+                    };
+                    d.add_multiple_to_store(&infos, &mut nar_of, false, true, log_sink(log))?;
+                } else {
+                    for info in &infos {
+                        let mut nar_in = Bounded::new(&mut cr, info.nar_size);
+                        d.add_to_store_nar(info, &mut nar_in, false, true, log_sink(log))?;
+                    }
+                }
                 out(&mut cw, &mut |w| wire::write_u64(w, 1))?;
             }
             other => return Err(BridgeError::Unsupported(other)),
         }
     }
+}
+
+/// A path's metadata as `AddToStoreNar` sends it (bounded).
+fn read_path_info_fields<R: Read>(r: &mut R) -> Result<PathInfo, WireError> {
+    let path = wire::read_string(r, 4096, "path")?;
+    let deriver = wire::read_string(r, 4096, "deriver")?;
+    let nar_hash = wire::read_string(r, 4096, "narHash")?;
+    let references = wire::read_strings(r, 4096, "references")?;
+    let _registration_time = wire::read_u64(r, "registrationTime")?;
+    let nar_size = wire::read_u64(r, "narSize")?;
+    let _ultimate = wire::read_u64(r, "ultimate")?;
+    let sigs = wire::read_strings(r, 4096, "sigs")?;
+    let ca = wire::read_string(r, 4096, "ca")?;
+    Ok(PathInfo { path, deriver, references, nar_size, nar_hash, ca, sigs })
 }
 
 /// One `QueryPathInfos` entry in the serve protocol's form for `minor`.

@@ -199,6 +199,23 @@ pub fn upload<LR: Read, LW: Write, RR: Read, RW: Write>(local: &mut ServeConn<LR
     Ok(sent)
 }
 
+/// Copies `ordered` to an `ssh-ng://` builder through the bridge in one
+/// request ([`crate::bridge::CMD_ADD_MULTIPLE`]): every path's metadata,
+/// then every NAR in the same order, then one acknowledgement. The bridge
+/// streams them into one `AddMultipleToStore`. Returns the bytes of NAR sent.
+pub fn upload_multiple<LR: Read, LW: Write, RR: Read, RW: Write>(local: &mut ServeConn<LR, LW>, remote: &mut ServeConn<RR, RW>, ordered: &[PathInfo]) -> Result<u64, CopyError> {
+    let d = "AddMultipleToStore";
+    remote.send_add_multiple_header(ordered).map_err(builder(d))?;
+    let (mut requested, mut sent) = (0, 0);
+    for (i, info) in ordered.iter().enumerate() {
+        request_nars(local, ordered, &mut requested, i)?;
+        sent += copy_nar(local, info, remote.writer())?;
+    }
+    remote.flush().map_err(builder(d))?;
+    remote.read_ack(d).map_err(builder(d))?;
+    Ok(sent)
+}
+
 /// Copies `ordered` (checked, in dependency order) from the builder into a
 /// local store that is not on this machine's disk (a binary cache), through
 /// the local `nix-store --serve --write`, which checks each NAR against its

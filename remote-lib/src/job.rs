@@ -367,7 +367,8 @@ impl<'a> Job<'a> {
             self.session().phase("AddToStoreNar");
             self.local_serve("DumpStorePath");
             let (Some(s), Some(ls)) = (self.session.as_mut(), self.local.as_mut()) else { unreachable!("open") };
-            match copy::upload(&mut ls.1, &mut s.serve, &ordered) {
+            let up = if m.ssh.daemon { copy::upload_multiple(&mut ls.1, &mut s.serve, &ordered) } else { copy::upload(&mut ls.1, &mut s.serve, &ordered) };
+            match up {
                 Ok(nar) => Moved { nar, wire: nar },
                 Err(e) => return Err(self.copy_err("uploading inputs", e)),
             }

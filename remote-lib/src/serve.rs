@@ -377,6 +377,21 @@ impl<R: Read, W: Write> ServeConn<R, W> {
         self.read_build_reply(d, minor)
     }
 
+    /// Starts a bridge-only `AddMultiple` ([`crate::bridge::CMD_ADD_MULTIPLE`]):
+    /// the count and every path's metadata; the NARs must follow, in order.
+    pub fn send_add_multiple_header(&mut self, infos: &[PathInfo]) -> Result<(), ServeError> {
+        let d = "AddMultipleToStore";
+        (|| {
+            wire::write_u64(&mut self.w, crate::bridge::CMD_ADD_MULTIPLE)?;
+            wire::write_u64(&mut self.w, infos.len() as u64)?;
+            for i in infos {
+                write_path_info_fields(&mut self.w, i)?;
+            }
+            Ok(())
+        })()
+        .map_err(io_err(d))
+    }
+
     /// Asks the ssh-ng bridge ([`crate::bridge`]) whether the builder's
     /// daemon trusts us: `Some(true)`/`Some(false)`, `None` when it does not say.
     pub fn bridge_trust(&mut self) -> Result<BridgeInfo, ServeError> {
@@ -467,6 +482,12 @@ pub fn read_server_hello<R: Read + ?Sized>(r: &mut R) -> Result<ServeVersion, Se
 /// `AddToStoreNar` (cmd 9) up to the NAR bytes, which must follow.
 pub fn write_add_to_store_nar_header<W: Write + ?Sized>(w: &mut W, info: &PathInfo) -> io::Result<()> {
     wire::write_u64(w, 9)?;
+    write_path_info_fields(w, info)
+}
+
+/// A path's metadata as `AddToStoreNar` sends it: path, deriver, NAR hash,
+/// references, registration time, NAR size, ultimate, signatures, content address.
+pub fn write_path_info_fields<W: Write + ?Sized>(w: &mut W, info: &PathInfo) -> io::Result<()> {
     wire::write_bytes(w, info.path.as_bytes())?;
     wire::write_bytes(w, info.deriver.as_bytes())?;
     wire::write_bytes(w, info.nar_hash.as_bytes())?;

@@ -2,7 +2,8 @@
 """Client half of Nix's worker protocol, independent of remote-lib's, used by
 record-worker.sh to drive a real nix-daemon and record what it answers.
 
-    record-worker.py trusted   OUT_PREFIX  (speaks to `nix-daemon --stdio` on stdin/stdout pipes it starts)
+    record-worker.py trusted   OUT_PREFIX  (speaks to `nix-daemon --stdio` on stdin/stdout pipes it starts;
+                                            WG_DAEMON, a JSON list, is the command instead when set)
     record-worker.py untrusted OUT_PREFIX SOCKET  (connects to a socket-mode daemon; run as a non-trusted user)
 
 Writes OUT_PREFIX-s2c.bin (every byte the daemon sent) and, for the trusted
@@ -183,7 +184,11 @@ def basic_drv(c, drv_path, show):
 
 def build_result(c, minor):
     status, msg = c.r64(), c.rbytes()
-    c.r64(), c.r64(), c.r64(), c.r64()
+    c.r64(), c.r64(), c.r64(), c.r64()  # timesBuilt, isNonDeterministic, startTime, stopTime
+    if minor >= 37:  # cpuUser, cpuSystem: each an optional microsecond count
+        for _ in range(2):
+            if c.r64():
+                c.r64()
     for _ in range(c.r64()):
         c.rbytes(), c.rbytes()
     print("  build status", status, msg.decode(errors="replace"), file=sys.stderr)
@@ -201,7 +206,8 @@ def main():
     missing = env["WG_MISSING"]
     show = json.loads(open(env["WG_SHOW"]).read())
     if mode == "trusted":
-        daemon = subprocess.Popen(["nix-daemon", "--stdio"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        cmd = json.loads(env["WG_DAEMON"]) if env.get("WG_DAEMON") else ["nix-daemon", "--stdio"]
+        daemon = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         c = Conn(daemon.stdout, daemon.stdin)
         minor = handshake(c)
         # SetOptions: keepFailed, keepGoing, tryFallback, verbosity, maxBuildJobs, maxSilentTime,
