@@ -4,7 +4,12 @@
 # trixie chroot and Nix 2.34 in the sid chroot (tests/lib/chroots.sh) — and
 # then chain and fan-out with a builder running Nix 2.34: builder b22's sshd
 # is the sid chroot's own, started in b22's network namespace, pivot-rooted
-# into the chroot with b22's /nix bind-mounted on /nix.
+# into the chroot with b22's /nix bind-mounted on /nix. Chain and fan-out
+# run over ssh:// and over ssh-ng:// (`nix-daemon --stdio` on the builders,
+# as root: trusted) in both parts; last, per client, b22's daemon trusts
+# nobody (`--force-untrusted`, as in Nix's own trustless tests): a chain
+# whose only outside input is a source is built by path, and an unsigned
+# input-addressed input is refused in the daemon's words, with the hook's hint.
 #
 # Needs root. Usage: bash tests/versions.sh
 # Environment:
