@@ -351,7 +351,6 @@ impl Dispatcher {
                 JobError::Builder(e @ SessionError::Refused { another_may: true, .. }) if self.machines[index].ssh.daemon => {
                     // Reachable, so its health stays; only this build goes elsewhere.
                     let why = e.to_string();
-                    out::msg(Level::Error, &format!("build-hook: '{uri}' refused '{}': {why}", req.drv_path));
                     self.failed.insert(index, first_line(&why).to_string());
                     tried.push(format!("{uri}: {why}"));
                     match self.move_job(req, &uri, first_line(&why), &tried) {

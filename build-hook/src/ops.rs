@@ -59,13 +59,15 @@ pub struct Attempt<'a> {
 
 /// An attempt's result word and reason, for the history.
 pub fn outcome(err: Option<&JobError>) -> (&'static str, String) {
-    match err {
+    let (word, why) = match err {
         None => ("built", String::new()),
         Some(JobError::BuildFailed { msg, .. }) => ("failed", msg.clone()),
         Some(JobError::Builder(e @ SessionError::Lost { .. })) => ("lost", e.to_string()),
         Some(JobError::Builder(e @ SessionError::Refused { .. })) => ("refused", e.to_string()),
         Some(e) => ("local", e.to_string()),
-    }
+    };
+    // Stored and shown by `history`/`status`: no terminal colours.
+    (word, remote_lib::nixlog::strip_ansi(&why))
 }
 
 /// The record of one attempt, for the history.

@@ -52,9 +52,40 @@ pub fn stop(id: u64) -> String {
     format!("@nix {{\"action\":\"stop\",\"id\":{id}}}\n")
 }
 
+/// `s` without terminal escape sequences (Nix colours store paths in its
+/// messages, `ESC [ … m`): for text that is stored or printed outside Nix's
+/// own log, which removes them itself when not writing to a terminal.
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                // parameters and intermediates, then one final byte in @..~
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn terminal_colours_are_stripped() {
+        assert_eq!(strip_ansi("cannot add path '\u{1b}[35;1m/nix/store/x-dep\u{1b}[0m' because"), "cannot add path '/nix/store/x-dep' because");
+        assert_eq!(strip_ansi("plain"), "plain");
+        assert_eq!(strip_ansi("cut \u{1b}[35"), "cut ");
+    }
 
     #[test]
     fn records_are_one_line_with_required_keys() {

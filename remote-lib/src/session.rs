@@ -141,12 +141,19 @@ pub fn verdict(machine: &str, during: &'static str, fault: Fault, ended: &Ended)
                 (None, _) => lost(format!("connection lost during {during} ({what})")),
                 (Some(_), Some(255)) => lost(format!("connection lost during {during}")),
                 (Some(s), None) => lost(format!("connection lost during {during} (killed by signal {})", s.signal().unwrap_or(0))),
+                (Some(_), Some(UNTRUSTED_EXIT)) => SessionError::Refused {
+                    machine,
+                    during,
+                    why: format!("the builder's nix-daemon refused us during {during}: it does not trust this user"),
+                    builder_said: ended.tail.clone(),
+                    another_may: true,
+                },
                 (Some(_), Some(c)) => SessionError::Refused {
                     machine,
                     during,
                     why: format!("the builder ended the session during {during} (exit status {c}): {what}"),
                     builder_said: ended.tail.clone(),
-                    another_may: c == UNTRUSTED_EXIT,
+                    another_may: false,
                 },
             }
         }
