@@ -47,6 +47,12 @@ pub struct SshTarget {
     /// `ssh-ng://`: the builder runs `<remote-program> --stdio` (default
     /// `nix-daemon`) and speaks the daemon protocol.
     pub daemon: bool,
+    /// `compress=true`: ssh compresses the connection (`Compression=yes`).
+    pub compress: bool,
+    /// `ssh-key=` and `base64-ssh-public-host-key=` from the URI, used when
+    /// columns 3 and 8 leave them out (the columns win, as in Nix).
+    pub uri_ssh_key: Option<String>,
+    pub uri_host_key: Option<String>,
 }
 
 /// A place in a machines list.
@@ -261,7 +267,7 @@ fn parse_entry(entry: &str, at: &Location, local_system: &str, diags: &mut Vec<D
         Err(UriProblem::Bad(why)) => return err(0, format!("'{uri}' is not a usable ssh URI: {why}"), "write it as ssh://[user@]host[:port]"),
     };
     let systems = is_set(fs.get(1)).map(|(_, s)| comma_list(&s)).unwrap_or_else(|| vec![local_system.to_string()]);
-    let ssh_key = match is_set(fs.get(2)) {
+    let ssh_key = match is_set(fs.get(2)).or_else(|| ssh.uri_ssh_key.clone().map(|k| (0, k))) {
         Some((_, k)) if !k.starts_with('/') => {
             return err(
                 2,
@@ -289,7 +295,7 @@ fn parse_entry(entry: &str, at: &Location, local_system: &str, diags: &mut Vec<D
     };
     let supported_features = is_set(fs.get(5)).map(|(_, s)| comma_list(&s)).unwrap_or_default();
     let mandatory_features = is_set(fs.get(6)).map(|(_, s)| comma_list(&s)).unwrap_or_default();
-    let host_key = match is_set(fs.get(7)) {
+    let host_key = match is_set(fs.get(7)).or_else(|| ssh.uri_host_key.clone().map(|k| (0, k))) {
         Some((_, b64)) => match decode_host_key(&b64) {
             Some(k) => Some(k),
             None => {
@@ -380,7 +386,17 @@ fn is_local_store_uri(uri: &str) -> bool {
 
 fn parse_store_uri(uri: &str) -> Result<SshTarget, UriProblem> {
     if is_local_store_uri(uri) {
-        return Ok(SshTarget { host: "localhost".into(), port: None, remote_program: "nix-store".into(), remote_store: Some(uri.to_string()), local_store: true, daemon: false });
+        return Ok(SshTarget {
+            host: "localhost".into(),
+            port: None,
+            remote_program: "nix-store".into(),
+            remote_store: Some(uri.to_string()),
+            local_store: true,
+            daemon: false,
+            compress: false,
+            uri_ssh_key: None,
+            uri_host_key: None,
+        });
     }
     let (daemon, rest) = match (uri.strip_prefix("ssh://"), uri.strip_prefix("ssh-ng://")) {
         (Some(r), _) => (false, Some(r)),
@@ -397,7 +413,17 @@ fn parse_store_uri(uri: &str) -> Result<SshTarget, UriProblem> {
     };
     let (authority, query) = rest.split_once('?').unwrap_or((rest, ""));
     let program = if daemon { "nix-daemon" } else { "nix-store" };
-    let mut t = SshTarget { host: String::new(), port: None, remote_program: program.into(), remote_store: None, local_store: false, daemon };
+    let mut t = SshTarget {
+        host: String::new(),
+        port: None,
+        remote_program: program.into(),
+        remote_store: None,
+        local_store: false,
+        daemon,
+        compress: false,
+        uri_ssh_key: None,
+        uri_host_key: None,
+    };
     let (user_host, port) = match authority.rsplit_once(':') {
         Some((h, p)) if !h.is_empty() && p.bytes().all(|c| c.is_ascii_digit()) && !p.is_empty() => {
             (h, Some(p.parse::<u16>().map_err(|_| UriProblem::Bad(format!("port '{p}' is out of range")))?))
@@ -416,6 +442,9 @@ fn parse_store_uri(uri: &str) -> Result<SshTarget, UriProblem> {
         match k {
             "remote-program" => t.remote_program = v,
             "remote-store" => t.remote_store = Some(v),
+            "ssh-key" => t.uri_ssh_key = Some(v),
+            "base64-ssh-public-host-key" => t.uri_host_key = Some(v),
+            "compress" => t.compress = v == "true",
             _ => {}
         }
     }
@@ -620,6 +649,22 @@ mod tests {
         assert_eq!((a.host.as_str(), a.port, a.remote_program.as_str(), a.remote_store.as_deref()), ("u@b1", Some(2222), "nix-daemon", Some("local?root=/s")));
         assert_eq!(b.remote_program, "/opt/nix/bin/nix-daemon");
         assert!(!run("ssh://b1", &[]).machines[0].ssh.daemon);
+    }
+
+    #[test]
+    fn ssh_key_host_key_and_compress_can_come_from_the_uri() {
+        let p = run(&format!("ssh://b1?ssh-key=%2Froot%2Fk&base64-ssh-public-host-key={KEY_B64}&compress=true"), &[]);
+        assert!(p.diagnostics.is_empty(), "{:?}", p.diagnostics);
+        let m = &p.machines[0];
+        assert_eq!(m.ssh_key.as_deref(), Some("/root/k"));
+        assert!(m.host_key.as_deref().is_some_and(|k| k.starts_with("ssh-ed25519 ")));
+        assert!(m.ssh.compress);
+        // the columns win
+        let p = run("ssh://b1?ssh-key=%2Froot%2Fk - /etc/other 1", &[]);
+        assert_eq!(p.machines[0].ssh_key.as_deref(), Some("/etc/other"));
+        assert!(!p.machines[0].ssh.compress);
+        // checked like the columns
+        assert!(!run("ssh://b1?ssh-key=rel", &[]).diagnostics.is_empty());
     }
 
     #[test]

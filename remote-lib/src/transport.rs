@@ -321,7 +321,7 @@ fn ssh_with_options(m: &Machine, cfg: &SshConfig) -> Result<Command, TransportEr
     o(&mut c, format!("ConnectTimeout={}", cfg.connect_timeout));
     o(&mut c, format!("ServerAliveInterval={}", cfg.server_alive_interval));
     o(&mut c, format!("ServerAliveCountMax={}", cfg.server_alive_count_max));
-    o(&mut c, "Compression=no".into());
+    o(&mut c, if m.ssh.compress { "Compression=yes" } else { "Compression=no" }.into());
     c.args(&cfg.extra_opts);
     if let Some(ciphers) = &cfg.ciphers {
         o(&mut c, format!("Ciphers={ciphers}"));
