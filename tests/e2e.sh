@@ -20,7 +20,9 @@ nb_builtin() { timeout 300 nix-build "$@" --max-jobs 0 --builders "@$TB/machines
 slots_free() { # slots_free I JOBS: every slot of builder I can be locked right now
   local j; for j in $(seq 0 $(($2-1))); do flock -n "$LOAD/ssh:__root@10.201.$1.2-$j" true || return 1; done
 }
-reset_health() { rm -rf "$LOAD/build-hook/health"; }
+# Health and history: tests that count on Nix's ranking (list order on a tie)
+# must not be steered by speeds learned from earlier tests' builds.
+reset_health() { rm -rf "$LOAD/build-hook/health"; rm -f "$LOAD/build-hook/history.jsonl" "$LOAD/build-hook/history.1.jsonl"; }
 
 test_one_derivation() {
   machines 1:2
@@ -317,6 +319,9 @@ test_sigterm_ends_the_job_cleanly() {
 
 test_stale_shared_connection_socket_is_replaced() {
   reset_health
+  # Only this test's master: earlier tests' ones (to other builders) go.
+  pkill -9 -f "ssh: .*build-hook/ssh/.*\[mux\]"; sleep 0.2
+  rm -f "$LOAD"/build-hook/ssh/*
   machines 1:2
   nb "$NIX/chain.nix" -A dep --argstr nonce "$(nonce stale1)" >/dev/null 2>&1 || fail "first build failed"
   master=$(pgrep -f "ssh: .*build-hook/ssh/.*\[mux\]" | head -1)
@@ -528,6 +533,40 @@ W
   slots_free 1 2 || fail "slot left locked"
 }
 
+# Learned speeds: a history in which b2 built the same derivations twice as
+# fast as b1 makes the hook pick b2 (listed second) when both are free;
+# without it Nix's rule (list order on a tie) picks b1. `explain` says which
+# speed ranked each machine.
+test_learned_speeds_send_the_build_to_the_faster_machine() {
+  reset_health
+  local H="$LOAD/build-hook/history.jsonl"
+  rm -f "$H" "$LOAD/build-hook/history.1.jsonl"; rm -rf "$LOAD/build-hook/drain"
+  machines 1:2 2:2
+  log=$(mktemp)
+  nb "$NIX/chain.nix" -A dep --argstr nonce "$(nonce learn0)" -v >"$log" 2>&1 || { cat "$log"; fail "build failed"; }
+  assert_contains "$log" "building dep on b1"
+  python3 - "$H" <<'PY'
+import json, sys, time
+now = time.time() - 3600
+with open(sys.argv[1], "a") as f:
+    for i, name in enumerate(["gcc", "glibc", "perl", "python", "openssl"]):
+        for j in range(3):
+            for m, secs in [("ssh://root@10.201.1.2", 200.0), ("ssh://root@10.201.2.2", 100.0)]:
+                t = now + (i * 3 + j) * 300
+                f.write(json.dumps({"start": t, "end": t + secs, "drv": f"/nix/store/{'a'*32}-{name}.drv", "name": name,
+                    "system": "x86_64-linux", "machine": m, "slot": 0, "slot_wait": 0, "upload_bytes": 0, "upload_secs": 0,
+                    "build_secs": secs, "download_bytes": 0, "download_secs": 0, "result": "built"}) + "\n")
+PY
+  drv=$(nix-instantiate "$NIX/chain.nix" -A dep --argstr nonce "$(nonce learn1)" 2>/dev/null)
+  "$HOOK" explain --builders "@$TB/machines" "$drv" >"$log" 2>&1; cat "$log"
+  assert_contains "$log" "learned from"
+  assert_contains "$log" "would pick now: ssh://root@10.201.2.2"
+  nb "$NIX/chain.nix" -A dep --argstr nonce "$(nonce learn1)" -v >"$log" 2>&1 || { cat "$log"; fail "build failed"; }
+  cat "$log"
+  assert_contains "$log" "building dep on b2"
+  rm -f "$H"
+}
+
 # ssh-ng:// builders: the builders run `nix-daemon --stdio` over sshd (as
 # root, so trusted); the hook speaks the daemon protocol through its bridge.
 ng_machines() { : > "$TB/machines"; local spec; for spec in "$@"; do tb_machines_line ${spec/:/ } | sed 's|^ssh://|ssh-ng://|' >> "$TB/machines"; done; }
@@ -608,7 +647,7 @@ main() {
     fixed_output_is_checked_and_registered_with_its_content_address_and_signatures
     percent_signs_and_long_uris_in_key_uri_and_load_dir operators_see_history_status_drain_and_explain
     a_closure_of_5000_missing_paths_copies_both_ways a_user_builds_through_nix_daemon_and_our_hook
-    ssh_ng_builders_chain_fan_out_and_a_failure
+    ssh_ng_builders_chain_fan_out_and_a_failure learned_speeds_send_the_build_to_the_faster_machine
   )
   local sel=("$@"); [ ${#sel[@]} -eq 0 ] && sel=("${all[@]}")
   for t in "${sel[@]}"; do t_run "$t" "test_$t"; done
