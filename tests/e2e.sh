@@ -587,6 +587,10 @@ test_ssh_ng_builders_chain_fan_out_and_a_failure() {
   [ "$(grep -c ' start ' "$ev")" = 8 ] || fail "expected 8 builds"
   peaks_ok "$ev" 2
   [ "$(python3 "$REPO/tests/lib/peak.py" "$ev" | wc -l)" = 2 ] || fail "only one builder used"
+  # compressed bulk sessions run the builder's nix-store beside its daemon
+  BUILD_HOOK_COMPRESS=3 nb "$NIX/chain.nix" -A top --argstr nonce "$(nonce ng-zstd)" -v >"$log" 2>&1 || { cat "$log"; fail "compressed ssh-ng build failed"; }
+  assert_contains "$log" "(zstd -3,"
+  assert_contains "$log" "on 'ssh-ng://root@10.201."
   ng_machines 1:2
   nb "$NIX/fail.nix" --argstr nonce "$(nonce ng-fail)" >"$log" 2>&1 && fail "a failing build succeeded"
   cat "$log"

@@ -159,11 +159,6 @@ pub struct Context<'a> {
 /// unknown and are asked again next time.
 pub fn builder_caps(health: &HealthStore, m: &Machine, ssh: &SshConfig, limit: Duration) -> Health {
     let h = health.get(&m.uri);
-    if m.ssh.daemon {
-        // A daemon's builder is reached through the bridge only: no bulk
-        // sessions (they would run nix-store there), nothing to probe.
-        return Health { zstd: Some(false), aes: Some(false), ..h };
-    }
     if transport::is_local(m) {
         // Between two processes on this host nothing is worth compressing
         // (level 0) unless the user forces a level; nothing to probe.
@@ -177,9 +172,12 @@ pub fn builder_caps(health: &HealthStore, m: &Machine, ssh: &SshConfig, limit: D
         return h;
     }
     let Some(caps) = session::probe_caps(m, ssh, limit) else { return h };
-    let link = if caps.zstd && h.raw_mbps.is_none() { session::probe_link(m, ssh, limit) } else { None };
+    // An ssh-ng builder's bulk sessions run its nix-store (with the
+    // daemon's trust when the user is not root), so they need one.
+    let zstd = transport::bulk_allowed(m, &caps);
+    let link = if zstd && h.raw_mbps.is_none() { session::probe_link(m, ssh, limit) } else { None };
     health.update(&m.uri, |h| {
-        h.zstd = Some(caps.zstd);
+        h.zstd = Some(zstd);
         h.aes = Some(caps.aes);
         if let (Some(mbps), None) = (link, h.raw_mbps) {
             h.raw_mbps = Some(mbps);

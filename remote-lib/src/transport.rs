@@ -144,9 +144,29 @@ pub fn daemon_words(m: &Machine) -> Vec<String> {
     w
 }
 
-/// The remote command words: `<remote-program> --serve --write [--store URI]`.
+/// The builder's `nix-store`: `remote-program`, or for an `ssh-ng://`
+/// machine `nix-store` on its PATH (used only when `remote-program` is the
+/// bare default, see [`bulk_allowed`]).
+pub fn serve_program(m: &Machine) -> String {
+    if m.ssh.daemon {
+        "nix-store".into()
+    } else {
+        m.ssh.remote_program.clone()
+    }
+}
+
+/// Whether compressed bulk sessions (`zstd … | nix-store --serve`) may be
+/// used with `m`, given what its probe found. An `ssh-ng://` machine needs
+/// `nix-store` on its PATH and the default `remote-program`: a custom one
+/// (a wrapper that forces a trust level, say) is the only way in.
+pub fn bulk_allowed(m: &Machine, caps: &Caps) -> bool {
+    caps.zstd && (!m.ssh.daemon || (caps.nix_store && !m.ssh.remote_program.contains('/')))
+}
+
+/// The remote command words: `<nix-store> --serve --write [--store URI]`
+/// (see [`serve_program`]).
 pub fn serve_words(m: &Machine) -> Vec<String> {
-    let mut w = vec![m.ssh.remote_program.clone(), "--serve".into(), "--write".into()];
+    let mut w = vec![serve_program(m), "--serve".into(), "--write".into()];
     if let Some(s) = &m.ssh.remote_store {
         w.push("--store".into());
         w.push(s.clone());
@@ -180,12 +200,15 @@ pub struct Caps {
     pub zstd: bool,
     /// Its CPU has AES instructions (Linux `/proc/cpuinfo`, macOS `sysctl`).
     pub aes: bool,
+    /// `nix-store` is on its PATH (for an `ssh-ng://` machine's bulk sessions).
+    pub nix_store: bool,
 }
 
 /// The probe run on a builder: one line per capability found, then `done`.
 /// Only fixed text; `sh -c` so that any login shell runs it the same way.
 pub const CAPS_PROBE: &str = "sh -c 'zstd -q -c </dev/null >/dev/null 2>&1 && echo zstd; \
 grep -qw aes /proc/cpuinfo 2>/dev/null && echo aes; \
+command -v nix-store >/dev/null 2>&1 && echo nix-store; \
 sysctl -n hw.optional.aes hw.optional.arm.FEAT_AES 2>/dev/null | grep -qx 1 && echo aes; echo done'";
 
 /// What the probe's exit status and output say. `None` when the probe did
@@ -196,7 +219,7 @@ pub fn parse_caps(exit_code: Option<i32>, stdout: &str) -> Option<Caps> {
     if exit_code != Some(0) || words.last() != Some(&"done") {
         return None;
     }
-    Some(Caps { zstd: words.contains(&"zstd"), aes: words.contains(&"aes") })
+    Some(Caps { zstd: words.contains(&"zstd"), aes: words.contains(&"aes"), nix_store: words.contains(&"nix-store") })
 }
 
 /// True when Nix would not use ssh at all (`ssh://localhost`).
@@ -782,6 +805,16 @@ mod tests {
     }
 
     #[test]
+    fn ssh_ng_bulk_sessions_only_with_the_default_daemon_and_a_nix_store() {
+        let caps = Caps { zstd: true, aes: false, nix_store: true };
+        assert!(bulk_allowed(&machine("ssh://b1?remote-program=/opt/x/nix-store"), &Caps { nix_store: false, ..caps }));
+        assert!(bulk_allowed(&machine("ssh-ng://b1"), &caps));
+        assert!(!bulk_allowed(&machine("ssh-ng://b1"), &Caps { nix_store: false, ..caps }));
+        assert!(!bulk_allowed(&machine("ssh-ng://b1?remote-program=/opt/wrap-daemon"), &caps));
+        assert_eq!(serve_words(&machine("ssh-ng://b1?remote-store=%2Fs"))[..2], ["nix-store", "--serve"]);
+    }
+
+    #[test]
     fn ssh_ng_sessions_go_through_the_bridge_to_the_daemon() {
         let dir = std::env::temp_dir();
         let m = machine("ssh-ng://b1?remote-store=local%3Froot%3D%2Fs");
@@ -862,8 +895,8 @@ mod tests {
 
     #[test]
     fn a_failed_ssh_is_not_taken_for_a_missing_capability() {
-        assert_eq!(parse_caps(Some(0), "zstd\naes\naes\ndone\n"), Some(Caps { zstd: true, aes: true }));
-        assert_eq!(parse_caps(Some(0), "done\n"), Some(Caps { zstd: false, aes: false }));
+        assert_eq!(parse_caps(Some(0), "zstd\naes\naes\nnix-store\ndone\n"), Some(Caps { zstd: true, aes: true, nix_store: true }));
+        assert_eq!(parse_caps(Some(0), "done\n"), Some(Caps { zstd: false, aes: false, nix_store: false }));
         assert_eq!(parse_caps(Some(255), ""), None);
         assert_eq!(parse_caps(None, "zstd\n"), None);
         assert_eq!(parse_caps(Some(0), "zstd\n"), None, "cut short before 'done'");
