@@ -194,7 +194,7 @@ fn median(v: &[f64]) -> f64 {
 }
 
 /// The median (the mean of the middle two for an even count); 0 when empty.
-fn median_of(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median_of(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     match v.len() {
         0 => 0.0,

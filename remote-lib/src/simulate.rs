@@ -148,13 +148,7 @@ pub fn simulate(records: &[Record], machines: &[SimMachine], learned: &Learned, 
 }
 
 fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
+    crate::learn::median_of(v.to_vec())
 }
 
 #[cfg(test)]
