@@ -125,7 +125,40 @@ fn drv_target(b: &[u8]) {
         for o in &d.outputs {
             let _ = path_info::FixedHash::of_output(o);
         }
+        // The ATerm printer and the hash modulo, inputs refused or read as itself.
+        let _ = d.kind();
+        let _ = d.hash_modulo(&mut |p: &str| Err(p.to_string()));
+        let mut depth = 0;
+        let _ = d.hash_modulo(&mut |_: &str| {
+            depth += 1;
+            if depth > 50 {
+                Err("deep".into())
+            } else {
+                Ok(d.clone())
+            }
+        });
+        // What the bridge reads back.
+        let _ = derivation::Derivation::read_basic(&mut &out[..]);
     }
+}
+
+fn basic_drv_target(b: &[u8]) {
+    let _ = derivation::Derivation::read_basic(&mut &b[..]);
+    let _ = nar::single_file(b);
+}
+
+/// The ssh-ng bridge with the fuzzed bytes as the hook's serve requests
+/// (after a valid hello), and a recorded Nix 2.34 daemon session as the
+/// daemon's replies.
+fn bridge_target(b: &[u8]) {
+    let mut client = Vec::new();
+    client.extend_from_slice(&serve::SERVE_MAGIC_1.to_le_bytes());
+    client.extend_from_slice(&serve::CLIENT_VERSION.to_wire().to_le_bytes());
+    client.extend_from_slice(b);
+    let daemon = golden("worker-2.34-trusted-s2c.bin");
+    let opts = worker::ClientOptions::for_build(&hook_protocol::BuildOptions::default(), 3, false);
+    let mut trust = None;
+    let _ = remote_lib::bridge::serve(&client[..], io::sink(), &daemon[..], io::sink(), opts, &mut io::sink(), &mut trust);
 }
 
 fn health_target(b: &[u8]) {
@@ -210,6 +243,42 @@ pub fn targets() -> Vec<Target> {
                     br#"Derive([("out","/nix/store/33lfs1if5diswhrxb547bs5d6x5qv1wy-top","","")],[("/nix/store/26zjw483mz5dh3k05amp80pyvvibhsld-dep.drv",["out"])],[],"x86_64-linux","/bin/sh",["-c","echo \"x\"\n"],[("PATH","/bin"),("out","/nix/store/33lfs1if5diswhrxb547bs5d6x5qv1wy-top")])"#,
                     br#"Derive([("out","/nix/store/33lfs1if5diswhrxb547bs5d6x5qv1wy-f","r:sha256","5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03")],[],["/nix/store/26zjw483mz5dh3k05amp80pyvvibhsld-src"],"x86_64-linux","/bin/sh",[],[])"#,
                 ])
+            },
+        },
+        Target {
+            name: "basic-drv",
+            run: basic_drv_target,
+            seeds: || {
+                let d = derivation::Derivation::parse(
+                    "/nix/store/00000000000000000000000000000000-x.drv",
+                    br#"Derive([("out","/nix/store/33lfs1if5diswhrxb547bs5d6x5qv1wy-top","","")],[],["/nix/store/26zjw483mz5dh3k05amp80pyvvibhsld-src"],"x86_64-linux","/bin/sh",["-c","x"],[("out","/nix/store/33lfs1if5diswhrxb547bs5d6x5qv1wy-top")])"#,
+                )
+                .map(|d| {
+                    let mut v = Vec::new();
+                    let _ = d.write_basic(&mut v, &d.input_srcs);
+                    v
+                })
+                .unwrap_or_default();
+                vec![d, golden("hello-file.nar")]
+            },
+        },
+        Target {
+            name: "bridge",
+            run: bridge_target,
+            seeds: || {
+                // QueryValidPaths, QueryPathInfos, the trust question
+                let mut v = Vec::new();
+                for w in [1u64, 0, 0, 1] {
+                    v.extend_from_slice(&w.to_le_bytes());
+                }
+                let p = b"/nix/store/46ax0m47x1x216zrhzjcsc59k7ygscmn-hello";
+                v.extend_from_slice(&(p.len() as u64).to_le_bytes());
+                v.extend_from_slice(p);
+                v.extend_from_slice(&[0; 6]);
+                for w in [2u64, 0, 100] {
+                    v.extend_from_slice(&w.to_le_bytes());
+                }
+                vec![v]
             },
         },
         Target {
