@@ -394,9 +394,6 @@ impl Dispatcher {
             session.forward_log(l);
         }
         let m = &self.machines[index];
-        if m.ssh.daemon {
-            session.forward_records(std::sync::Arc::new(out::record_line));
-        }
         let ctx = Context {
             local: &self.local,
             ssh: &self.ssh,

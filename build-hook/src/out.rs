@@ -38,14 +38,6 @@ impl Write for Stderr {
     }
 }
 
-/// Passes on an `@nix` record from an ssh-ng builder's daemon (activities
-/// of the remote build), whole, as Nix's own hook relays them.
-pub fn record_line(line: &str) {
-    if line.starts_with("@nix ") && line.ends_with('\n') {
-        write(line);
-    }
-}
-
 /// Sends a reply to `try`.
 pub fn reply(r: &Reply) {
     write(&r.text());

@@ -78,8 +78,8 @@ const LOG_LINE_RESULTS: [u64; 2] = [101, 107];
 
 /// Where the daemon's messages go (this process's stderr, which the hook
 /// forwards as the builder's log, as `nix-store --serve`'s stderr is): its
-/// messages and the build's log lines as text; activities and their other
-/// results as Nix's `@nix` records, which the hook passes to Nix's log.
+/// messages and the build's log lines as text; activities (progress) are
+/// not shown.
 fn log_sink(log: &mut dyn Write) -> impl FnMut(Event) + '_ {
     move |e| {
         let text = match &e {
@@ -88,7 +88,7 @@ fn log_sink(log: &mut dyn Write) -> impl FnMut(Event) + '_ {
                 Some(crate::worker::Field::String(s)) => s.clone(),
                 _ => return,
             },
-            other => other.nix_log_line(),
+            _ => return,
         };
         let line = if text.ends_with('\n') { text } else { format!("{text}\n") };
         let _ = log.write_all(line.as_bytes());

@@ -236,11 +236,6 @@ impl Session {
     pub fn forward_log(&self, log: std::fs::File) {
         self.proc.tap.forward_to(log);
     }
-    /// From now on, `@nix` records on the builder's stderr (the ssh-ng
-    /// bridge's activities) go to `sink` instead of the log.
-    pub fn forward_records(&self, sink: transport::RecordSink) {
-        self.proc.tap.forward_records_to(sink);
-    }
     pub fn timeouts(&self) -> Timeouts {
         self.timeouts
     }

@@ -502,12 +502,7 @@ pub struct StderrTap {
 struct TapState {
     tail: VecDeque<String>,
     log: Option<File>,
-    records: Option<RecordSink>,
 }
-
-/// Where `@nix` records from a remote's stderr go (see
-/// [`StderrTap::forward_records_to`]): one whole line at a time.
-pub type RecordSink = Arc<dyn Fn(&str) + Send + Sync>;
 
 const TAIL_LINES: usize = 20;
 
@@ -516,12 +511,6 @@ impl StderrTap {
     pub fn forward_to(&self, log: File) {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).log = Some(log);
     }
-    /// From now on, split the remote's stderr into lines: `@nix ` records
-    /// (the ssh-ng bridge's activities) go to `sink`, the rest to the log
-    /// and the tail as before.
-    pub fn forward_records_to(&self, sink: RecordSink) {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).records = Some(sink);
-    }
     /// The last lines the remote printed, joined.
     pub fn tail(&self) -> String {
         let st = self.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -529,26 +518,12 @@ impl StderrTap {
     }
     fn feed(&self, chunk: &[u8], partial: &mut Vec<u8>) {
         let mut st = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let by_line = st.records.is_some();
-        if !by_line {
-            if let Some(log) = st.log.as_mut() {
-                let _ = log.write_all(chunk);
-            }
+        if let Some(log) = st.log.as_mut() {
+            let _ = log.write_all(chunk);
         }
         partial.extend_from_slice(chunk);
         while let Some(i) = partial.iter().position(|&c| c == b'\n') {
             let line: Vec<u8> = partial.drain(..=i).collect();
-            if by_line {
-                if line.starts_with(b"@nix ") {
-                    if let Some(sink) = &st.records {
-                        sink(&String::from_utf8_lossy(&line));
-                    }
-                    continue;
-                }
-                if let Some(log) = st.log.as_mut() {
-                    let _ = log.write_all(&line);
-                }
-            }
             st.tail.push_back(String::from_utf8_lossy(&line).into_owned());
             if st.tail.len() > TAIL_LINES {
                 st.tail.pop_front();
@@ -1005,23 +980,6 @@ mod tests {
         drop(p);
         with_live_children(|pids| listed = pids.contains(&pid));
         assert!(!listed, "a dropped process is reaped and unlisted");
-    }
-
-    #[test]
-    fn records_go_to_their_sink_and_stay_out_of_the_log_and_the_tail() {
-        let tap = StderrTap::default();
-        let dir = tempfile::tempdir().unwrap();
-        let log_path = dir.path().join("log");
-        tap.forward_to(File::create(&log_path).unwrap());
-        let got = Arc::new(Mutex::new(Vec::<String>::new()));
-        let g = got.clone();
-        tap.forward_records_to(Arc::new(move |l: &str| g.lock().unwrap().push(l.to_string())));
-        let mut partial = Vec::new();
-        tap.feed(b"building on b1\n@nix {\"action\":\"start\"}\nhal", &mut partial);
-        tap.feed(b"f a line\n", &mut partial);
-        assert_eq!(std::fs::read_to_string(&log_path).unwrap(), "building on b1\nhalf a line\n");
-        assert_eq!(*got.lock().unwrap(), ["@nix {\"action\":\"start\"}\n"]);
-        assert_eq!(tap.tail(), "building on b1\nhalf a line");
     }
 
     #[test]
