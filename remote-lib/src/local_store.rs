@@ -145,13 +145,7 @@ impl LocalStore {
     /// Other stores (a binary cache such as `file://…`) are reached only
     /// through `nix-store --store URI`.
     pub fn on_disk(&self) -> bool {
-        match &self.store_uri {
-            None => true,
-            Some(s) => {
-                let base = s.split_once('?').map_or(s.as_str(), |(b, _)| b);
-                base.starts_with('/') || ["", "local", "auto", "daemon"].contains(&base) || base.starts_with("unix://") || base.starts_with("local://")
-            }
-        }
+        self.store_uri.as_deref().is_none_or(crate::machines::is_local_store_uri)
     }
 
     fn command(&self) -> Command {

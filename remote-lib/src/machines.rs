@@ -49,10 +49,15 @@ pub struct SshTarget {
     pub daemon: bool,
     /// `compress=true`: ssh compresses the connection (`Compression=yes`).
     pub compress: bool,
-    /// `ssh-key=` and `base64-ssh-public-host-key=` from the URI, used when
-    /// columns 3 and 8 leave them out (the columns win, as in Nix).
-    pub uri_ssh_key: Option<String>,
-    pub uri_host_key: Option<String>,
+}
+
+/// What a store URI says besides how to reach the machine: `ssh-key=` and
+/// `base64-ssh-public-host-key=`, used when columns 3 and 8 leave them out
+/// (the columns win, as in Nix).
+#[derive(Default)]
+struct UriKeys {
+    ssh_key: Option<String>,
+    host_key: Option<String>,
 }
 
 /// A place in a machines list.
@@ -252,7 +257,7 @@ fn parse_entry(entry: &str, at: &Location, local_system: &str, diags: &mut Vec<D
         return err(0, "the store URI is missing or '-'".into(), "start the entry with the builder, e.g. 'ssh://user@host'");
     };
     let uri = normalise_uri(&raw_uri);
-    let ssh = match parse_store_uri(&uri) {
+    let (ssh, keys) = match parse_store_uri(&uri) {
         Ok(t) => t,
         Err(UriProblem::Scheme(scheme, hint)) => {
             diags.push(Diagnostic {
@@ -267,7 +272,7 @@ fn parse_entry(entry: &str, at: &Location, local_system: &str, diags: &mut Vec<D
         Err(UriProblem::Bad(why)) => return err(0, format!("'{uri}' is not a usable ssh URI: {why}"), "write it as ssh://[user@]host[:port]"),
     };
     let systems = is_set(fs.get(1)).map(|(_, s)| comma_list(&s)).unwrap_or_else(|| vec![local_system.to_string()]);
-    let ssh_key = match is_set(fs.get(2)).or_else(|| ssh.uri_ssh_key.clone().map(|k| (0, k))) {
+    let ssh_key = match is_set(fs.get(2)).or_else(|| keys.ssh_key.map(|k| (0, k))) {
         Some((_, k)) if !k.starts_with('/') => {
             return err(
                 2,
@@ -295,7 +300,7 @@ fn parse_entry(entry: &str, at: &Location, local_system: &str, diags: &mut Vec<D
     };
     let supported_features = is_set(fs.get(5)).map(|(_, s)| comma_list(&s)).unwrap_or_default();
     let mandatory_features = is_set(fs.get(6)).map(|(_, s)| comma_list(&s)).unwrap_or_default();
-    let host_key = match is_set(fs.get(7)).or_else(|| ssh.uri_host_key.clone().map(|k| (0, k))) {
+    let host_key = match is_set(fs.get(7)).or_else(|| keys.host_key.map(|k| (0, k))) {
         Some((_, b64)) => match decode_host_key(&b64) {
             Some(k) => Some(k),
             None => {
@@ -378,15 +383,16 @@ enum UriProblem {
 }
 
 /// The store types on this host that can build (Nix's local and daemon
-/// stores): `nix-store --serve --store URI` run here reaches them.
-fn is_local_store_uri(uri: &str) -> bool {
+/// stores, whose files are on this machine's disk): `nix-store --serve
+/// --store URI` run here reaches them.
+pub fn is_local_store_uri(uri: &str) -> bool {
     let base = uri.split_once('?').map_or(uri, |(b, _)| b);
     base.starts_with('/') || ["", "local", "auto", "daemon"].contains(&base) || base.starts_with("unix://") || base.starts_with("local://")
 }
 
-fn parse_store_uri(uri: &str) -> Result<SshTarget, UriProblem> {
+fn parse_store_uri(uri: &str) -> Result<(SshTarget, UriKeys), UriProblem> {
     if is_local_store_uri(uri) {
-        return Ok(SshTarget {
+        let t = SshTarget {
             host: "localhost".into(),
             port: None,
             remote_program: "nix-store".into(),
@@ -394,9 +400,8 @@ fn parse_store_uri(uri: &str) -> Result<SshTarget, UriProblem> {
             local_store: true,
             daemon: false,
             compress: false,
-            uri_ssh_key: None,
-            uri_host_key: None,
-        });
+        };
+        return Ok((t, UriKeys::default()));
     }
     let (daemon, rest) = match (uri.strip_prefix("ssh://"), uri.strip_prefix("ssh-ng://")) {
         (Some(r), _) => (false, Some(r)),
@@ -413,17 +418,8 @@ fn parse_store_uri(uri: &str) -> Result<SshTarget, UriProblem> {
     };
     let (authority, query) = rest.split_once('?').unwrap_or((rest, ""));
     let program = if daemon { "nix-daemon" } else { "nix-store" };
-    let mut t = SshTarget {
-        host: String::new(),
-        port: None,
-        remote_program: program.into(),
-        remote_store: None,
-        local_store: false,
-        daemon,
-        compress: false,
-        uri_ssh_key: None,
-        uri_host_key: None,
-    };
+    let mut t = SshTarget { host: String::new(), port: None, remote_program: program.into(), remote_store: None, local_store: false, daemon, compress: false };
+    let mut keys = UriKeys::default();
     let (user_host, port) = match authority.rsplit_once(':') {
         Some((h, p)) if !h.is_empty() && p.bytes().all(|c| c.is_ascii_digit()) && !p.is_empty() => {
             (h, Some(p.parse::<u16>().map_err(|_| UriProblem::Bad(format!("port '{p}' is out of range")))?))
@@ -442,13 +438,13 @@ fn parse_store_uri(uri: &str) -> Result<SshTarget, UriProblem> {
         match k {
             "remote-program" => t.remote_program = v,
             "remote-store" => t.remote_store = Some(v),
-            "ssh-key" => t.uri_ssh_key = Some(v),
-            "base64-ssh-public-host-key" => t.uri_host_key = Some(v),
+            "ssh-key" => keys.ssh_key = Some(v),
+            "base64-ssh-public-host-key" => keys.host_key = Some(v),
             "compress" => t.compress = v == "true",
             _ => {}
         }
     }
-    Ok(t)
+    Ok((t, keys))
 }
 
 fn percent_decode(s: &str) -> String {
