@@ -153,17 +153,24 @@ impl Config {
         }
     }
 
-    /// A setting from nix.conf (`NIX_CONF_DIR/nix.conf`), as Nix reads it.
-    pub fn nix_conf(&self, name: &str) -> Option<String> {
+    /// nix.conf (`NIX_CONF_DIR/nix.conf`), read as Nix reads it; `None`
+    /// when there is none.
+    pub fn read_nix_conf(&self) -> Option<remote_lib::nixconf::NixConf> {
         let conf = self.conf_dir.join("nix.conf");
         let text = std::fs::read_to_string(&conf).ok()?;
         let source = conf.display().to_string();
-        let parsed = remote_lib::nixconf::parse(&text, &source, &mut |p: &str| match std::fs::read_to_string(p) {
+        Some(remote_lib::nixconf::parse(&text, &source, &mut |p: &str| match std::fs::read_to_string(p) {
             Ok(t) => Ok(Some(t)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
-        });
-        parsed.get(name).map(str::to_string)
+        }))
+    }
+
+    /// A function giving settings from nix.conf, which it reads once, on
+    /// the first question.
+    pub fn nix_conf_settings(&self) -> impl FnMut(&str) -> Option<String> + '_ {
+        let mut conf: Option<Option<remote_lib::nixconf::NixConf>> = None;
+        move |name| conf.get_or_insert_with(|| self.read_nix_conf()).as_ref().and_then(|c| c.get(name)).map(str::to_string)
     }
 
     /// The machines text and the name to report it under.
@@ -183,7 +190,7 @@ impl Config {
             return (machines::remote_systems_to_builders(rs), "NIX_REMOTE_SYSTEMS".into());
         }
         // As Nix reads it: the last value wins, includes, extra-builders.
-        if let Some(b) = self.nix_conf("builders") {
+        if let Some(b) = self.nix_conf_settings()("builders") {
             return (b, self.conf_dir.join("nix.conf").display().to_string());
         }
         (format!("@{}", self.conf_dir.join("machines").display()), "the default machines file".into())
@@ -265,14 +272,14 @@ extra-system-features = big
         let c = cfg(&[("NIX_CONF_DIR", &conf)]).unwrap();
         // As Lix 2.92+ sends them: only what was overridden on the command line.
         let mut s = settings(&[("extra-platforms", "aarch64-linux")]);
-        s.fill_absent(&|k| c.nix_conf(k), "x86_64-linux", false);
+        s.fill_absent(&mut c.nix_conf_settings(), "x86_64-linux", &|| false);
         assert_eq!(s.max_jobs(), 0, "from nix.conf");
         assert_eq!(s.system_features(), ["kvm", "big"], "from nix.conf, extra- appended");
         assert_eq!(s.extra_platforms(), ["aarch64-linux"], "sent by Nix: kept");
         assert_eq!(s.system(), "x86_64-linux");
         let bare = cfg(&[("NIX_CONF_DIR", "/nonexistent")]).unwrap();
         let mut s = settings(&[]);
-        s.fill_absent(&|k| bare.nix_conf(k), "x86_64-linux", true);
+        s.fill_absent(&mut bare.nix_conf_settings(), "x86_64-linux", &|| true);
         assert_eq!((s.max_jobs(), s.extra_platforms()), (1, vec!["i686-linux".to_string()]), "Nix's defaults");
         assert_eq!(s.system_features(), ["nixos-test", "benchmark", "big-parallel", "kvm"]);
     }

@@ -166,8 +166,8 @@ fn run(args: &[String]) -> anyhow::Result<i32> {
     let mut stdin = BufReader::new(std::io::stdin().lock());
     let mut settings = Settings::read(&mut stdin)?;
     // /dev/kvm usable for reading and writing, as Nix checks it for its default features.
-    let has_kvm = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
-    settings.fill_absent(&|k| cfg.nix_conf(k), remote_lib::LOCAL_SYSTEM, has_kvm);
+    let has_kvm = || std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    settings.fill_absent(&mut cfg.nix_conf_settings(), remote_lib::LOCAL_SYSTEM, &has_kvm);
     let mut hook = dispatch::Dispatcher::new(cfg, settings);
     hook.report_diagnostics();
     if hook.machines.is_empty() {

@@ -51,13 +51,14 @@ impl Settings {
     /// Fills the settings that decide postpone versus decline when Nix did
     /// not send them (Lix 2.92+ sends only overridden settings): from
     /// `conf` (nix.conf as Nix reads it), else Nix's own defaults for
-    /// `local_system` ([`nix_default`]).
-    pub fn fill_absent(&mut self, conf: &dyn Fn(&str) -> Option<String>, local_system: &str, has_kvm: bool) {
+    /// `local_system` ([`nix_default`]); `has_kvm` is asked only when the
+    /// default features are needed.
+    pub fn fill_absent(&mut self, conf: &mut dyn FnMut(&str) -> Option<String>, local_system: &str, has_kvm: &dyn Fn() -> bool) {
         for k in ["system", "max-jobs", "system-features", "extra-platforms"] {
             if self.raw.contains_key(k) {
                 continue;
             }
-            let v = conf(k).unwrap_or_else(|| nix_default(k, local_system, has_kvm));
+            let v = conf(k).unwrap_or_else(|| nix_default(k, local_system, k == "system-features" && has_kvm()));
             self.raw.insert(k.to_string(), v);
         }
     }

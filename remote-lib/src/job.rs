@@ -471,8 +471,6 @@ impl<'a> Job<'a> {
             return Err(self.copy_err("checking the outputs' references", e));
         }
         self.local_idle();
-        let h = builder_caps(ctx.health, m, ctx.ssh, self.ctx_stall());
-        let level = compress::bulk_level(&h, ctx.forced_level);
         let Some(registrar) = self.registrar.take() else {
             if let Some(s) = spare {
                 s.discard();
@@ -491,6 +489,9 @@ impl<'a> Job<'a> {
             self.learn(0, Moved { nar, wire: nar }, t, &format!("copied {} outputs from", ordered.len()));
             return Ok(());
         };
+        // Only a download into this disk chooses a compression level (and may probe for it).
+        let h = builder_caps(ctx.health, m, ctx.ssh, self.ctx_stall());
+        let level = compress::bulk_level(&h, ctx.forced_level);
         let into = Receive { local: ctx.local, outputs: &fetch, fixed: &plan.fixed };
         let ev = self.ev;
         let t = Instant::now();

@@ -392,8 +392,8 @@ impl<R: Read, W: Write> ServeConn<R, W> {
         .map_err(io_err(d))
     }
 
-    /// Asks the ssh-ng bridge ([`crate::bridge`]) whether the builder's
-    /// daemon trusts us: `Some(true)`/`Some(false)`, `None` when it does not say.
+    /// Asks the ssh-ng bridge ([`crate::bridge`]) what the builder's daemon
+    /// is and whether it trusts us.
     pub fn bridge_trust(&mut self) -> Result<BridgeInfo, ServeError> {
         let d = "asking the bridge about trust";
         (|| {
