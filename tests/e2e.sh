@@ -114,6 +114,37 @@ test_twelve_parallel_over_two_builders_respect_max_jobs() {
   slots_free 1 2 && slots_free 2 2 || fail "slot left locked"
 }
 
+tickets_free() { # tickets_free I JOBS: no build is queued for builder I
+  local j; for j in $(seq 0 $(($2-1))); do flock -n "$LOAD/ssh:__root@10.201.$1.2-queue-$j" true || return 1; done
+}
+
+# Builds accepted while every slot is busy wait in the queue (one per slot),
+# connected, and start when a slot is released: never more at once than the
+# machine's max jobs, and the queue is empty afterwards. With the queue off,
+# the same builds are postponed instead and still all run.
+test_builds_queue_while_every_slot_is_busy() {
+  reset_health
+  machines 1:1
+  nb "$NIX/chain.nix" -A dep --argstr nonce "$(nonce qwarm)" >/dev/null 2>&1 || fail "warm-up build failed"
+  ev="$TB/events.queue"; : > "$ev"
+  nb "$NIX/par.nix" --arg n 4 --argstr seconds 1 --argstr events "$ev" --argstr nonce "$(nonce queue)" --argstr tag q >/dev/null 2>"$TB/queue.err" \
+    || { tail "$TB/queue.err"; fail "queued builds failed"; }
+  [ "$(grep -c ' start ' "$ev")" = 4 ] || fail "expected 4 builds"
+  peaks_ok "$ev" 1
+  [ -e "$LOAD/ssh:__root@10.201.1.2-queue-0" ] || fail "no build was queued (no ticket file)"
+  slots_free 1 1 && tickets_free 1 1 || fail "a slot or ticket was left locked"
+  # The ticket-holders are visible in the history as waits for the slot.
+  python3 - "$LOAD/build-hook/history.jsonl" <<'PY' || fail "no queued build waited for its slot in the history"
+import json, sys
+rs = [json.loads(l) for l in open(sys.argv[1]) if '"name":"q' in l]
+sys.exit(0 if len(rs) == 4 and sum(r["slot_wait"] > 0.5 for r in rs) >= 1 else 1)
+PY
+  : > "$ev"
+  BUILD_HOOK_QUEUE=0 BUILD_HOOK_SLOT_WAIT_MS=200 nb "$NIX/par.nix" --arg n 3 --argstr seconds 1 --argstr events "$ev" --argstr nonce "$(nonce noqueue)" --argstr tag n >/dev/null 2>&1 || fail "builds without the queue failed"
+  [ "$(grep -c ' start ' "$ev")" = 3 ] || fail "expected 3 builds without the queue"
+  peaks_ok "$ev" 1
+}
+
 test_builtin_hook_and_ours_share_the_load_directory() {
   reset_health
   machines 1:2 2:2

@@ -31,6 +31,9 @@ pub struct Config {
     /// How long a `try` may wait for a busy machine's slot before answering
     /// `# postpone` (after which Nix sleeps its `build-poll-interval`).
     pub slot_wait_ms: u64,
+    /// `BUILD_HOOK_QUEUE`: while every suitable slot is busy, accept up to
+    /// one build per slot ahead and prepare it (see dispatch.rs).
+    pub queue: bool,
     /// zstd level for bulk copies: None = learn per builder, 0 = never.
     pub compress: Option<i32>,
     /// Put AES-GCM first in ssh's cipher order for new connections when both
@@ -91,6 +94,11 @@ impl Config {
             healthy_window: num64("BUILD_HOOK_HEALTHY_WINDOW", 600)?,
             backoff: Backoff { base_secs: num64("BUILD_HOOK_BACKOFF_BASE", 5)?, cap_secs: num64("BUILD_HOOK_BACKOFF_CAP", 300)? },
             slot_wait_ms: num64("BUILD_HOOK_SLOT_WAIT_MS", 3000)?,
+            queue: match var("BUILD_HOOK_QUEUE").as_deref() {
+                None | Some("1") => true,
+                Some("0") => false,
+                Some(v) => return Err(format!("environment variable BUILD_HOOK_QUEUE='{v}' must be 1 (default) or 0")),
+            },
             compress: match var("BUILD_HOOK_COMPRESS").as_deref() {
                 None | Some("auto") => None,
                 Some(v) => Some(
@@ -218,7 +226,8 @@ mod tests {
     fn defaults_and_malformed_knobs_name_the_variable() {
         let c = cfg(&[]).unwrap();
         assert_eq!((c.connect_timeout, c.stall_timeout, c.slot_wait_ms, c.compress, c.prefer_aes_gcm), (10, 300, 3000, None, true));
-        for (k, v) in [("BUILD_HOOK_STALL_TIMEOUT", "soon"), ("BUILD_HOOK_COMPRESS", "99"), ("BUILD_HOOK_PREFER_AES_GCM", "yes"), ("BUILD_HOOK_CONNECT_TIMEOUT", "-1")] {
+        assert!(c.queue && !cfg(&[("BUILD_HOOK_QUEUE", "0")]).unwrap().queue);
+        for (k, v) in [("BUILD_HOOK_STALL_TIMEOUT", "soon"), ("BUILD_HOOK_COMPRESS", "99"), ("BUILD_HOOK_PREFER_AES_GCM", "yes"), ("BUILD_HOOK_CONNECT_TIMEOUT", "-1"), ("BUILD_HOOK_QUEUE", "on")] {
             let e = cfg(&[(k, v)]).unwrap_err();
             assert!(e.contains(k) && e.contains(v), "{e}");
         }

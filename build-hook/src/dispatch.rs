@@ -17,7 +17,7 @@ use remote_lib::machines::{self, Machine, Severity};
 use remote_lib::nixlog::Level;
 use remote_lib::select::{self, Candidate, LocalCapability};
 use remote_lib::session::{self, Session, SessionError, Timeouts};
-use remote_lib::slots::{LoadDir, Slot};
+use remote_lib::slots::{FileLock, LoadDir, Slot};
 use remote_lib::transport::{self, SshConfig};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -44,18 +44,22 @@ pub struct Dispatcher {
     learned: Option<(Learned, Vec<Speed>)>,
 }
 
-/// A machine chosen for a request, with its slot held.
+/// A machine chosen for a request, with its slot held, or (queued) a place
+/// in the queue of builds accepted while every slot was busy.
 pub struct Accept {
     index: usize,
-    slot: Slot,
+    slot: Option<Slot>,
+    /// A queued build's ticket (`None` once it has its slot).
+    ticket: Option<FileLock>,
     session: Option<Session>,
     /// Seconds spent waiting for the slot.
     waited: f64,
 }
 
 enum Choice {
-    /// No machine now: the reply Nix's rules give, and why for each machine.
-    None(Reply, Vec<String>),
+    /// No machine now: the reply Nix's rules give, why for each machine, and
+    /// the machines that would do but have every slot busy.
+    None(Reply, Vec<String>, Vec<usize>),
     Chosen(usize, Slot),
 }
 
@@ -129,30 +133,62 @@ impl Dispatcher {
     }
 
     /// Answers one `try`. Returns the accepted machine after `# accept` was sent.
+    ///
+    /// When every suitable slot is busy, Nix would be told to postpone and
+    /// would sleep its poll interval (5 s). Instead the build is queued: it
+    /// is accepted now, up to one queued build per slot (a ticket, a lock
+    /// file `E-queue-N` beside the slots), and [`Self::run_job`] connects
+    /// meanwhile and starts it the moment a slot is released, while Nix goes
+    /// on handing out the next builds. When the queue is full too (or
+    /// `BUILD_HOOK_QUEUE=0`), the `try` itself waits for a ticket (or a slot)
+    /// for up to `BUILD_HOOK_SLOT_WAIT_MS`, then postpones.
     pub fn handle_try(&mut self, req: &TryRequest) -> anyhow::Result<Option<Accept>> {
         let started = Instant::now();
         let deadline = started + Duration::from_millis(self.cfg.slot_wait_ms);
-        let mut poll = Duration::from_millis(5);
         loop {
             let (index, slot) = match self.choose(req, req.am_willing)? {
-                // All machines of the right type are busy: rather than send Nix to
-                // sleep for its poll interval (5 s), wait here briefly for a slot.
-                Choice::None(Reply::Postpone, _) if Instant::now() < deadline => {
-                    std::thread::sleep(poll);
-                    poll = (poll * 2).min(Duration::from_millis(10));
-                    continue;
+                Choice::None(Reply::Postpone, _, full) if self.cfg.queue && !self.queueable(&full).is_empty() => {
+                    let full = self.queueable(&full);
+                    let until = if Instant::now() < deadline { deadline } else { Instant::now() };
+                    match self.take_ticket(&full, until)? {
+                        Some((index, ticket)) => {
+                            out::reply(&Reply::Accept { machine: self.machines[index].uri.clone() });
+                            return Ok(Some(Accept { index, slot: None, ticket: Some(ticket), session: None, waited: started.elapsed().as_secs_f64() }));
+                        }
+                        None if Instant::now() < deadline => continue,
+                        None => {
+                            // Choose once more (a slot may be free now), then postpone.
+                            match self.choose(req, req.am_willing)? {
+                                Choice::Chosen(i, s) => (i, s),
+                                Choice::None(r, reasons, _) => {
+                                    self.explain(req, &r, &reasons);
+                                    out::reply(&r);
+                                    return Ok(None);
+                                }
+                            }
+                        }
+                    }
                 }
-                Choice::None(r, reasons) => {
+                // All machines of the right type are busy: rather than send Nix to
+                // sleep for its poll interval (5 s), wait here briefly for a slot,
+                // woken by the kernel the moment one is released.
+                Choice::None(Reply::Postpone, _, full) if Instant::now() < deadline && !full.is_empty() => match self.wait_for_slot(&full, deadline)? {
+                    Some(chosen) => chosen,
+                    // At the deadline: choose once more, then postpone.
+                    None => continue,
+                },
+                Choice::None(r, reasons, _) => {
                     self.explain(req, &r, &reasons);
                     out::reply(&r);
                     return Ok(None);
                 }
                 Choice::Chosen(i, s) => (i, s),
             };
+            let slot = Some(slot);
             let m = &self.machines[index];
             if self.health.get(&m.uri).recently_good(health::now(), self.cfg.healthy_window) {
                 out::reply(&Reply::Accept { machine: m.uri.clone() });
-                return Ok(Some(Accept { index, slot, session: None, waited: started.elapsed().as_secs_f64() }));
+                return Ok(Some(Accept { index, slot, ticket: None, session: None, waited: started.elapsed().as_secs_f64() }));
             }
             let act = Activity::start(Level::Talkative, &format!("connecting to '{}'", m.uri));
             let res = self.connect(index);
@@ -160,7 +196,7 @@ impl Dispatcher {
             match res {
                 Ok(s) => {
                     out::reply(&Reply::Accept { machine: self.machines[index].uri.clone() });
-                    return Ok(Some(Accept { index, slot, session: Some(s), waited: started.elapsed().as_secs_f64() }));
+                    return Ok(Some(Accept { index, slot, ticket: None, session: Some(s), waited: started.elapsed().as_secs_f64() }));
                 }
                 Err(e) => {
                     out::msg(Level::Error, &format!("build-hook: cannot build on '{}': {e}", self.machines[index].uri));
@@ -171,6 +207,105 @@ impl Dispatcher {
         }
     }
 
+    /// The machines of `full` (all of whose slots are busy) that a build may
+    /// be queued for: those recently reachable.
+    fn queueable(&self, full: &[usize]) -> Vec<usize> {
+        let now = health::now();
+        full.iter().copied().filter(|&i| self.health.get(&self.machines[i].uri).recently_good(now, self.cfg.healthy_window)).collect()
+    }
+
+    /// A place in the queue of one of the machines `full`: the first free
+    /// ticket, waiting for one until `deadline` at most.
+    fn take_ticket(&self, full: &[usize], deadline: Instant) -> anyhow::Result<Option<(usize, FileLock)>> {
+        let wanted: Vec<(usize, u64)> = full.iter().flat_map(|&i| (0..self.machines[i].max_jobs).map(move |t| (i, t))).collect();
+        let names: Vec<String> = wanted.iter().map(|&(i, t)| remote_lib::slots::file_name(&self.machines[i].uri, &format!("-queue-{t}"))).collect();
+        Ok(self.load.wait_first(&names, deadline)?.map(|(k, ticket)| (wanted[k].0, ticket)))
+    }
+
+    /// A queued build's slot: connects to the machine it was accepted for
+    /// while it waits, then takes the first slot released on any suitable
+    /// machine (the session is kept if that is the same machine). Waits as
+    /// long as a suitable machine is left, looking again at their health and
+    /// drains every few seconds; `None` (after saying why) when none is left.
+    fn wait_queued(&mut self, req: &TryRequest, acc: &mut Accept) -> Option<()> {
+        let want = acc.index;
+        let started = Instant::now();
+        let mut said = false;
+        loop {
+            match self.choose(req, false) {
+                Ok(Choice::Chosen(i, s)) => {
+                    return self.queued_got(acc, i, s, started);
+                }
+                Ok(Choice::None(Reply::Postpone, reasons, full)) => {
+                    if acc.session.is_none() && full.contains(&want) && !self.failed.contains_key(&want) {
+                        // Connect while the builds ahead finish.
+                        match self.connect(want) {
+                            Ok(s) => acc.session = Some(s),
+                            Err(e) => {
+                                out::msg(Level::Error, &format!("build-hook: cannot build on '{}': {e}", self.machines[want].uri));
+                                self.mark_failed(want, &e.to_string());
+                            }
+                        }
+                        continue;
+                    }
+                    if !said && started.elapsed() >= Duration::from_millis(self.cfg.slot_wait_ms) {
+                        out::msg(Level::Info, &format!("build-hook: '{}' is queued; every slot for it is busy:\n  {}", req.drv_path, reasons.join("\n  ")));
+                        said = true;
+                    }
+                    let next = Instant::now() + Duration::from_secs(5);
+                    if full.is_empty() {
+                        std::thread::sleep(Duration::from_millis(200));
+                    } else {
+                        match self.wait_for_slot(&full, next) {
+                            Ok(Some((i, s))) => return self.queued_got(acc, i, s, started),
+                            Ok(None) => {}
+                            Err(e) => {
+                                out::msg(Level::Error, &format!("build-hook: {e:#}"));
+                                return None;
+                            }
+                        }
+                    }
+                }
+                Ok(Choice::None(_, reasons, _)) => {
+                    out::msg(Level::Error, &format!("build-hook: cannot build '{}': no builder is left for it:\n  {}", req.drv_path, reasons.join("\n  ")));
+                    return None;
+                }
+                Err(e) => {
+                    out::msg(Level::Error, &format!("build-hook: {e:#}"));
+                    return None;
+                }
+            }
+        }
+    }
+
+    fn queued_got(&self, acc: &mut Accept, index: usize, slot: Slot, started: Instant) -> Option<()> {
+        if index != acc.index {
+            if let Some(s) = acc.session.take() {
+                s.close();
+            }
+            out::msg(
+                Level::Talkative,
+                &format!("build-hook: a slot on '{}' was free first; building there rather than on '{}'", self.machines[index].uri, self.machines[acc.index].uri),
+            );
+        }
+        acc.index = index;
+        acc.slot = Some(slot);
+        acc.ticket = None;
+        acc.waited += started.elapsed().as_secs_f64();
+        Some(())
+    }
+
+    /// Waits until a slot of one of the machines `full` (all of whose slots
+    /// were busy) is released, until `deadline` at most, and takes it.
+    fn wait_for_slot(&self, full: &[usize], deadline: Instant) -> anyhow::Result<Option<(usize, Slot)>> {
+        let wanted: Vec<(usize, u64)> = full.iter().flat_map(|&i| (0..self.machines[i].max_jobs).map(move |s| (i, s))).collect();
+        let files: Vec<(String, u64)> = wanted.iter().map(|&(i, s)| (self.machines[i].uri.clone(), s)).collect();
+        Ok(self.load.wait_any(&files, deadline)?.map(|(k, slot)| {
+            slot.lock.touch();
+            (wanted[k].0, slot)
+        }))
+    }
+
     fn choose(&mut self, req: &TryRequest, am_willing: bool) -> anyhow::Result<Choice> {
         let main = self.load.main_lock()?;
         let now = health::now();
@@ -178,6 +313,7 @@ impl Dispatcher {
         let mut cands = Vec::new();
         let mut slots = BTreeMap::new();
         let mut reasons = Vec::new();
+        let mut full = Vec::new();
         for (i, m) in self.machines.iter().enumerate() {
             if let Some(why) = self.failed.get(&i) {
                 reasons.push(format!("{}: failed earlier in this build: {why}", m.uri));
@@ -204,7 +340,10 @@ impl Dispatcher {
                     cands.push(Candidate { index: i, load: busy, speed: m.speed_factor });
                     slots.insert(i, s);
                 }
-                None => reasons.push(format!("{}: all {} slot(s) busy", m.uri, m.max_jobs)),
+                None => {
+                    reasons.push(format!("{}: all {} slot(s) busy", m.uri, m.max_jobs));
+                    full.push(i);
+                }
             }
         }
         if cands.len() > 1 && self.learned.is_none() {
@@ -221,7 +360,7 @@ impl Dispatcher {
             return Ok(Choice::Chosen(slot.0, slot.1));
         }
         let reply = select::when_all_full(right_type, am_willing && self.local_cap.could_build(req));
-        Ok(Choice::None(reply, reasons))
+        Ok(Choice::None(reply, reasons, full))
     }
 
     /// Ranks free machines by their learned speeds, a long build first to
@@ -320,17 +459,23 @@ impl Dispatcher {
         };
         let mut tried: Vec<String> = Vec::new();
         let mut acc = acc;
+        if acc.slot.is_none() && self.wait_queued(req, &mut acc).is_none() {
+            return 1;
+        }
         loop {
+            let Some(slot_held) = acc.slot.take() else { unreachable!("a job runs with its slot") };
             let index = acc.index;
             let uri = self.machines[index].uri.clone();
-            let busy = crate::ops::mark_busy(&self.load, &uri, acc.slot.index, &req.drv_path);
+            let slot = slot_held.index;
+            let busy = crate::ops::mark_busy(&self.load, &uri, slot, &req.drv_path);
             let start = history::now();
             let mut stats = Stats::default();
-            let res = self.run_on(index, acc.session.take(), &plan, &mut stats);
-            // The builder's work is over: free the slot before anything else.
-            let slot = acc.slot.index;
-            drop(acc.slot);
-            drop(busy);
+            // The slot is freed as soon as the remote build has ended (the
+            // builder's work is done; fetching the outputs only reads its
+            // store), or when the job ends, whichever is first.
+            let held = std::cell::RefCell::new(Some((slot_held, busy)));
+            let res = self.run_on(index, acc.session.take(), &plan, &mut stats, || drop(held.borrow_mut().take()));
+            drop(held.take());
             self.record(req, &crate::ops::Attempt { uri: &uri, slot, start, waited: acc.waited }, stats, res.as_ref().err());
             let e = match res {
                 Ok(()) => return 0,
@@ -385,7 +530,7 @@ impl Dispatcher {
     }
 
     /// Connects if needed and runs the job's steps on machine `index`.
-    fn run_on(&mut self, index: usize, session: Option<Session>, plan: &Plan, stats: &mut Stats) -> Result<(), JobError> {
+    fn run_on(&mut self, index: usize, session: Option<Session>, plan: &Plan, stats: &mut Stats, built: impl FnOnce()) -> Result<(), JobError> {
         let session = match session {
             Some(s) => s,
             None => self.connect(index)?,
@@ -404,7 +549,7 @@ impl Dispatcher {
             substitute: self.settings.builders_use_substitutes(),
         };
         let job = Job::new(&ctx, m, plan, session, &NixEvents)?;
-        job.run(stats)
+        job.run(stats, built)
     }
 
     /// Finds another builder for a job whose builder failed, or reports every
@@ -413,7 +558,7 @@ impl Dispatcher {
         match self.failover(req) {
             Ok(Some((i, s))) => {
                 out::msg(Level::Warn, &format!("build-hook: '{from}' failed ({why}); building '{}' on '{}' instead", req.drv_path, self.machines[i].uri));
-                Some(Accept { index: i, slot: s, session: None, waited: 0.0 })
+                Some(Accept { index: i, slot: Some(s), ticket: None, session: None, waited: 0.0 })
             }
             Ok(None) => {
                 out::msg(Level::Error, &format!("build-hook: cannot build '{}': no builder is left:\n  {}", req.drv_path, tried.join("\n  ")));
@@ -434,11 +579,15 @@ impl Dispatcher {
         loop {
             match self.choose(req, false)? {
                 Choice::Chosen(i, s) => return Ok(Some((i, s))),
-                Choice::None(Reply::Postpone, reasons) if Instant::now() < deadline => {
-                    let _ = reasons;
-                    std::thread::sleep(Duration::from_millis(200));
+                Choice::None(Reply::Postpone, _, full) if Instant::now() < deadline => {
+                    if full.is_empty() {
+                        // Only drained machines: nothing to wake us.
+                        std::thread::sleep(Duration::from_millis(200));
+                    } else if let Some(chosen) = self.wait_for_slot(&full, deadline)? {
+                        return Ok(Some(chosen));
+                    }
                 }
-                Choice::None(_, reasons) => {
+                Choice::None(_, reasons, _) => {
                     out::msg(Level::Talkative, &format!("build-hook: no other builder for '{}':\n  {}", req.drv_path, reasons.join("\n  ")));
                     return Ok(None);
                 }

@@ -249,16 +249,19 @@ impl<'a> Job<'a> {
     }
 
     /// Runs the three remote steps and closes the session; `stats` says
-    /// what was done, also when a step failed.
-    pub fn run(mut self, stats: &mut Stats) -> Result<(), JobError> {
-        let res = self.steps();
+    /// what was done, also when a step failed. `built` runs once the remote
+    /// build has succeeded, before the outputs are fetched (the caller frees
+    /// the builder's slot there: the builder's work is done).
+    pub fn run(mut self, stats: &mut Stats, built: impl FnOnce()) -> Result<(), JobError> {
+        let res = self.steps(built);
         *stats = self.stats;
         res
     }
 
-    fn steps(&mut self) -> Result<(), JobError> {
+    fn steps(&mut self, built: impl FnOnce()) -> Result<(), JobError> {
         self.upload_inputs()?;
         self.build()?;
+        built();
         self.fetch_outputs()?;
         if let Some(s) = self.session.take() {
             s.close();

@@ -10,7 +10,7 @@ use crate::serve::{ServeConn, ServeError};
 use crate::transport::{self, Bulk, Caps, Ended, ProcIn, ProcOut, RemoteProcess, SshConfig, StderrTap};
 use std::io::Read;
 use std::os::unix::process::ExitStatusExt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long each kind of wait may last without progress.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -195,6 +195,8 @@ impl Session {
         let machine = m.uri.clone();
         let local = |e: &dyn std::error::Error| SessionError::Local { machine: m.uri.clone(), during: "connecting", why: e.to_string() };
         let cmd = transport::session_command(m, ssh).map_err(|e| local(&e))?;
+        // Held until the handshake is over: by then the shared connection is up.
+        let _opening = transport::claim_new_connection(m, ssh, Instant::now() + t.handshake);
         let mut proc = RemoteProcess::spawn(cmd, StderrTap::default()).map_err(|e| local(&e))?;
         proc.watch.phase("connecting", Some(t.handshake));
         let (Some(r), Some(w)) = (proc.stdout.take(), proc.stdin.take()) else {
@@ -401,14 +403,12 @@ pub fn cipher_choice(m: &Machine, ssh: &SshConfig, prefer: bool, builder_aes: Op
             .filter(|o| o.status.success())
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
     };
-    let Some(user) = run(transport::ssh_settings_command(m, ssh).ok()) else { return no("'ssh -G' failed") };
-    if let Some(cp) = transport::ssh_setting(&user, "controlpath").filter(|p| *p != "none") {
-        // A socket nobody listens on (its master was killed) is replaced by a new master.
-        if std::os::unix::net::UnixStream::connect(cp).is_ok() {
-            return (None, "none needed now: a shared connection is open (its cipher was chosen when it was opened)".into());
-        }
+    // A socket nobody listens on (its master was killed) is replaced by a new master.
+    if transport::shared_connection_open(m, ssh) {
+        return (None, "none needed now: a shared connection is open (its cipher was chosen when it was opened)".into());
     }
-    // Only now, when a new connection will be made, OpenSSH's defaults are asked for.
+    // Only now, when a new connection will be made, ssh's settings are asked for.
+    let Some(user) = run(transport::ssh_settings_command(m, ssh).ok()) else { return no("'ssh -G' failed") };
     let Some(defaults) = run(Some(transport::ssh_defaults_command(m, ssh))) else { return no("'ssh -F /dev/null -G' failed") };
     let (u, d) = (transport::ssh_setting(&user, "ciphers"), transport::ssh_setting(&defaults, "ciphers"));
     if u != d {

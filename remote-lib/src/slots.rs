@@ -9,6 +9,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// A problem with the load directory.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +26,29 @@ pub enum SlotError {
         #[source]
         source: io::Error,
     },
+}
+
+/// The signal that interrupts a thread blocked in `flock` (see
+/// [`LoadDir::wait_any`]).
+fn interrupt_signal() -> libc::c_int {
+    libc::SIGRTMIN() + 2
+}
+
+/// Installs (once) a handler for [`interrupt_signal`] that does nothing and
+/// does not restart system calls, so the signal only makes `flock` return.
+fn interrupt_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    extern "C" fn nothing(_: libc::c_int) {}
+    ONCE.call_once(|| {
+        // SAFETY: a zeroed sigaction with a handler that touches nothing, no SA_RESTART.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = nothing as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            sa.sa_flags = 0;
+            libc::sigaction(interrupt_signal(), &sa, std::ptr::null_mut());
+        }
+    });
 }
 
 /// A held `flock`; released when dropped.
@@ -130,19 +154,10 @@ impl LoadDir {
         self.lock_blocking(&file_name(uri, ".upload-lock"))
     }
 
-    /// Tries the machine's upload lock until `deadline`; `None` when it is
-    /// still held then (the caller may upload without it).
-    pub fn upload_lock_until(&self, uri: &str, deadline: std::time::Instant) -> Result<Option<FileLock>, SlotError> {
-        let (file, path) = self.open(&file_name(uri, ".upload-lock"))?;
-        loop {
-            if Self::try_lock(&file, &path)? {
-                return Ok(Some(FileLock { file, path }));
-            }
-            if std::time::Instant::now() >= deadline {
-                return Ok(None);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+    /// Waits for the machine's upload lock until `deadline` at most; `None`
+    /// when it is still held then (the caller may upload without it).
+    pub fn upload_lock_until(&self, uri: &str, deadline: Instant) -> Result<Option<FileLock>, SlotError> {
+        Ok(self.wait_first(&[file_name(uri, ".upload-lock")], deadline)?.map(|(_, l)| l))
     }
 
     /// Probes the slots of a machine: the first free one is kept, the others
@@ -161,6 +176,93 @@ impl LoadDir {
             }
         }
         Ok((kept, busy))
+    }
+
+    /// Waits for the first of `slots` (`(uri, slot index)`) to be free and
+    /// takes it, until `deadline` at most ([`Self::wait_first`]). Returns the
+    /// position in `slots` and the slot, or `None` at the deadline.
+    pub fn wait_any(&self, slots: &[(String, u64)], deadline: Instant) -> Result<Option<(usize, Slot)>, SlotError> {
+        let names: Vec<String> = slots.iter().map(|(uri, i)| file_name(uri, &format!("-{i}"))).collect();
+        Ok(self.wait_first(&names, deadline)?.map(|(k, lock)| (k, Slot { index: slots[k].1, lock })))
+    }
+
+    /// Takes the first of the lock files `names` to be free, blocking in
+    /// `flock(2)` (the kernel wakes us the moment its holder releases it or
+    /// exits) until `deadline` at most: its position and the lock, or `None`.
+    ///
+    /// One thread waits on each file; the first to get its lock wins. The
+    /// others are interrupted with a signal whose handler does nothing (so
+    /// their `flock` returns `EINTR`), and one that got a lock anyway after
+    /// the winner releases it at once.
+    pub fn wait_first(&self, names: &[String], deadline: Instant) -> Result<Option<(usize, FileLock)>, SlotError> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::thread::JoinHandleExt;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{mpsc, Arc};
+        // Anything free now is taken without a thread.
+        let mut files = Vec::with_capacity(names.len());
+        for (k, name) in names.iter().enumerate() {
+            let (file, path) = self.open(name)?;
+            if Self::try_lock(&file, &path)? {
+                return Ok(Some((k, FileLock { file, path })));
+            }
+            files.push((file, path));
+        }
+        if files.is_empty() || Instant::now() >= deadline {
+            return Ok(None);
+        }
+        interrupt_handler();
+        let done = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel::<(usize, Result<FileLock, SlotError>)>();
+        let mut waiters = Vec::with_capacity(files.len());
+        for (k, (file, path)) in files.into_iter().enumerate() {
+            let (done, tx) = (done.clone(), tx.clone());
+            waiters.push(std::thread::spawn(move || loop {
+                if done.load(Ordering::SeqCst) {
+                    return;
+                }
+                // SAFETY: flock on a file descriptor this thread owns.
+                if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                    // A lock taken after the winner is dropped (released) here or by the receiver.
+                    if !done.load(Ordering::SeqCst) {
+                        let _ = tx.send((k, Ok(FileLock { file, path })));
+                    }
+                    return;
+                }
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    let _ = tx.send((k, Err(SlotError::Lock { path, source: e })));
+                    return;
+                }
+            }));
+        }
+        drop(tx);
+        let got = match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok((k, Ok(lock))) => Ok(Some((k, lock))),
+            Ok((_, Err(e))) => Err(e),
+            Err(_) => Ok(None),
+        };
+        done.store(true, Ordering::SeqCst);
+        // Interrupt every waiter until it has ended (a signal that lands just
+        // before its flock call is lost, so it is sent again).
+        for w in &waiters {
+            for _ in 0..500 {
+                if w.is_finished() {
+                    break;
+                }
+                // SAFETY: the thread has not been joined, so its pthread_t is valid.
+                unsafe { libc::pthread_kill(w.as_pthread_t(), interrupt_signal()) };
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        // Locks taken by the losers in the meantime are released as they drop.
+        while rx.try_recv().is_ok() {}
+        for w in waiters {
+            if w.is_finished() {
+                let _ = w.join();
+            }
+        }
+        got
     }
 
     /// Whether slot `slot` of `uri` is held by some process now.
@@ -267,5 +369,63 @@ mod tests {
         child.wait().unwrap();
         let (s, _) = d.probe("ssh://b", 1).unwrap();
         assert!(s.is_some());
+    }
+
+    /// Holds `file`'s flock in a child process (flock(1), as another hook
+    /// would) until the child is killed; returns once it holds it.
+    fn hold(d: &LoadDir, name: &str) -> std::process::Child {
+        let file = d.path.join(name);
+        fs::write(&file, "").unwrap();
+        let ready = d.path.join(format!("{name}.ready"));
+        let child = std::process::Command::new("flock").arg("-o").arg(&file).arg("-c").arg(format!("touch '{}'; sleep 60", ready.display())).spawn().expect("flock(1)");
+        for _ in 0..1000 {
+            if ready.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        child
+    }
+
+    #[test]
+    fn a_waiter_wakes_when_a_held_slot_is_released_and_the_others_stay_free() {
+        let d = dir("wait");
+        let mut a = hold(&d, "ssh:__b-0");
+        let mut b = hold(&d, "ssh:__c-0");
+        let want = [("ssh://b".to_string(), 0), ("ssh://c".to_string(), 0)];
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            b.kill().unwrap();
+            b.wait().unwrap();
+        });
+        let t = Instant::now();
+        let got = d.wait_any(&want, t + Duration::from_secs(30)).unwrap();
+        releaser.join().unwrap();
+        let (k, slot) = got.expect("the slot released after 300 ms");
+        assert_eq!((k, slot.index), (1, 0), "the slot that was released");
+        assert!(t.elapsed() >= Duration::from_millis(300) && t.elapsed() < Duration::from_secs(10), "woken by the release, long before the deadline");
+        // The thread that waited on b's slot must not be left holding it.
+        a.kill().unwrap();
+        a.wait().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let (free, busy) = d.probe("ssh://b", 1).unwrap();
+        assert!(free.is_some() && busy == 0, "the losing waiter released its lock");
+        assert!(d.slot_held("ssh://c", 0), "the winner still holds its slot");
+        drop(slot);
+        assert!(!d.slot_held("ssh://c", 0));
+    }
+
+    #[test]
+    fn a_waiter_gives_up_at_its_deadline() {
+        let d = dir("deadline");
+        let mut a = hold(&d, "ssh:__b-0");
+        let t = Instant::now();
+        assert!(d.wait_any(&[("ssh://b".to_string(), 0)], t + Duration::from_millis(300)).unwrap().is_none());
+        assert!(t.elapsed() >= Duration::from_millis(300) && t.elapsed() < Duration::from_secs(5));
+        a.kill().unwrap();
+        a.wait().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!d.slot_held("ssh://b", 0), "no waiter thread took the slot after giving up");
+        assert!(d.wait_any(&[("ssh://b".to_string(), 0)], Instant::now()).unwrap().is_some(), "a free slot is taken even at the deadline");
     }
 }

@@ -363,12 +363,61 @@ fn ssh_with_options(m: &Machine, cfg: &SshConfig) -> Result<Command, TransportEr
     if let Some(p) = m.ssh.port {
         c.arg("-p").arg(p.to_string());
     }
-    if let Some(dir) = &cfg.control_dir {
+    if let Some(sock) = control_socket(m, cfg) {
         o(&mut c, "ControlMaster=auto".into());
-        o(&mut c, format!("ControlPath={}/%C", percent_escape(&dir.to_string_lossy())));
+        o(&mut c, format!("ControlPath={}", percent_escape(&sock.to_string_lossy())));
         o(&mut c, format!("ControlPersist={}", cfg.control_persist));
     }
     Ok(c)
+}
+
+/// The socket of the connection shared with `m` (`None`: sharing is off):
+/// in the control directory, named by a hash of everything that shapes the
+/// connection (ssh program, host, port, key, pinned host key, compression,
+/// `NIX_SSHOPTS`; not the cipher preference, which only a new connection
+/// uses), 40 hex digits like OpenSSH's `%C`. Knowing it lets us see whether
+/// the connection is open without asking ssh.
+pub fn control_socket(m: &Machine, cfg: &SshConfig) -> Option<PathBuf> {
+    use sha2::Digest;
+    let dir = cfg.control_dir.as_ref()?;
+    let mut h = sha2::Sha256::new();
+    let port = m.ssh.port.map(|p| p.to_string()).unwrap_or_default();
+    let words =
+        [cfg.program.as_str(), m.ssh.host.as_str(), port.as_str(), m.ssh_key.as_deref().unwrap_or(""), m.host_key.as_deref().unwrap_or(""), if m.ssh.compress { "c" } else { "" }];
+    for w in words.iter().copied().chain(cfg.extra_opts.iter().map(String::as_str)) {
+        // Length-prefixed, so that no two lists of words hash alike.
+        h.update((w.len() as u64).to_le_bytes());
+        h.update(w.as_bytes());
+    }
+    let hex: String = h.finalize()[..20].iter().map(|b| format!("{b:02x}")).collect();
+    Some(dir.join(hex))
+}
+
+/// Whether the connection shared with `m` is open (its master answers).
+pub fn shared_connection_open(m: &Machine, cfg: &SshConfig) -> bool {
+    control_socket(m, cfg).is_some_and(|p| std::os::unix::net::UnixStream::connect(p).is_ok())
+}
+
+/// Before opening a session to `m`: when no shared connection is open, makes
+/// this process the one that opens it. Hooks started together (a fan-out's
+/// first builds) would otherwise each make their own connection, paying for
+/// its key exchange on both ends, and only one of them could be shared. The
+/// first takes `<socket>.connecting`; the others wait for it (until
+/// `deadline` at most), then find the connection open and share it. Hold the
+/// returned lock until the session is up (its master then listens); `None`
+/// when sharing is off, the connection is open, or the wait timed out.
+pub fn claim_new_connection(m: &Machine, cfg: &SshConfig, deadline: Instant) -> Option<crate::slots::FileLock> {
+    let sock = control_socket(m, cfg)?;
+    if shared_connection_open(m, cfg) {
+        return None;
+    }
+    let dir = crate::slots::LoadDir { path: sock.parent()?.to_path_buf() };
+    let name = format!("{}.connecting", sock.file_name()?.to_string_lossy());
+    let lock = dir.wait_first(&[name], deadline).ok().flatten()?;
+    if shared_connection_open(m, cfg) {
+        return None;
+    }
+    Some(lock.1)
 }
 
 /// How long a running process's streams may stay silent, and whether they
@@ -867,7 +916,8 @@ mod tests {
         let args: Vec<String> = ssh_command(&m, &c, &serve_words(&m)).unwrap().get_args().map(|a| a.to_string_lossy().into_owned()).collect();
         let joined = args.join(" ");
         assert!(joined.contains("-o IdentityFile=/keys/100%%key"), "{joined}");
-        assert!(joined.contains("load%%dir/ssh/%C"), "{joined}");
+        assert!(joined.contains(&format!("ControlPath={}", control_socket(&m, &c).unwrap().to_string_lossy().replace('%', "%%"))), "{joined}");
+        assert!(joined.contains("load%%dir/ssh/"), "{joined}");
         let kh = args.iter().find_map(|a| a.strip_prefix("UserKnownHostsFile=")).unwrap();
         assert!(kh.contains("load%%dir/kh/uri-"), "a long URI gets a hashed file name: {kh}");
         assert!(std::path::Path::new(&kh.replace("%%", "%")).exists());

@@ -480,7 +480,7 @@ fn run_job(level: i32, tag: &str) {
     let ev = Recorder::default();
     let session = Session::connect(&m, &ssh, TIMEOUTS).expect("connect");
     let mut stats = job::Stats::default();
-    job::Job::new(&ctx, &m, &plan, session, &ev).expect("job").run(&mut stats).unwrap_or_else(|e| panic!("the job failed: {e}; log: {:?}", ev.lines.lock()));
+    job::Job::new(&ctx, &m, &plan, session, &ev).expect("job").run(&mut stats, || ()).unwrap_or_else(|e| panic!("the job failed: {e}; log: {:?}", ev.lines.lock()));
     assert!(stats.build_secs > 0.0 && stats.download_bytes > 0, "{stats:?}");
     // The input went to A, the output came back to B, valid and intact.
     assert_eq!(valid_paths(&a, &inputs), inputs);
