@@ -409,19 +409,6 @@ impl Events for Recorder {
     }
 }
 
-/// The builder's `nix-store`: builds in a store under another root always
-/// run chrooted on Linux (Nix forces it whatever `sandbox` says), so the
-/// host's `/bin/sh` and its libraries are made visible there.
-fn builder_program(s: &Scratch) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let dirs: Vec<&str> = ["/bin", "/lib", "/lib64", "/usr"].into_iter().filter(|d| Path::new(d).exists()).collect();
-    let script = s.path().join("builder-nix-store");
-    std::fs::write(&script, format!("#!/bin/sh\nexec nix-store --option sandbox-paths '{}' --option build-users-group '' --option substituters '' \"$@\"\n", dirs.join(" ")))
-        .expect("write");
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    script
-}
-
 fn machine(a: &Path, program: &Path) -> Machine {
     let line = format!("ssh://localhost?remote-store={}&remote-program={} {} - 1 1", a.display(), program.display(), remote_lib::LOCAL_SYSTEM);
     let p = machines::parse(&line, "test", remote_lib::LOCAL_SYSTEM, &mut |_: &str| Ok(None));
