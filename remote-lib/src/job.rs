@@ -359,13 +359,14 @@ impl<'a> Job<'a> {
         let moved = if level > 0 {
             let mut bulk = BulkSession::open(m, ctx.ssh, transport::Bulk::Upload, stall)?;
             let Some((w, r)) = bulk.streams("a bulk upload") else { return Err(JobError::Local { during: "a bulk upload", why: "no pipes".into() }) };
-            let res = copy::upload_bulk(&mut self.local_serve("DumpStorePath").1, w, r, &ordered, level);
+            let res = copy::upload_bulk(&mut copy::ServeNars::new(&mut self.local_serve("DumpStorePath").1), w, r, &ordered, level);
             bulk.finish("a bulk upload", res)?
         } else {
             self.session().phase("AddToStoreNar");
             self.local_serve("DumpStorePath");
             let (Some(s), Some(ls)) = (self.session.as_mut(), self.local.as_mut()) else { unreachable!("open") };
-            let up = if m.ssh.daemon { copy::upload_multiple(&mut ls.1, &mut s.serve, &ordered) } else { copy::upload(&mut ls.1, &mut s.serve, &ordered) };
+            let mut nars = copy::ServeNars::new(&mut ls.1);
+            let up = if m.ssh.daemon { copy::upload_multiple(&mut nars, &mut s.serve, &ordered) } else { copy::upload(&mut nars, &mut s.serve, &ordered) };
             match up {
                 Ok(nar) => Moved { nar, wire: nar },
                 Err(e) => return Err(self.copy_err("uploading inputs", e)),

@@ -24,7 +24,7 @@ fn upload_interactive(a: &Path, b: &Path, paths: &[String]) -> (Vec<PathInfo>, u
     let (rp, mut remote) = builder_serve(a);
     assert!(remote.query_valid_paths(paths, false, false).expect("QueryValidPaths").is_empty(), "A starts empty");
     let ordered = copy::local_infos(&mut ls, paths).expect("local infos");
-    let sent = copy::upload(&mut ls, &mut remote, &ordered).expect("upload");
+    let sent = copy::upload(&mut copy::ServeNars::new(&mut ls), &mut remote, &ordered).expect("upload");
     drop((ls, remote));
     assert!(rp.finish().status.is_some_and(|s| s.success()), "the builder's nix-store ended cleanly");
     let _ = lp.finish();
@@ -105,7 +105,7 @@ fn bulk_upload_with_zstd() {
         let ordered = copy::local_infos(&mut ls, &p2).expect("local infos");
         let mut bulk = bulk_process(&a2, "zstd -d -q -c | {serve}");
         let (w, r) = (bulk.stdin.take().expect("stdin"), bulk.stdout.take().expect("stdout"));
-        let moved = copy::upload_bulk(&mut ls, w, r, &ordered, 3).expect("bulk upload");
+        let moved = copy::upload_bulk(&mut copy::ServeNars::new(&mut ls), w, r, &ordered, 3).expect("bulk upload");
         let ended = bulk.finish();
         assert!(ended.status.is_some_and(|s| s.success()), "the bulk session ended cleanly: {}", ended.tail);
         drop(ls);
@@ -361,7 +361,7 @@ fn a_builder_that_refuses_a_nar_is_refused_in_its_own_words() {
     // Announce the wrong hash for the first path: the builder's Nix checks it.
     ordered[0].nar_hash = ordered[1].nar_hash.clone();
     let (rp, mut remote) = builder_serve(&a);
-    let e = copy::upload(&mut ls, &mut remote, &ordered).expect_err("the builder refuses");
+    let e = copy::upload(&mut copy::ServeNars::new(&mut ls), &mut remote, &ordered).expect_err("the builder refuses");
     assert!(e.builder_closed(), "{}", session::chain(&e));
     drop(remote);
     let ended = rp.finish();
