@@ -4,12 +4,17 @@
 //! through its announced size, hashed, checked and (for fixed outputs)
 //! compared with the `.drv`'s hash before anything is registered.
 //!
+//! The local side is asked through [`PathMeta`] (the store's database, or a
+//! local `nix-store --serve`) and uploads take their NARs from a
+//! [`NarSource`]: written from disk ([`DiskNars`]) or streamed by a serve
+//! session ([`ServeNars`]).
+//!
 //! No pipe is filled before its other end is read: at most [`WINDOW`]
 //! requests are ahead of the replies read, acknowledgements are read while
 //! uploading, and a bulk session's requests are written by their own thread.
 
 use crate::hash::{HashingReader, Sha256Hash};
-use crate::local_store::{LocalStore, LocalStoreError, Registrar};
+use crate::local_store::{LocalStore, LocalStoreError, Registrar, StoreDb};
 use crate::nar::{self, NarError};
 use crate::path_info::{self, Bounded, FixedHash, PathInfoError};
 use crate::serve::{PathInfo, ServeConn, ServeError};
@@ -44,6 +49,8 @@ pub enum CopyError {
     MissingRemotely { path: String },
     #[error("rejected what the builder sent (nothing was registered)")]
     Rejected(#[from] PathInfoError),
+    #[error("'{path}' changed on disk since it was registered (its NAR is now {got} bytes, not the {registered} registered); run 'nix-store --verify --check-contents --repair'")]
+    ChangedLocally { path: String, registered: u64, got: u64 },
     #[error("I/O error while {what} '{path}'")]
     Io {
         what: &'static str,
@@ -64,7 +71,7 @@ impl CopyError {
     }
     /// The fault is on this machine, not the builder's.
     pub fn is_local(&self) -> bool {
-        matches!(self, CopyError::LocalServe { .. } | CopyError::MissingLocally { .. } | CopyError::Io { .. } | CopyError::Local(_))
+        matches!(self, CopyError::LocalServe { .. } | CopyError::MissingLocally { .. } | CopyError::ChangedLocally { .. } | CopyError::Io { .. } | CopyError::Local(_))
     }
 }
 
@@ -120,10 +127,36 @@ pub fn topo_sort(infos: Vec<PathInfo>) -> Vec<PathInfo> {
     order.into_iter().filter_map(|i| slots[i].take()).collect()
 }
 
+/// What the local store says about its paths: which are valid and their
+/// metadata (as `QueryValidPaths` without locking or substitution and
+/// `QueryPathInfos` answer).
+pub trait PathMeta {
+    fn query_valid(&mut self, paths: &[String]) -> Result<Vec<String>, CopyError>;
+    fn query_path_infos(&mut self, paths: &[String]) -> Result<Vec<PathInfo>, CopyError>;
+}
+
+impl<R: Read, W: Write> PathMeta for ServeConn<R, W> {
+    fn query_valid(&mut self, paths: &[String]) -> Result<Vec<String>, CopyError> {
+        self.query_valid_paths(paths, false, false).map_err(local_serve("QueryValidPaths"))
+    }
+    fn query_path_infos(&mut self, paths: &[String]) -> Result<Vec<PathInfo>, CopyError> {
+        ServeConn::query_path_infos(self, paths).map_err(local_serve("QueryPathInfos"))
+    }
+}
+
+impl PathMeta for StoreDb {
+    fn query_valid(&mut self, paths: &[String]) -> Result<Vec<String>, CopyError> {
+        Ok(StoreDb::query_valid(self, paths)?)
+    }
+    fn query_path_infos(&mut self, paths: &[String]) -> Result<Vec<PathInfo>, CopyError> {
+        Ok(StoreDb::query_path_infos(self, paths)?)
+    }
+}
+
 /// Asks the local store for the metadata of `missing` (one question), every
 /// one of which must be valid there, in dependency order.
-pub fn local_infos<LR: Read, LW: Write>(local: &mut ServeConn<LR, LW>, missing: &[String]) -> Result<Vec<PathInfo>, CopyError> {
-    let infos = local.query_path_infos(missing).map_err(local_serve("QueryPathInfos"))?;
+pub fn local_infos(local: &mut dyn PathMeta, missing: &[String]) -> Result<Vec<PathInfo>, CopyError> {
+    let infos = local.query_path_infos(missing)?;
     if infos.len() != missing.len() {
         let have: BTreeSet<&str> = infos.iter().map(|i| i.path.as_str()).collect();
         if let Some(p) = missing.iter().find(|p| !have.contains(p.as_str())) {
@@ -133,58 +166,145 @@ pub fn local_infos<LR: Read, LW: Write>(local: &mut ServeConn<LR, LW>, missing: 
     Ok(topo_sort(infos))
 }
 
-/// Copies the next NAR from the local store's replies to the builder:
-/// exactly `info.nar_size` bytes. A failed read is the local store's fault,
-/// a failed write the builder's.
-fn copy_nar<LR: Read, LW: Write, W: Write + ?Sized>(local: &mut ServeConn<LR, LW>, info: &PathInfo, w: &mut W) -> Result<u64, CopyError> {
-    let mut r = local.reader().take(info.nar_size);
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut got = 0;
-    loop {
-        let n = match r.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(CopyError::LocalServe { during: "DumpStorePath", source: ServeError::Io { during: "DumpStorePath", source: e } }),
-        };
-        w.write_all(&buf[..n]).map_err(builder_io("AddToStoreNar"))?;
-        got += n as u64;
-    }
-    if got != info.nar_size {
-        return Err(CopyError::LocalServe { during: "DumpStorePath", source: ServeError::Closed { during: "DumpStorePath" } });
-    }
-    Ok(got)
+/// Where an upload's NARs come from. For each path of an upload, in order,
+/// [`NarSource::before`] and then [`NarSource::write_nar`], which writes
+/// exactly `info.nar_size` bytes. A failed read is a local fault, a failed
+/// write the builder's.
+pub trait NarSource {
+    /// Runs before NAR `i` of `ordered` is written.
+    fn before(&mut self, ordered: &[PathInfo], i: usize) -> Result<(), CopyError>;
+    /// Writes the NAR of `info` to `w`; returns its size.
+    fn write_nar(&mut self, info: &PathInfo, w: &mut dyn Write) -> Result<u64, CopyError>;
 }
 
-/// Keeps the local store's `DumpStorePath` requests at most [`WINDOW`]
-/// paths ahead of the NAR being read (`upto`: the index being read now).
-fn request_nars<LR: Read, LW: Write>(local: &mut ServeConn<LR, LW>, ordered: &[PathInfo], requested: &mut usize, upto: usize) -> Result<(), CopyError> {
-    let target = (upto + WINDOW).min(ordered.len());
-    if *requested >= target {
-        return Ok(());
+/// NARs streamed by a serve session (`DumpStorePath`), with at most
+/// [`WINDOW`] requests ahead of the NAR being read.
+pub struct ServeNars<'a, R: Read, W: Write> {
+    conn: &'a mut ServeConn<R, W>,
+    requested: usize,
+}
+
+impl<'a, R: Read, W: Write> ServeNars<'a, R, W> {
+    /// For one upload; nothing may be pending on `conn`.
+    pub fn new(conn: &'a mut ServeConn<R, W>) -> Self {
+        ServeNars { conn, requested: 0 }
     }
-    while *requested < target {
-        local.send_dump_store_path(&ordered[*requested].path).map_err(local_serve("DumpStorePath"))?;
-        *requested += 1;
+}
+
+impl<R: Read, W: Write> NarSource for ServeNars<'_, R, W> {
+    fn before(&mut self, ordered: &[PathInfo], i: usize) -> Result<(), CopyError> {
+        let target = (i + WINDOW).min(ordered.len());
+        if self.requested >= target {
+            return Ok(());
+        }
+        while self.requested < target {
+            self.conn.send_dump_store_path(&ordered[self.requested].path).map_err(local_serve("DumpStorePath"))?;
+            self.requested += 1;
+        }
+        self.conn.flush().map_err(local_serve("DumpStorePath"))
     }
-    local.flush().map_err(local_serve("DumpStorePath"))
+
+    /// Copies the next NAR from the session's replies: exactly
+    /// `info.nar_size` bytes.
+    fn write_nar(&mut self, info: &PathInfo, w: &mut dyn Write) -> Result<u64, CopyError> {
+        let mut r = self.conn.reader().take(info.nar_size);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut got = 0;
+        loop {
+            let n = match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(CopyError::LocalServe { during: "DumpStorePath", source: ServeError::Io { during: "DumpStorePath", source: e } }),
+            };
+            w.write_all(&buf[..n]).map_err(builder_io("AddToStoreNar"))?;
+            got += n as u64;
+        }
+        if got != info.nar_size {
+            return Err(CopyError::LocalServe { during: "DumpStorePath", source: ServeError::Closed { during: "DumpStorePath" } });
+        }
+        Ok(got)
+    }
+}
+
+/// NARs written from the files of a store on this machine's disk
+/// ([`nar::dump`]), no process involved. A NAR whose size is not the one
+/// registered (the files changed since) is a local error, and no byte past
+/// the registered size reaches the builder.
+pub struct DiskNars<'a> {
+    store: &'a LocalStore,
+}
+
+impl<'a> DiskNars<'a> {
+    pub fn new(store: &'a LocalStore) -> Self {
+        DiskNars { store }
+    }
+}
+
+/// The writer under [`DiskNars`]: counts every byte, passes on at most
+/// `limit`, and keeps the first error of the writer below (the builder's),
+/// so that it is told from a failed read.
+struct Limited<'a> {
+    inner: &'a mut dyn Write,
+    limit: u64,
+    count: u64,
+    failed: Option<io::Error>,
+}
+
+impl Write for Limited<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let pass = (buf.len() as u64).min(self.limit.saturating_sub(self.count)) as usize;
+        if pass > 0 {
+            if let Err(e) = self.inner.write_all(&buf[..pass]) {
+                let kind = e.kind();
+                self.failed = Some(e);
+                return Err(io::Error::new(kind, "the write failed"));
+            }
+        }
+        self.count += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl NarSource for DiskNars<'_> {
+    fn before(&mut self, _: &[PathInfo], _: usize) -> Result<(), CopyError> {
+        Ok(())
+    }
+
+    fn write_nar(&mut self, info: &PathInfo, w: &mut dyn Write) -> Result<u64, CopyError> {
+        let read_err = |source| CopyError::Io { what: "reading", path: info.path.clone(), source };
+        let sp = StorePath::parse(&self.store.store_dir, &info.path).map_err(|e| read_err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+        let mut out = Limited { inner: w, limit: info.nar_size, count: 0, failed: None };
+        let res = nar::dump(&self.store.real_path(&sp), &mut out);
+        if let Some(e) = out.failed.take() {
+            return Err(builder_io("AddToStoreNar")(e));
+        }
+        res.map_err(read_err)?;
+        if out.count != info.nar_size {
+            return Err(CopyError::ChangedLocally { path: info.path.clone(), registered: info.nar_size, got: out.count });
+        }
+        Ok(out.count)
+    }
 }
 
 /// Copies `ordered` (from [`local_infos`]: absent on the builder, in
 /// dependency order) from the local store to the builder as back-to-back
 /// `AddToStoreNar` requests, reading acknowledgements as it goes so that at
 /// most 2 × [`WINDOW`] are ever pending. Returns the bytes of NAR sent.
-pub fn upload<LR: Read, LW: Write, RR: Read, RW: Write>(local: &mut ServeConn<LR, LW>, remote: &mut ServeConn<RR, RW>, ordered: &[PathInfo]) -> Result<u64, CopyError> {
-    let (mut requested, mut acked, mut sent) = (0, 0, 0);
+pub fn upload<RR: Read, RW: Write>(local: &mut dyn NarSource, remote: &mut ServeConn<RR, RW>, ordered: &[PathInfo]) -> Result<u64, CopyError> {
+    let (mut acked, mut sent) = (0, 0);
     let ack = |remote: &mut ServeConn<RR, RW>, acked: &mut usize| -> Result<(), CopyError> {
         remote.read_ack("AddToStoreNar").map_err(builder("AddToStoreNar"))?;
         *acked += 1;
         Ok(())
     };
     for (i, info) in ordered.iter().enumerate() {
-        request_nars(local, ordered, &mut requested, i)?;
+        local.before(ordered, i)?;
         remote.send_add_to_store_nar_header(info).map_err(builder("AddToStoreNar"))?;
-        sent += copy_nar(local, info, remote.writer())?;
+        sent += local.write_nar(info, remote.writer())?;
         if i + 1 - acked >= 2 * WINDOW {
             remote.flush().map_err(builder("AddToStoreNar"))?;
             while i + 1 - acked > WINDOW {
@@ -203,13 +323,13 @@ pub fn upload<LR: Read, LW: Write, RR: Read, RW: Write>(local: &mut ServeConn<LR
 /// request ([`crate::bridge::CMD_ADD_MULTIPLE`]): every path's metadata,
 /// then every NAR in the same order, then one acknowledgement. The bridge
 /// streams them into one `AddMultipleToStore`. Returns the bytes of NAR sent.
-pub fn upload_multiple<LR: Read, LW: Write, RR: Read, RW: Write>(local: &mut ServeConn<LR, LW>, remote: &mut ServeConn<RR, RW>, ordered: &[PathInfo]) -> Result<u64, CopyError> {
+pub fn upload_multiple<RR: Read, RW: Write>(local: &mut dyn NarSource, remote: &mut ServeConn<RR, RW>, ordered: &[PathInfo]) -> Result<u64, CopyError> {
     let d = "AddMultipleToStore";
     remote.send_add_multiple_header(ordered).map_err(builder(d))?;
-    let (mut requested, mut sent) = (0, 0);
+    let mut sent = 0;
     for (i, info) in ordered.iter().enumerate() {
-        request_nars(local, ordered, &mut requested, i)?;
-        sent += copy_nar(local, info, remote.writer())?;
+        local.before(ordered, i)?;
+        sent += local.write_nar(info, remote.writer())?;
     }
     remote.flush().map_err(builder(d))?;
     remote.read_ack(d).map_err(builder(d))?;
@@ -222,7 +342,7 @@ pub fn upload_multiple<LR: Read, LW: Write, RR: Read, RW: Write>(local: &mut Ser
 /// announced hash as it imports it. The same requests as [`upload`], the
 /// other way round.
 pub fn import_outputs<RR: Read, RW: Write, LR: Read, LW: Write>(remote: &mut ServeConn<RR, RW>, local: &mut ServeConn<LR, LW>, ordered: &[PathInfo]) -> Result<u64, CopyError> {
-    upload(remote, local, ordered).map_err(|e| match e {
+    upload(&mut ServeNars::new(remote), local, ordered).map_err(|e| match e {
         CopyError::Builder { during, source } => CopyError::LocalServe { during, source },
         CopyError::LocalServe { during, source } => CopyError::Builder { during, source },
         CopyError::MissingLocally { path } => CopyError::MissingRemotely { path },
@@ -245,14 +365,14 @@ pub fn remote_infos<RR: Read, RW: Write>(remote: &mut ServeConn<RR, RW>, store_d
 /// References of `infos` that are neither among them nor valid in the local
 /// store (asked through `local`) make the reply a lie: such a path would be
 /// registered with a dangling reference.
-pub fn check_references<LR: Read, LW: Write>(local: &mut ServeConn<LR, LW>, infos: &[PathInfo]) -> Result<(), CopyError> {
+pub fn check_references(local: &mut dyn PathMeta, infos: &[PathInfo]) -> Result<(), CopyError> {
     let ours: BTreeSet<&str> = infos.iter().map(|i| i.path.as_str()).collect();
     let others: BTreeSet<String> = infos.iter().flat_map(|i| i.references.iter()).filter(|r| !ours.contains(r.as_str())).cloned().collect();
     if others.is_empty() {
         return Ok(());
     }
     let others: Vec<String> = others.into_iter().collect();
-    let valid: BTreeSet<String> = local.query_valid_paths(&others, false, false).map_err(local_serve("QueryValidPaths"))?.into_iter().collect();
+    let valid: BTreeSet<String> = local.query_valid(&others)?.into_iter().collect();
     for i in infos {
         if let Some(r) = i.references.iter().find(|r| !ours.contains(r.as_str()) && !valid.contains(*r)) {
             return Err(PathInfoError { path: i.path.clone(), why: format!("it references '{r}', which is neither an output of this build nor valid locally") }.into());
@@ -364,13 +484,7 @@ pub fn download_bulk<W: Write + Send + 'static, R: Read>(
 /// its NAR in dependency order, end of stream. The server's handshake and
 /// acknowledgements are read by a thread meanwhile. The builder's Nix
 /// verifies every NAR's hash and size before it registers the path.
-pub fn upload_bulk<LR: Read, LW: Write, W: Write, R: Read + Send + 'static>(
-    local: &mut ServeConn<LR, LW>,
-    requests: W,
-    replies: R,
-    ordered: &[PathInfo],
-    level: i32,
-) -> Result<Moved, CopyError> {
+pub fn upload_bulk<W: Write, R: Read + Send + 'static>(local: &mut dyn NarSource, requests: W, replies: R, ordered: &[PathInfo], level: i32) -> Result<Moved, CopyError> {
     if ordered.is_empty() {
         return Ok(Moved::default());
     }
@@ -388,14 +502,16 @@ pub fn upload_bulk<LR: Read, LW: Write, W: Write, R: Read + Send + 'static>(
     let mut wire = Counter { inner: requests, count: 0 };
     let mut sent = 0;
     let res = (|| -> Result<(), CopyError> {
-        let mut enc = zstd::stream::write::Encoder::new(&mut wire, level).map_err(&io)?;
+        // Buffered: a NAR written from disk comes in many small writes,
+        // each of which would otherwise be a call into zstd.
+        let mut enc = io::BufWriter::with_capacity(128 * 1024, zstd::stream::write::Encoder::new(&mut wire, level).map_err(&io)?);
         crate::serve::write_client_hello(&mut enc).map_err(&io)?;
-        let mut requested = 0;
         for (i, info) in ordered.iter().enumerate() {
-            request_nars(local, ordered, &mut requested, i)?;
+            local.before(ordered, i)?;
             crate::serve::write_add_to_store_nar_header(&mut enc, info).map_err(&io)?;
-            sent += copy_nar(local, info, &mut enc)?;
+            sent += local.write_nar(info, &mut enc)?;
         }
+        let enc = enc.into_inner().map_err(|e| io(e.into_error()))?;
         enc.finish().map_err(&io)?.flush().map_err(&io)
     })();
     let wire_bytes = wire.count;

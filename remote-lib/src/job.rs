@@ -6,11 +6,11 @@
 //! way. The library never prints: progress goes through [`Events`].
 
 use crate::compress;
-use crate::copy::{self, CopyError, Moved, Receive};
+use crate::copy::{self, CopyError, Moved, NarSource, PathMeta, Receive};
 use crate::derivation::{Derivation, Kind};
 use crate::health::{self, Health, HealthStore};
 use crate::hook_protocol::{Accepted, BuildOptions};
-use crate::local_store::{LocalServe, LocalStore, LocalStoreError, Registrar};
+use crate::local_store::{LocalServe, LocalStore, LocalStoreError, Registrar, StoreDb};
 use crate::machines::Machine;
 use crate::nixlog::Level;
 use crate::path_info::FixedHash;
@@ -209,7 +209,8 @@ pub struct Job<'a> {
     plan: &'a Plan,
     ev: &'a dyn Events,
     session: Option<Session>,
-    local: Option<LocalServe>,
+    local: LocalSide<'a>,
+    /// Started when the build is, so that its start-up overlaps the build.
     registrar: Option<Registrar>,
     /// A download session opened while the build runs.
     spare: Option<BulkSession>,
@@ -224,14 +225,11 @@ pub struct Job<'a> {
 }
 
 impl<'a> Job<'a> {
-    /// Starts the local helpers (a local `nix-store --serve` and the
-    /// registration process), so they are ready when they are needed.
+    /// A job over `session`. Nothing local is started yet: a store on this
+    /// disk is read directly, and the registration process starts with the
+    /// build.
     pub fn new(ctx: &'a Context<'a>, m: &'a Machine, plan: &'a Plan, session: Session, ev: &'a dyn Events) -> Result<Job<'a>, JobError> {
         let stall = session.timeouts().stall;
-        let proc = ctx.local.spawn_serve().map_err(local("starting the local nix-store"))?;
-        // A store not on this disk takes outputs through its nix-store --serve instead.
-        let registrar = if ctx.local.on_disk() { Some(ctx.local.start_registrar().map_err(local("starting the local nix-store"))?) } else { None };
-        let ls = ctx.local.serve_handshake(proc, stall).map_err(local("starting the local nix-store"))?;
         let mut session = session;
         let mut by_path = false;
         if m.ssh.daemon && !matches!(plan.drv.kind(), Kind::Fixed | Kind::Floating) {
@@ -245,7 +243,8 @@ impl<'a> Job<'a> {
                 ev.log(Level::Talkative, &format!("build-hook: '{}' does not trust this user: copying the derivation and building it by path", m.uri));
             }
         }
-        Ok(Job { ctx, m, plan, ev, session: Some(session), local: Some(ls), registrar, spare: None, built: Vec::new(), by_path, stats: Stats::default() })
+        let local = LocalSide::new(ctx.local, ev, stall);
+        Ok(Job { ctx, m, plan, ev, session: Some(session), local, registrar: None, spare: None, built: Vec::new(), by_path, stats: Stats::default() })
     }
 
     /// Runs the three remote steps and closes the session; `stats` says
@@ -266,10 +265,7 @@ impl<'a> Job<'a> {
         if let Some(s) = self.session.take() {
             s.close();
         }
-        if let Some((p, c)) = self.local.take() {
-            drop(c);
-            let _ = p.finish();
-        }
+        self.local.close();
         Ok(())
     }
 
@@ -290,22 +286,6 @@ impl<'a> Job<'a> {
             return JobError::Local { during, why: session::chain(&e) };
         }
         self.fail(during, Fault::from(&e))
-    }
-
-    /// The local `nix-store --serve`, in `phase`: it must keep moving for as
-    /// long as the stall timeout. Call [`Self::local_idle`] after use, so that
-    /// a long remote build does not count as the local store stalling.
-    fn local_serve(&mut self, phase: &'static str) -> &mut LocalServe {
-        let stall = self.ctx_stall();
-        let ls = self.local.as_mut().expect("open until the job ends");
-        ls.0.watch.phase(phase, Some(stall));
-        ls
-    }
-
-    fn local_idle(&mut self) {
-        if let Some(ls) = self.local.as_ref() {
-            ls.0.watch.phase("idle", None);
-        }
     }
 
     /// Step 1: the inputs the builder lacks (one question), uploaded under
@@ -332,9 +312,7 @@ impl<'a> Job<'a> {
             return Ok(());
         }
         // Everything that needs only the local store happens before the lock.
-        let ordered =
-            copy::local_infos(&mut self.local_serve("QueryPathInfos").1, &missing).map_err(|e| JobError::Local { during: "reading the inputs", why: session::chain(&e) })?;
-        self.local_idle();
+        let ordered = copy::local_infos(&mut self.local, &missing).map_err(|e| JobError::Local { during: "reading the inputs", why: session::chain(&e) })?;
         let level = self.upload_level(&ordered);
         let stall = self.session().timeouts().stall;
         let lock = {
@@ -362,20 +340,26 @@ impl<'a> Job<'a> {
         let moved = if level > 0 {
             let mut bulk = BulkSession::open(m, ctx.ssh, transport::Bulk::Upload, stall)?;
             let Some((w, r)) = bulk.streams("a bulk upload") else { return Err(JobError::Local { during: "a bulk upload", why: "no pipes".into() }) };
-            let res = copy::upload_bulk(&mut self.local_serve("DumpStorePath").1, w, r, &ordered, level);
+            let res = self.local.nars().and_then(|mut nars| copy::upload_bulk(&mut *nars, w, r, &ordered, level));
             bulk.finish("a bulk upload", res)?
         } else {
             self.session().phase("AddToStoreNar");
-            self.local_serve("DumpStorePath");
-            let (Some(s), Some(ls)) = (self.session.as_mut(), self.local.as_mut()) else { unreachable!("open") };
-            let up = if m.ssh.daemon { copy::upload_multiple(&mut ls.1, &mut s.serve, &ordered) } else { copy::upload(&mut ls.1, &mut s.serve, &ordered) };
+            let Some(s) = self.session.as_mut() else { unreachable!("open") };
+            let up = self.local.nars().and_then(|mut nars| {
+                let nars = &mut *nars;
+                if m.ssh.daemon {
+                    copy::upload_multiple(nars, &mut s.serve, &ordered)
+                } else {
+                    copy::upload(nars, &mut s.serve, &ordered)
+                }
+            });
             match up {
                 Ok(nar) => Moved { nar, wire: nar },
                 Err(e) => return Err(self.copy_err("uploading inputs", e)),
             }
         };
         drop(lock);
-        self.local_idle();
+        self.local.idle();
         self.session().idle();
         (self.stats.upload_bytes, self.stats.upload_secs) = (moved.nar, t.elapsed().as_secs_f64());
         self.learn(level, moved, t, &format!("copied {} paths to", ordered.len()));
@@ -420,6 +404,11 @@ impl<'a> Job<'a> {
         if level > 0 && m.max_jobs <= MAX_JOBS_FOR_SPARE_SESSION {
             self.spare = Some(BulkSession::open(m, ctx.ssh, transport::Bulk::Download { level }, self.ctx_stall())?);
         }
+        if ctx.local.on_disk() {
+            // Started now, its start-up overlaps the build; if no output
+            // needs fetching it is dropped, which registers nothing.
+            self.registrar = Some(ctx.local.start_registrar().map_err(local("starting the local nix-store"))?);
+        }
         self.session().building();
         let t = Instant::now();
         let res = if self.by_path {
@@ -450,17 +439,14 @@ impl<'a> Job<'a> {
         let spare = self.spare.take();
         let wanted: Vec<StorePath> = plan.wanted.iter().cloned().chain(self.built.iter().map(|(_, p)| p.clone())).collect();
         let want: Vec<String> = wanted.iter().map(|p| p.to_string()).collect();
-        let valid = self
-            .local_serve("QueryValidPaths")
-            .1
-            .query_valid_paths(&want, false, false)
-            .map_err(|e| JobError::Local { during: "asking the local store", why: session::chain(&e) })?;
-        self.local_idle();
+        let valid = self.local.query_valid(&want).map_err(|e| JobError::Local { during: "asking the local store", why: session::chain(&e) })?;
         let fetch: Vec<StorePath> = wanted.iter().filter(|p| !valid.iter().any(|v| v == p.as_str())).cloned().collect();
         if fetch.is_empty() {
             if let Some(s) = spare {
                 s.discard();
             }
+            // Killed before its input is closed: it registers nothing.
+            drop(self.registrar.take());
             return self.register_realisations();
         }
         let _act = Act::start(self.ev, Level::Info, &format!("copying outputs from '{}'", m.uri));
@@ -470,27 +456,31 @@ impl<'a> Job<'a> {
             Ok(i) => i,
             Err(e) => return Err(self.copy_err("QueryPathInfos", e)),
         };
-        if let Err(e) = copy::check_references(&mut self.local_serve("QueryValidPaths").1, &infos) {
+        if let Err(e) = copy::check_references(&mut self.local, &infos) {
             return Err(self.copy_err("checking the outputs' references", e));
         }
-        self.local_idle();
-        let Some(registrar) = self.registrar.take() else {
+        // A store not on this disk takes outputs through its nix-store --serve.
+        if !ctx.local.on_disk() {
             if let Some(s) = spare {
                 s.discard();
             }
             let t = Instant::now();
             let ordered = copy::topo_sort(infos);
-            let (Some(s), Some(ls)) = (self.session.as_mut(), self.local.as_mut()) else { unreachable!("open") };
-            s.phase("DumpStorePath");
-            ls.0.watch.phase("importing outputs", Some(s.timeouts().stall));
-            let nar = match copy::import_outputs(&mut s.serve, &mut ls.1, &ordered) {
+            self.session().phase("DumpStorePath");
+            let Some(s) = self.session.as_mut() else { unreachable!("open") };
+            let res = self.local.serve("importing outputs").and_then(|ls| copy::import_outputs(&mut s.serve, &mut ls.1, &ordered));
+            self.local.idle();
+            let nar = match res {
                 Ok(nar) => nar,
                 Err(e) => return Err(self.copy_err("receiving outputs", e)),
             };
-            self.local_idle();
             (self.stats.download_bytes, self.stats.download_secs) = (nar, t.elapsed().as_secs_f64());
             self.learn(0, Moved { nar, wire: nar }, t, &format!("copied {} outputs from", ordered.len()));
             return Ok(());
+        }
+        let registrar = match self.registrar.take() {
+            Some(r) => r,
+            None => ctx.local.start_registrar().map_err(local("starting the local nix-store"))?,
         };
         // Only a download into this disk chooses a compression level (and may probe for it).
         let h = builder_caps(ctx.health, m, ctx.ssh, self.ctx_stall());
@@ -548,11 +538,9 @@ impl<'a> Job<'a> {
             if next.is_empty() {
                 break;
             }
-            let infos = copy::local_infos(&mut self.local_serve("QueryPathInfos").1, &next)
-                .map_err(|e| JobError::Local { during: "reading the derivation's closure", why: session::chain(&e) })?;
+            let infos = copy::local_infos(&mut self.local, &next).map_err(|e| JobError::Local { during: "reading the derivation's closure", why: session::chain(&e) })?;
             next = infos.into_iter().flat_map(|i| i.references).filter(|r| !seen.contains(r)).collect();
         }
-        self.local_idle();
         Ok(seen.into_iter().collect())
     }
 
@@ -600,9 +588,127 @@ impl Drop for Job<'_> {
         if let Some(s) = self.session.take() {
             s.kill();
         }
-        if let Some((p, c)) = self.local.take() {
+        self.local.kill();
+    }
+}
+
+/// The local store as a job uses it: for a store on this disk, its
+/// database (opened on first use, one connection per job) and its files;
+/// otherwise, or once the database could not be read, a local
+/// `nix-store --serve`, started on first use.
+struct LocalSide<'a> {
+    store: &'a LocalStore,
+    ev: &'a dyn Events,
+    stall: Duration,
+    db: Db,
+    serve: Option<LocalServe>,
+}
+
+enum Db {
+    Unopened,
+    Open(StoreDb),
+    /// Not on this disk, or it failed once: the serve answers from then on.
+    Unused,
+}
+
+impl<'a> LocalSide<'a> {
+    fn new(store: &'a LocalStore, ev: &'a dyn Events, stall: Duration) -> Self {
+        LocalSide { store, ev, stall, db: if store.on_disk() { Db::Unopened } else { Db::Unused }, serve: None }
+    }
+
+    /// The database, opened now if it was not yet; `None` when it is not
+    /// used (a failure to open it is said once, at Talkative).
+    fn db(&mut self) -> Option<&StoreDb> {
+        if let Db::Unopened = self.db {
+            self.db = match self.store.open_db() {
+                Ok(db) => Db::Open(db),
+                Err(e) => {
+                    self.give_up_db(&e);
+                    Db::Unused
+                }
+            };
+        }
+        match &self.db {
+            Db::Open(db) => Some(db),
+            _ => None,
+        }
+    }
+
+    /// Stops using the database after `e`: the build goes on through a
+    /// local `nix-store --serve`.
+    fn give_up_db(&mut self, e: &LocalStoreError) {
+        self.db = Db::Unused;
+        self.ev.log(Level::Talkative, &format!("build-hook: {}; asking a local 'nix-store --serve' instead", session::chain(e)));
+    }
+
+    /// The local `nix-store --serve` (started and greeted now if it was not
+    /// yet), in `phase`: it must keep moving for as long as the stall
+    /// timeout. Call [`Self::idle`] after use, so that a long remote build
+    /// does not count as the local store stalling.
+    fn serve(&mut self, phase: &'static str) -> Result<&mut LocalServe, CopyError> {
+        if self.serve.is_none() {
+            let proc = self.store.spawn_serve()?;
+            self.serve = Some(self.store.serve_handshake(proc, self.stall)?);
+        }
+        let ls = self.serve.as_mut().expect("just started");
+        ls.0.watch.phase(phase, Some(self.stall));
+        Ok(ls)
+    }
+
+    fn idle(&mut self) {
+        if let Some(ls) = self.serve.as_ref() {
+            ls.0.watch.phase("idle", None);
+        }
+    }
+
+    /// Where an upload's NARs come from: the files on disk when the paths'
+    /// metadata came from the database, else the serve session (call
+    /// [`Self::idle`] after the upload).
+    fn nars(&mut self) -> Result<Box<dyn NarSource + '_>, CopyError> {
+        if let Db::Open(_) = self.db {
+            return Ok(Box::new(copy::DiskNars::new(self.store)));
+        }
+        Ok(Box::new(copy::ServeNars::new(&mut self.serve("DumpStorePath")?.1)))
+    }
+
+    /// Ends the serve session, if one was started.
+    fn close(&mut self) {
+        if let Some((p, c)) = self.serve.take() {
+            drop(c);
+            let _ = p.finish();
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some((p, c)) = self.serve.take() {
             drop(c);
             let _ = p.kill();
         }
+    }
+}
+
+impl PathMeta for LocalSide<'_> {
+    fn query_valid(&mut self, paths: &[String]) -> Result<Vec<String>, CopyError> {
+        if let Some(db) = self.db() {
+            match db.query_valid(paths) {
+                Ok(v) => return Ok(v),
+                Err(e) => self.give_up_db(&e),
+            }
+        }
+        let res = PathMeta::query_valid(&mut self.serve("QueryValidPaths")?.1, paths);
+        self.idle();
+        res
+    }
+
+    fn query_path_infos(&mut self, paths: &[String]) -> Result<Vec<PathInfo>, CopyError> {
+        if let Some(db) = self.db() {
+            match db.query_path_infos(paths) {
+                Ok(v) => return Ok(v),
+                Err(e) => self.give_up_db(&e),
+            }
+        }
+        let res = PathMeta::query_path_infos(&mut self.serve("QueryPathInfos")?.1, paths);
+        self.idle();
+        res
     }
 }

@@ -1,6 +1,7 @@
 //! NAR (Nix ARchive, Nix's `src/libutil/archive.cc`): a streaming, pull-style reader that either
 //! restores an archive onto the filesystem or just walks it (to find where a
-//! `DumpStorePath` reply ends), plus a writer used by tests and fixtures.
+//! `DumpStorePath` reply ends), plus a writer ([`dump`]) that uploads from a
+//! store on this disk use, byte for byte what `nix-store --dump` writes.
 //!
 //! Grammar, each token a wire string:
 //!
@@ -256,14 +257,18 @@ pub fn remove_tree(p: &Path) -> io::Result<()> {
     }
 }
 
-/// Writes the NAR of the filesystem object at `p` (used by tests and fixtures;
-/// uploads stream the NAR that the local Nix produces).
-pub fn dump<W: Write>(p: &Path, w: &mut W) -> io::Result<()> {
+/// Writes the NAR of the filesystem object at `p`, as `nix-store --dump`
+/// does (uploads from a store on this disk, hashing a fixed output, tests).
+/// A file that changes size while it is read is an error.
+pub fn dump<W: Write + ?Sized>(p: &Path, w: &mut W) -> io::Result<()> {
     wire::write_bytes(w, b"nix-archive-1")?;
-    dump_node(p, w)
+    dump_node(p, w, &mut Vec::new())
 }
 
-fn dump_node<W: Write>(p: &Path, w: &mut W) -> io::Result<()> {
+/// File contents go through `buf`, grown to at most this (one buffer per dump).
+const DUMP_CHUNK: u64 = 128 * 1024;
+
+fn dump_node<W: Write + ?Sized>(p: &Path, w: &mut W, buf: &mut Vec<u8>) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::PermissionsExt;
     let md = fs::symlink_metadata(p)?;
@@ -284,7 +289,7 @@ fn dump_node<W: Write>(p: &Path, w: &mut W) -> io::Result<()> {
             }
             wire::write_bytes(w, n.as_bytes())?;
             wire::write_bytes(w, b"node")?;
-            dump_node(&p.join(&n), w)?;
+            dump_node(&p.join(&n), w, buf)?;
             wire::write_bytes(w, b")")?;
         }
     } else if md.is_file() {
@@ -295,7 +300,22 @@ fn dump_node<W: Write>(p: &Path, w: &mut W) -> io::Result<()> {
         }
         wire::write_bytes(w, b"contents")?;
         wire::write_u64(w, md.len())?;
-        let n = io::copy(&mut fs::File::open(p)?.take(md.len()), w)?;
+        let want = md.len().min(DUMP_CHUNK) as usize;
+        if buf.len() < want {
+            buf.resize(want, 0);
+        }
+        let mut f = fs::File::open(p)?.take(md.len());
+        let mut n = 0;
+        while n < md.len() {
+            let got = match f.read(&mut buf[..]) {
+                Ok(0) => break,
+                Ok(got) => got,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            w.write_all(&buf[..got])?;
+            n += got as u64;
+        }
         if n != md.len() {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("{} changed while being read", p.display())));
         }

@@ -24,7 +24,7 @@ fn upload_interactive(a: &Path, b: &Path, paths: &[String]) -> (Vec<PathInfo>, u
     let (rp, mut remote) = builder_serve(a);
     assert!(remote.query_valid_paths(paths, false, false).expect("QueryValidPaths").is_empty(), "A starts empty");
     let ordered = copy::local_infos(&mut ls, paths).expect("local infos");
-    let sent = copy::upload(&mut ls, &mut remote, &ordered).expect("upload");
+    let sent = copy::upload(&mut copy::ServeNars::new(&mut ls), &mut remote, &ordered).expect("upload");
     drop((ls, remote));
     assert!(rp.finish().status.is_some_and(|s| s.success()), "the builder's nix-store ended cleanly");
     let _ = lp.finish();
@@ -105,7 +105,7 @@ fn bulk_upload_with_zstd() {
         let ordered = copy::local_infos(&mut ls, &p2).expect("local infos");
         let mut bulk = bulk_process(&a2, "zstd -d -q -c | {serve}");
         let (w, r) = (bulk.stdin.take().expect("stdin"), bulk.stdout.take().expect("stdout"));
-        let moved = copy::upload_bulk(&mut ls, w, r, &ordered, 3).expect("bulk upload");
+        let moved = copy::upload_bulk(&mut copy::ServeNars::new(&mut ls), w, r, &ordered, 3).expect("bulk upload");
         let ended = bulk.finish();
         assert!(ended.status.is_some_and(|s| s.success()), "the bulk session ended cleanly: {}", ended.tail);
         drop(ls);
@@ -361,7 +361,7 @@ fn a_builder_that_refuses_a_nar_is_refused_in_its_own_words() {
     // Announce the wrong hash for the first path: the builder's Nix checks it.
     ordered[0].nar_hash = ordered[1].nar_hash.clone();
     let (rp, mut remote) = builder_serve(&a);
-    let e = copy::upload(&mut ls, &mut remote, &ordered).expect_err("the builder refuses");
+    let e = copy::upload(&mut copy::ServeNars::new(&mut ls), &mut remote, &ordered).expect_err("the builder refuses");
     assert!(e.builder_closed(), "{}", session::chain(&e));
     drop(remote);
     let ended = rp.finish();
@@ -409,19 +409,6 @@ impl Events for Recorder {
     }
 }
 
-/// The builder's `nix-store`: builds in a store under another root always
-/// run chrooted on Linux (Nix forces it whatever `sandbox` says), so the
-/// host's `/bin/sh` and its libraries are made visible there.
-fn builder_program(s: &Scratch) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let dirs: Vec<&str> = ["/bin", "/lib", "/lib64", "/usr"].into_iter().filter(|d| Path::new(d).exists()).collect();
-    let script = s.path().join("builder-nix-store");
-    std::fs::write(&script, format!("#!/bin/sh\nexec nix-store --option sandbox-paths '{}' --option build-users-group '' --option substituters '' \"$@\"\n", dirs.join(" ")))
-        .expect("write");
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    script
-}
-
 fn machine(a: &Path, program: &Path) -> Machine {
     let line = format!("ssh://localhost?remote-store={}&remote-program={} {} - 1 1", a.display(), program.display(), remote_lib::LOCAL_SYSTEM);
     let p = machines::parse(&line, "test", remote_lib::LOCAL_SYSTEM, &mut |_: &str| Ok(None));
@@ -464,12 +451,43 @@ fn derivation(b: &Path, tag: &str) -> (String, Vec<String>, String) {
     (drv, inputs, input)
 }
 
-fn run_job(level: i32, tag: &str) {
+/// A `nix-store` for the hook's local store that notes each command line
+/// in `log` before running the real one.
+fn logged_nix_store(s: &Scratch, log: &Path) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let script = s.path().join("local-nix-store");
+    std::fs::write(&script, format!("#!/bin/sh\necho \"$*\" >> '{}'\nexec nix-store \"$@\"\n", log.display())).expect("write");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    script.to_string_lossy().into_owned()
+}
+
+/// How a job is to find B's database.
+#[derive(Clone, Copy, PartialEq)]
+enum Db {
+    Readable,
+    /// The input's row has its NAR hash in a form Nix reads but never
+    /// writes (SRI): the job must go on through a local `nix-store --serve`.
+    Unusual,
+}
+
+/// Runs a whole job from B to A; returns the hook's log lines and the
+/// local `nix-store` command lines it ran.
+fn run_job(level: i32, tag: &str, db: Db) -> (String, Vec<String>) {
     let s = Scratch::new(tag);
     let (a, b) = (s.store("A"), s.store("B"));
     init_store(&a);
     let (drv, inputs, input) = derivation(&b, tag);
-    let local = local_store(&b);
+    if db == Db::Unusual {
+        use base64::Engine;
+        let conn = rusqlite::Connection::open(b.join("nix/var/nix/db/db.sqlite")).expect("open B's database");
+        let hash: String = conn.query_row("SELECT hash FROM ValidPaths WHERE path = ?1", [&input], |r| r.get(0)).expect("the input's row");
+        let raw = remote_lib::hash::Sha256Hash::parse(&hash).expect("sha256:<base16>");
+        let sri = format!("sha256-{}", base64::engine::general_purpose::STANDARD.encode(raw.0));
+        assert_eq!(conn.execute("UPDATE ValidPaths SET hash = ?1 WHERE path = ?2", [&sri, &input]).expect("update"), 1);
+    }
+    let log = s.path().join("local-nix-store.log");
+    let mut local = local_store(&b);
+    local.nix_store = logged_nix_store(&s, &log);
     let plan = Plan::new(&local, &drv, &Accepted { inputs: inputs.clone(), wanted_outputs: vec!["out".into()] }).expect("plan");
     assert_eq!(plan.wanted.len(), 1);
     let out = plan.wanted[0].to_string();
@@ -494,16 +512,37 @@ fn run_job(level: i32, tag: &str) {
     assert!(lines.contains("copied 1 paths to") && lines.contains("copied 1 outputs from") && lines.contains(&how), "{lines}");
     assert!(ev.temps.lock().expect("lock").iter().all(|t| !t.exists()));
     assert!(store_entries(&b, "build-hook").is_empty());
+    let ran = std::fs::read_to_string(&log).unwrap_or_default().lines().map(str::to_string).collect();
+    (lines, ran)
+}
+
+/// A job into a store on this disk runs one local `nix-store`: the
+/// registration. Metadata come from the database, NARs from the files.
+fn run_job_directly(level: i32, tag: &str) {
+    let (lines, ran) = run_job(level, tag, Db::Readable);
+    assert_eq!(ran.len(), 1, "one local nix-store: {ran:?}");
+    assert!(ran[0].ends_with("--load-db"), "{ran:?}");
+    assert!(!lines.contains("instead"), "{lines}");
 }
 
 #[test]
 fn a_whole_job_over_the_interactive_session() {
-    run_job(0, "job-raw");
+    run_job_directly(0, "job-raw");
 }
 
 #[test]
 fn a_whole_job_with_zstd_bulk_sessions() {
-    run_job(3, "job-zstd");
+    run_job_directly(3, "job-zstd");
+}
+
+#[test]
+fn a_database_the_hook_cannot_read_is_asked_through_nix_store_serve() {
+    let (lines, ran) = run_job(0, "job-fallback", Db::Unusual);
+    assert!(lines.contains("which is not 'sha256:' and base16 as Nix writes it") && lines.contains("asking a local 'nix-store --serve' instead"), "said at Talkative: {lines}");
+    assert_eq!(lines.matches("instead").count(), 1, "said once: {lines}");
+    let serves = ran.iter().filter(|r| r.contains("--serve")).count();
+    assert_eq!(serves, 1, "one local nix-store --serve, started when needed: {ran:?}");
+    assert!(ran.iter().any(|r| r.ends_with("--load-db")), "{ran:?}");
 }
 
 #[test]

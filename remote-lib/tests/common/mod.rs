@@ -165,6 +165,19 @@ pub fn local_serve(root: &Path) -> LocalServe {
     s.serve_handshake(p, Duration::from_secs(30)).expect("local handshake")
 }
 
+/// The builder's `nix-store`: builds in a store under another root always
+/// run chrooted on Linux (Nix forces it whatever `sandbox` says), so the
+/// host's `/bin/sh` and its libraries are made visible there.
+pub fn builder_program(s: &Scratch) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dirs: Vec<&str> = ["/bin", "/lib", "/lib64", "/usr"].into_iter().filter(|d| Path::new(d).exists()).collect();
+    let script = s.path().join("builder-nix-store");
+    std::fs::write(&script, format!("#!/bin/sh\nexec nix-store --option sandbox-paths '{}' --option build-users-group '' --option substituters '' \"$@\"\n", dirs.join(" ")))
+        .expect("write");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    script
+}
+
 /// A "builder": `nix-store --serve --write` of the store at `root`, no ssh.
 pub fn builder_serve(root: &Path) -> (RemoteProcess, ServeConn<ProcOut, ProcIn>) {
     let mut c = Command::new("nix-store");
