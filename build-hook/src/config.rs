@@ -227,7 +227,13 @@ mod tests {
         let c = cfg(&[]).unwrap();
         assert_eq!((c.connect_timeout, c.stall_timeout, c.slot_wait_ms, c.compress, c.prefer_aes_gcm), (10, 300, 3000, None, true));
         assert!(c.queue && !cfg(&[("BUILD_HOOK_QUEUE", "0")]).unwrap().queue);
-        for (k, v) in [("BUILD_HOOK_STALL_TIMEOUT", "soon"), ("BUILD_HOOK_COMPRESS", "99"), ("BUILD_HOOK_PREFER_AES_GCM", "yes"), ("BUILD_HOOK_CONNECT_TIMEOUT", "-1"), ("BUILD_HOOK_QUEUE", "on")] {
+        for (k, v) in [
+            ("BUILD_HOOK_STALL_TIMEOUT", "soon"),
+            ("BUILD_HOOK_COMPRESS", "99"),
+            ("BUILD_HOOK_PREFER_AES_GCM", "yes"),
+            ("BUILD_HOOK_CONNECT_TIMEOUT", "-1"),
+            ("BUILD_HOOK_QUEUE", "on"),
+        ] {
             let e = cfg(&[(k, v)]).unwrap_err();
             assert!(e.contains(k) && e.contains(v), "{e}");
         }

@@ -230,8 +230,22 @@ impl Dispatcher {
     fn wait_queued(&mut self, req: &TryRequest, acc: &mut Accept) -> Option<()> {
         let want = acc.index;
         let started = Instant::now();
+        // For as long as the try would have waited, only a slot of the machine
+        // it is queued for (and connected to): the other machines' slots go
+        // to the builds queued for them.
+        let own_until = started + Duration::from_millis(self.cfg.slot_wait_ms);
         let mut said = false;
         loop {
+            if Instant::now() < own_until && acc.session.is_some() && !self.failed.contains_key(&want) && self.drains.drained(&self.machines[want].uri, health::now()).is_none() {
+                match self.wait_for_slot(&[want], own_until) {
+                    Ok(Some((i, s))) => return self.queued_got(acc, i, s, started),
+                    Ok(None) => continue,
+                    Err(e) => {
+                        out::msg(Level::Error, &format!("build-hook: {e:#}"));
+                        return None;
+                    }
+                }
+            }
             match self.choose(req, false) {
                 Ok(Choice::Chosen(i, s)) => {
                     return self.queued_got(acc, i, s, started);
