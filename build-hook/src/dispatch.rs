@@ -186,7 +186,13 @@ impl Dispatcher {
             };
             let slot = Some(slot);
             let m = &self.machines[index];
-            if self.health.get(&m.uri).recently_good(health::now(), self.cfg.healthy_window) {
+            // Connecting before accepting keeps Nix's choice of building here
+            // if the builder cannot be reached; without that choice (Nix will
+            // not build it, e.g. --max-jobs 0), accept now and connect in the
+            // job, so that Nix hands out the next builds meanwhile (a job that
+            // cannot connect moves to another builder, as in any phase).
+            let local_fallback = req.am_willing && self.local_cap.could_build(req);
+            if !local_fallback || self.health.get(&m.uri).recently_good(health::now(), self.cfg.healthy_window) {
                 out::reply(&Reply::Accept { machine: m.uri.clone() });
                 return Ok(Some(Accept { index, slot, ticket: None, session: None, waited: started.elapsed().as_secs_f64() }));
             }
@@ -519,6 +525,9 @@ impl Dispatcher {
                 }
                 JobError::Builder(e @ SessionError::Lost { .. }) => {
                     let why = e.to_string();
+                    if matches!(e, SessionError::Lost { during: "connecting", .. }) {
+                        out::msg(Level::Error, &format!("build-hook: cannot build on '{uri}': {e}"));
+                    }
                     self.mark_failed(index, &why);
                     tried.push(format!("{uri}: {why}"));
                     match self.move_job(req, &uri, first_line(&why), &tried) {
