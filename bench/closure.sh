@@ -5,9 +5,14 @@
 # up and back), our hook and Nix's built-in hook in the same run, a fresh
 # builder store every time (the builder stays up, so build-hook's shared
 # connection is reused, as in repeated use). Prints the per-path cost.
-# Usage (root): bash bench/closure.sh [COUNTS="100 1000 5000 20000"] [SIZES_MB="10 100 1000"]
+# Every row is warm state: build-hook's shared connection is open and its
+# compression level learned (one untimed build first); the median of ROUNDS
+# runs, alternating the hooks (the builder's disk makes single runs noisy).
+# Usage (root): bash bench/closure.sh [COUNTS="100 1000 5000 20000"] [SIZES_MB="10 100 1000"] [ROUNDS=1]
+# ("-" for COUNTS or SIZES_MB skips that part.)
 set -eu
-COUNTS=${1:-100 1000 5000 20000}; SIZES=${2:-10 100 1000}
+COUNTS=${1:-100 1000 5000 20000}; SIZES=${2:-10 100 1000}; ROUNDS=${3:-1}
+[ "$COUNTS" = - ] && COUNTS=""; [ "$SIZES" = - ] && SIZES=""
 cd "$(dirname "$0")/.."
 source bench/lib.sh
 bench_one_builder
@@ -30,19 +35,30 @@ run() {
   echo "$(python3 -c "print(f'{$(date +%s.%N)-$t0:.2f}')") $(sort -n "$TB/rss-$name.txt" | tail -1)"
 }
 
+# runs EXPR ARGS... -> "ours_median ours_rss nix_median nix_rss" over ROUNDS
+# runs, alternating the hooks (RSS: the largest seen).
+runs() {
+  local r a b ot=() nt=() orss=0 nrss=0
+  for r in $(seq 1 "$ROUNDS"); do
+    read -r a b < <(run ours "$@"); ot+=("$a"); [ "$b" -gt "$orss" ] && orss=$b
+    read -r a b < <(run nix "$@"); nt+=("$a"); [ "$b" -gt "$nrss" ] && nrss=$b
+  done
+  python3 -c "import statistics,sys; o=[float(x) for x in sys.argv[1].split()]; n=[float(x) for x in sys.argv[2].split()]; print(f'{statistics.median(o):.2f} $orss {statistics.median(n):.2f} $nrss')" "${ot[*]}" "${nt[*]}"
+}
+
 # One untimed build each first: the ssh connection, the builder's capability
 # probe and a first learned level exist in real use after the first build.
 nix-instantiate bench/closure.nix --arg n 10 --argstr nonce warm >/dev/null 2>&1
 run ours bench/closure.nix --arg n 10 >/dev/null; run nix bench/closure.nix --arg n 10 >/dev/null
 
-echo "== paths: N small inputs missing on the builder; the output references all N"
-printf '%8s %12s %12s %8s %14s %14s\n' paths build-hook nix ratio "hook RSS" "nix hook RSS"
+echo "== warm (connection open); median of $ROUNDS run(s) per hook"
+[ -n "$COUNTS" ] && echo "== paths: N small inputs missing on the builder; the output references all N"
+[ -n "$COUNTS" ] && printf '%8s %12s %12s %8s %14s %14s\n' paths build-hook nix ratio "hook RSS" "nix hook RSS"
 declare -A T
 for n in $COUNTS; do
   # evaluate once, untimed, so the inputs exist locally in every timed run
   nix-instantiate bench/closure.nix --arg n "$n" --argstr nonce warm >/dev/null 2>&1
-  read -r to ro < <(run ours bench/closure.nix --arg n "$n")
-  read -r tn rn < <(run nix bench/closure.nix --arg n "$n")
+  read -r to ro tn rn < <(runs bench/closure.nix --arg n "$n")
   T[$n]=$to
   printf '%8s %10.2f s %10.2f s %7.2fx %11s KiB %11s KiB\n' "$n" "$to" "$tn" "$(python3 -c "print($tn/$to)")" "$ro" "$rn"
 done
@@ -52,11 +68,10 @@ if [ $# -ge 2 ]; then
   python3 -c "print(f'per-path cost of build-hook between {$first} and {$last} paths: {(${T[$last]}-${T[$first]})/($last-$first)*1e6:.0f} us')"
 fi
 
-echo "== bytes: one random path of S MB up, the same bytes back down"
-printf '%8s %12s %12s %8s %14s %14s\n' MB build-hook nix ratio "hook RSS" "nix hook RSS"
+[ -n "$SIZES" ] && echo "== bytes: one random path of S MB up, the same bytes back down"
+[ -n "$SIZES" ] && printf '%8s %12s %12s %8s %14s %14s\n' MB build-hook nix ratio "hook RSS" "nix hook RSS"
 for mb in $SIZES; do
   bash bench/make-data.sh "$DATA" 1 "$mb" random > "$DATA/size-$mb.nix"
-  read -r to ro < <(run ours bench/transfer.nix --arg inputsFile "$DATA/size-$mb.nix")
-  read -r tn rn < <(run nix bench/transfer.nix --arg inputsFile "$DATA/size-$mb.nix")
+  read -r to ro tn rn < <(runs bench/transfer.nix --arg inputsFile "$DATA/size-$mb.nix")
   printf '%8s %10.2f s %10.2f s %7.2fx %11s KiB %11s KiB\n' "$mb" "$to" "$tn" "$(python3 -c "print($tn/$to)")" "$ro" "$rn"
 done

@@ -147,7 +147,8 @@ impl Dispatcher {
         let deadline = started + Duration::from_millis(self.cfg.slot_wait_ms);
         loop {
             let (index, slot) = match self.choose(req, req.am_willing)? {
-                Choice::None(Reply::Postpone, _, full) if self.cfg.queue && !self.queueable(&full).is_empty() => {
+                // (Not when Nix could build it here once a local slot frees.)
+                Choice::None(Reply::Postpone, _, full) if self.cfg.queue && !self.local_cap.could_build(req) && !self.queueable(&full).is_empty() => {
                     let full = self.queueable(&full);
                     let until = if Instant::now() < deadline { deadline } else { Instant::now() };
                     match self.take_ticket(&full, until)? {
@@ -191,7 +192,7 @@ impl Dispatcher {
             // not build it, e.g. --max-jobs 0), accept now and connect in the
             // job, so that Nix hands out the next builds meanwhile (a job that
             // cannot connect moves to another builder, as in any phase).
-            let local_fallback = req.am_willing && self.local_cap.could_build(req);
+            let local_fallback = self.local_cap.could_build(req);
             if !local_fallback || self.health.get(&m.uri).recently_good(health::now(), self.cfg.healthy_window) {
                 out::reply(&Reply::Accept { machine: m.uri.clone() });
                 return Ok(Some(Accept { index, slot, ticket: None, session: None, waited: started.elapsed().as_secs_f64() }));
@@ -287,6 +288,12 @@ impl Dispatcher {
                     }
                 }
                 Ok(Choice::None(_, reasons, _)) => {
+                    // A machine only backing off after a failed connection (not
+                    // one that failed for this build) is waited for.
+                    if let Some(wait) = self.soonest_retry(req) {
+                        std::thread::sleep(wait.min(Duration::from_secs(5)));
+                        continue;
+                    }
                     out::msg(Level::Error, &format!("build-hook: cannot build '{}': no builder is left for it:\n  {}", req.drv_path, reasons.join("\n  ")));
                     return None;
                 }
@@ -298,10 +305,25 @@ impl Dispatcher {
         }
     }
 
+    /// How long until a suitable machine that is backing off (and has not
+    /// failed for this build) may be tried again; `None` when there is none.
+    fn soonest_retry(&self, req: &TryRequest) -> Option<Duration> {
+        let now = health::now();
+        self.machines
+            .iter()
+            .enumerate()
+            .filter(|(i, m)| !self.failed.contains_key(i) && select::eligible(m, req).is_ok())
+            .map(|(_, m)| self.health.get(&m.uri))
+            .filter(|h| h.backing_off(now))
+            .map(|h| Duration::from_secs(h.retry_after.saturating_sub(now).max(1)))
+            .min()
+    }
+
     fn queued_got(&self, acc: &mut Accept, index: usize, slot: Slot, started: Instant) -> Option<()> {
         if index != acc.index {
             if let Some(s) = acc.session.take() {
-                s.close();
+                // Not waited for: the slot is ours now.
+                s.kill();
             }
             out::msg(
                 Level::Talkative,
@@ -491,8 +513,9 @@ impl Dispatcher {
             let start = history::now();
             let mut stats = Stats::default();
             // The slot is freed as soon as the remote build has ended (the
-            // builder's work is done; fetching the outputs only reads its
-            // store), or when the job ends, whichever is first.
+            // build is done; fetching the outputs only reads them from the
+            // builder's store, compressing them on the way when the link is
+            // slow), or when the job ends, whichever is first.
             let held = std::cell::RefCell::new(Some((slot_held, busy)));
             let res = self.run_on(index, acc.session.take(), &plan, &mut stats, || drop(held.borrow_mut().take()));
             drop(held.take());

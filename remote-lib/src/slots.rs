@@ -215,9 +215,11 @@ impl LoadDir {
         let done = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel::<(usize, Result<FileLock, SlotError>)>();
         let mut waiters = Vec::with_capacity(files.len());
+        let mut spawn_failed = None;
+        let first_path = files[0].1.clone();
         for (k, (file, path)) in files.into_iter().enumerate() {
             let (done, tx) = (done.clone(), tx.clone());
-            waiters.push(std::thread::spawn(move || loop {
+            let spawned = std::thread::Builder::new().stack_size(64 * 1024).spawn(move || loop {
                 if done.load(Ordering::SeqCst) {
                     return;
                 }
@@ -234,26 +236,38 @@ impl LoadDir {
                     let _ = tx.send((k, Err(SlotError::Lock { path, source: e })));
                     return;
                 }
-            }));
+            });
+            match spawned {
+                Ok(w) => waiters.push(w),
+                Err(e) => {
+                    spawn_failed = Some(e);
+                    break;
+                }
+            }
         }
         drop(tx);
-        let got = match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok((k, Ok(lock))) => Ok(Some((k, lock))),
-            Ok((_, Err(e))) => Err(e),
-            Err(_) => Ok(None),
+        let got = match spawn_failed {
+            Some(source) => Err(SlotError::Lock { path: first_path, source }),
+            None => match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok((k, Ok(lock))) => Ok(Some((k, lock))),
+                Ok((_, Err(e))) => Err(e),
+                Err(_) => Ok(None),
+            },
         };
         done.store(true, Ordering::SeqCst);
         // Interrupt every waiter until it has ended (a signal that lands just
         // before its flock call is lost, so it is sent again).
-        for w in &waiters {
-            for _ in 0..500 {
-                if w.is_finished() {
-                    break;
-                }
+        for _ in 0..500 {
+            let mut left = false;
+            for w in waiters.iter().filter(|w| !w.is_finished()) {
+                left = true;
                 // SAFETY: the thread has not been joined, so its pthread_t is valid.
                 unsafe { libc::pthread_kill(w.as_pthread_t(), interrupt_signal()) };
-                std::thread::sleep(Duration::from_millis(1));
             }
+            if !left {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
         // Locks taken by the losers in the meantime are released as they drop.
         while rx.try_recv().is_ok() {}

@@ -407,17 +407,32 @@ pub fn shared_connection_open(m: &Machine, cfg: &SshConfig) -> bool {
 /// returned lock until the session is up (its master then listens); `None`
 /// when sharing is off, the connection is open, or the wait timed out.
 pub fn claim_new_connection(m: &Machine, cfg: &SshConfig, deadline: Instant) -> Option<crate::slots::FileLock> {
+    // No ssh (a store on this host), or the user's own sharing options
+    // (which come first on the command line, so ssh keeps them): nothing of
+    // ours will listen on the socket.
+    let users_own = cfg.extra_opts.iter().any(|o| {
+        let l = o.to_ascii_lowercase();
+        o.starts_with("-S") || l.contains("controlpath") || l.contains("controlmaster")
+    });
+    if is_local(m) || users_own {
+        return None;
+    }
     let sock = control_socket(m, cfg)?;
     if shared_connection_open(m, cfg) {
         return None;
     }
     let dir = crate::slots::LoadDir { path: sock.parent()?.to_path_buf() };
     let name = format!("{}.connecting", sock.file_name()?.to_string_lossy());
-    let lock = dir.wait_first(&[name], deadline).ok().flatten()?;
-    if shared_connection_open(m, cfg) {
-        return None;
+    // Free at once: this process opens the connection.
+    if let Some((_, lock)) = dir.wait_first(std::slice::from_ref(&name), Instant::now()).ok().flatten() {
+        return Some(lock);
     }
-    Some(lock.1)
+    // Another hook is opening it: wait for that once (it releases the lock
+    // when its session is up). If it ends without a connection (the builder
+    // is down, say), connect on our own rather than queue behind every
+    // other attempt.
+    drop(dir.wait_first(&[name], deadline));
+    None
 }
 
 /// How long a running process's streams may stay silent, and whether they
@@ -904,6 +919,28 @@ mod tests {
         assert_eq!(args[args.len() - 1], "'/opt/my nix/nix-store' --serve --write");
         let kh = std::fs::read_to_string(dir.join("kh").join("ssh:__root@b1:2222?remote-program=_opt_my%20nix_nix-store")).unwrap();
         assert_eq!(kh, "* ssh-ed25519 AAAA\n");
+    }
+
+    #[test]
+    fn the_first_of_several_new_connections_is_claimed_once() {
+        let dir = std::env::temp_dir().join(format!("transport-claim-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut c = cfg(&dir);
+        std::fs::create_dir_all(c.control_dir.as_ref().unwrap()).unwrap();
+        let m = machine("ssh://b1 x86_64-linux");
+        let sock = control_socket(&m, &c).unwrap();
+        assert_eq!(sock.file_name().unwrap().len(), 40);
+        assert_ne!(Some(sock.clone()), control_socket(&machine("ssh://b2 x86_64-linux"), &c), "another host, another connection");
+        let soon = Instant::now() + Duration::from_millis(300);
+        let first = claim_new_connection(&m, &c, soon).expect("no connection is open: the first claims it");
+        let t = Instant::now();
+        assert!(claim_new_connection(&m, &c, t + Duration::from_millis(300)).is_none(), "a second waits, then goes on without the claim");
+        assert!(t.elapsed() >= Duration::from_millis(300), "it waited for the first");
+        drop(first);
+        assert!(claim_new_connection(&machine("ssh://localhost x86_64-linux"), &c, soon).is_none(), "no ssh, nothing to claim");
+        c.extra_opts = vec!["-o".into(), "ControlPath=/tmp/mine".into()];
+        assert!(claim_new_connection(&m, &c, soon).is_none(), "the user's own sharing is left alone");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
