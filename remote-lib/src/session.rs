@@ -378,7 +378,7 @@ pub fn probe_link(m: &Machine, ssh: &SshConfig, limit: Duration) -> Option<f64> 
 
 /// The cipher order for a new connection to `m`, and why. AES-GCM goes
 /// first when `prefer` is set, both CPUs have AES instructions (`builder_aes`
-/// as probed), no shared connection is open already (it would be used
+/// as probed; not yet probed: assumed for an x86 builder), no shared connection is open already (it would be used
 /// instead), and the user's ssh config and `NIX_SSHOPTS` leave the ciphers
 /// at OpenSSH's defaults (`ssh -G`).
 pub fn cipher_choice(m: &Machine, ssh: &SshConfig, prefer: bool, builder_aes: Option<bool>) -> (Option<String>, String) {
@@ -392,11 +392,18 @@ pub fn cipher_choice(m: &Machine, ssh: &SshConfig, prefer: bool, builder_aes: Op
     if !transport::local_cpu_has_aes() {
         return no("this machine's CPU has no AES instructions");
     }
-    match builder_aes {
+    // Before the builder is first asked, an x86 builder (its first system)
+    // is taken to have AES instructions, as all but the oldest and some
+    // oddly configured virtual CPUs do: its first connection, which lasts
+    // while it is used, then starts with the faster cipher too. The answer
+    // of the probe replaces the guess for every later connection.
+    let x86 = m.systems.first().is_some_and(|s| s.starts_with("x86_64-") || s.starts_with("i686-"));
+    let assumed = match builder_aes {
+        None if x86 => true,
         None => return no("not asked yet whether the builder's CPU has AES instructions"),
         Some(false) => return no("the builder's CPU has no AES instructions"),
-        Some(true) => {}
-    }
+        Some(true) => false,
+    };
     // `ssh -G` only prints settings: it neither connects nor waits.
     let run = |c: Option<std::process::Command>| {
         c.and_then(|mut c| c.stdin(std::process::Stdio::null()).stderr(std::process::Stdio::null()).output().ok())
@@ -415,6 +422,7 @@ pub fn cipher_choice(m: &Machine, ssh: &SshConfig, prefer: bool, builder_aes: Op
         return no("your ssh config or NIX_SSHOPTS chooses the ciphers");
     }
     match u.and_then(transport::aes_gcm_first) {
+        Some(list) if assumed => (Some(list), "AES-GCM first (this CPU has AES instructions, and an x86 builder is taken to have them until it is asked)".into()),
         Some(list) => (Some(list), "AES-GCM first (both CPUs have AES instructions)".into()),
         None => no("no AES-GCM cipher to move first"),
     }
