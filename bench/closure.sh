@@ -62,6 +62,35 @@ for n in $COUNTS; do
   T[$n]=$to
   printf '%8s %10.2f s %10.2f s %7.2fx %11s KiB %11s KiB\n' "$n" "$to" "$tn" "$(python3 -c "print($tn/$to)")" "$ro" "$rn"
 done
+# The floor under both hooks: the same N paths imported by Nix itself
+# (`nix-store --import`, one process, no network) into a fresh store on the
+# same disk as the builder's, right after: per path, Nix writes the files, a
+# lock file, and a database row (slow on some virtual disks).
+for n in $COUNTS; do :; done
+if [ -n "$COUNTS" ]; then
+  drv=$(nix-instantiate bench/closure.nix --arg n "$n" --argstr nonce warm 2>/dev/null)
+  nix-store -q --references "$drv" | grep -v '\.drv$' > "$TB/floor.paths"
+  nix-store --export $(cat "$TB/floor.paths") > "$TB/floor.nar"
+  rm -rf "$TB/floor"; mkdir -p "$TB/floor"
+  nix-store --store "local?root=$TB/floor" --import < /dev/null >/dev/null 2>&1 || true
+  t0=$(date +%s.%N)
+  nix-store --store "local?root=$TB/floor" --import < "$TB/floor.nar" >/dev/null
+  python3 -c "import sys; t=$(date +%s.%N)-$t0; print(f'floor: Nix imports the {$n} paths into a fresh store on this disk in {t:.2f} s ({t/$n*1e6:.0f} us per path)')"
+  rm -rf "$TB/floor" "$TB/floor.nar"
+fi
+
+# First contact: the builder restarted, an empty load directory.
+if [ -n "$COUNTS" ] && [ "${BH_BENCH_FIRST:-1}" = 1 ]; then
+  set -- $COUNTS; n=$1; [ $# -ge 2 ] && n=$2
+  tb_wipe_store 1 >/dev/null
+  export NIX_CURRENT_LOAD; NIX_CURRENT_LOAD=$(mktemp -d /tmp/bh-bench-load.XXXXXX)
+  read -r to ro < <(run ours bench/closure.nix --arg n "$n")
+  rm -rf "$NIX_CURRENT_LOAD"; unset NIX_CURRENT_LOAD
+  tb_wipe_store 1 >/dev/null
+  read -r tn rn < <(run nix bench/closure.nix --arg n "$n")
+  printf 'first contact, %s paths: build-hook %.2f s (RSS %s KiB), nix %.2f s (RSS %s KiB), ratio %.2fx\n' "$n" "$to" "$ro" "$tn" "$rn" "$(python3 -c "print($tn/$to)")"
+fi
+
 set -- $COUNTS
 if [ $# -ge 2 ]; then
   first=$1; last=${!#}

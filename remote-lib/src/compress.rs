@@ -32,6 +32,20 @@ pub fn upload_level(bulk: i32, forced: Option<i32>, parts: &[(u64, f64)]) -> (i3
     }
 }
 
+/// At most this many paths of an upload are sampled ([`to_sample`]).
+pub const MAX_SAMPLED: usize = 64;
+
+/// Which paths of an upload (by NAR size) to sample: the [`MAX_SAMPLED`]
+/// largest, which carry the size-weighted ratio. Sampling every path of a
+/// closure of thousands of small ones would cost more (a file opened and read
+/// for each) than their bytes could ever save.
+pub fn to_sample(sizes: &[u64]) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..sizes.len()).collect();
+    idx.sort_by_key(|&i| std::cmp::Reverse(sizes[i]));
+    idx.truncate(MAX_SAMPLED);
+    idx
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -48,6 +62,16 @@ mod tests {
         assert_eq!(bulk_level(&h(Some(true), Some(6)), None), 6);
         assert_eq!(bulk_level(&h(Some(true), Some(6)), Some(3)), 3);
         assert_eq!(bulk_level(&h(Some(true), Some(6)), Some(0)), 0);
+    }
+
+    #[test]
+    fn only_the_largest_paths_are_sampled() {
+        let sizes: Vec<u64> = (0..1000).map(|i| if i == 500 { 1 << 30 } else { i }).collect();
+        let picked = to_sample(&sizes);
+        assert_eq!(picked.len(), MAX_SAMPLED);
+        assert_eq!(picked[0], 500, "the largest first");
+        assert!(picked[1..].iter().all(|&i| i >= 1000 - MAX_SAMPLED), "then the next largest: {picked:?}");
+        assert_eq!(to_sample(&[3, 1, 2]), vec![0, 2, 1]);
     }
 
     #[test]

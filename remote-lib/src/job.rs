@@ -367,16 +367,19 @@ impl<'a> Job<'a> {
     }
 
     /// The level for uploading `ordered`: the builder's bulk level, unless a
-    /// sample of the paths says zstd would save under 5 %.
+    /// sample of its largest paths says zstd would save under 5 %.
     fn upload_level(&self, ordered: &[PathInfo]) -> i32 {
         let h = builder_caps(self.ctx.health, self.m, self.ctx.ssh, self.ctx_stall());
         let bulk = compress::bulk_level(&h, self.ctx.forced_level);
         if bulk == 0 || self.ctx.forced_level.is_some() {
             return bulk;
         }
-        // One path's sample at a time: only its ratio is kept.
-        let parts: Vec<(u64, f64)> = ordered
-            .iter()
+        // One path's sample at a time: only its ratio is kept; the largest
+        // paths only ([`compress::to_sample`]).
+        let sizes: Vec<u64> = ordered.iter().map(|i| i.nar_size).collect();
+        let parts: Vec<(u64, f64)> = compress::to_sample(&sizes)
+            .into_iter()
+            .map(|k| &ordered[k])
             .map(|i| {
                 let s = StorePath::parse(&self.ctx.local.store_dir, &i.path).map(|p| sample::sample_path(&self.ctx.local.real_path(&p))).unwrap_or_default();
                 (i.nar_size, sample::ratio(&s, 1))
