@@ -325,8 +325,9 @@ impl Dispatcher {
                 // Not waited for: the slot is ours now.
                 s.kill();
             }
+            // Nix said "building on" the machine the build was queued for.
             out::msg(
-                Level::Talkative,
+                Level::Info,
                 &format!("build-hook: a slot on '{}' was free first; building there rather than on '{}'", self.machines[index].uri, self.machines[acc.index].uri),
             );
         }
