@@ -284,7 +284,12 @@ impl LocalStore {
         let sql = |source| LocalStoreError::Realisation { drv_hash: drv_hash.to_string(), db: db.clone(), source };
         let mut conn = rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE).map_err(sql)?;
         conn.busy_timeout(Duration::from_secs(60)).map_err(sql)?;
-        let tx = conn.transaction().map_err(sql)?;
+        // IMMEDIATE: the write lock is taken (waiting up to the busy timeout)
+        // before the first read. A deferred transaction that reads and then
+        // writes fails at once with "database is locked" when another
+        // process committed in between (WAL cannot upgrade a stale snapshot),
+        // as two hooks registering at the same moment did.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(sql)?;
         for (name, path) in outputs {
             let have: Option<String> = {
                 let mut q = tx.prepare("SELECT v.path FROM Realisations r JOIN ValidPaths v ON v.id = r.outputPath WHERE r.drvPath = ?1 AND r.outputName = ?2").map_err(sql)?;
@@ -442,7 +447,7 @@ fn record_metadata(db: &std::path::Path, infos: &[&PathInfo]) -> Result<(), rusq
     let mut conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)?;
     // Nix holds the database only for short transactions.
     conn.busy_timeout(Duration::from_secs(60))?;
-    let tx = conn.transaction()?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     for i in infos {
         let ca = (!i.ca.is_empty()).then_some(i.ca.as_str());
         let sigs = (!i.sigs.is_empty()).then(|| i.sigs.join(" "));

@@ -296,3 +296,41 @@ fn uploads_from_disk_arrive_intact_interactive_and_bulk() {
         }
     }
 }
+
+/// Two hooks record realisations in the same store at the same moment: one
+/// that has read the table must not fail with "database is locked" when the
+/// other commits first (a deferred transaction cannot upgrade its stale
+/// snapshot in WAL mode; seen in a CI run of Nix's floating-CA test).
+#[test]
+fn realisations_are_recorded_while_another_process_writes() {
+    let s = Scratch::new("db-realise");
+    let b = s.store("B");
+    let [leaf, mid, _] = text_closure(&b, "realise");
+    let db = b.join("nix/var/nix/db/db.sqlite");
+    let schema = "CREATE TABLE IF NOT EXISTS Realisations (id integer primary key autoincrement not null, drvPath text not null, outputName text not null, \
+                  outputPath integer not null, signatures text, foreign key (outputPath) references ValidPaths(id) on delete cascade)";
+    rusqlite::Connection::open(&db).expect("db").execute(schema, []).expect("Realisations table");
+    let (tx_held, rx_held) = std::sync::mpsc::channel::<()>();
+    let other = {
+        let db = db.clone();
+        std::thread::spawn(move || {
+            let mut c = rusqlite::Connection::open(&db).expect("db");
+            let t = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).expect("the other writer's lock");
+            t.execute(
+                "INSERT INTO Realisations (drvPath, outputName, outputPath, signatures) VALUES ('sha256:other', 'out', (SELECT id FROM ValidPaths WHERE path = ?1), '')",
+                [&mid],
+            )
+            .expect("the other writer's row");
+            tx_held.send(()).expect("signal");
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            t.commit().expect("the other writer commits");
+        })
+    };
+    rx_held.recv().expect("the other writer holds the lock");
+    let local = local_store(&b);
+    let leaf_path = remote_lib::store_path::StorePath::parse(STORE_DIR, &leaf).expect("store path");
+    local.register_realisations("sha256:mine", &[("out".into(), leaf_path)]).expect("recorded after the other writer committed");
+    other.join().expect("the other writer");
+    let n: i64 = rusqlite::Connection::open(&db).expect("db").query_row("SELECT count(*) FROM Realisations", [], |r| r.get(0)).expect("count");
+    assert_eq!(n, 2, "both rows are there");
+}
