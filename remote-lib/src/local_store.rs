@@ -241,6 +241,11 @@ impl LocalStore {
         }
     }
 
+    /// Where the store's database is.
+    fn db_path(&self) -> PathBuf {
+        self.state_dir.join("db/db.sqlite")
+    }
+
     /// The store's database (`<state>/db/db.sqlite`), opened read-only for
     /// [`StoreDb::query_valid`] and [`StoreDb::query_path_infos`]; only for a
     /// store [on this disk](LocalStore::on_disk). Fails at once, not at the
@@ -250,7 +255,7 @@ impl LocalStore {
         if !self.on_disk() {
             return Err(LocalStoreError::NotOnDisk { store: self.store_uri.clone().unwrap_or_default() });
         }
-        let path = self.state_dir.join("db/db.sqlite");
+        let path = self.db_path();
         let sql = |source| LocalStoreError::Db { db: path.clone(), source };
         let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = rusqlite::Connection::open_with_flags(&path, flags).map_err(sql)?;
@@ -268,7 +273,7 @@ impl LocalStore {
     pub fn start_registrar(&self) -> Result<Registrar, LocalStoreError> {
         let mut c = self.command();
         c.arg("--load-db");
-        let db = self.state_dir().join("db/db.sqlite");
+        let db = self.db_path();
         Ok(Registrar { proc: Some(RemoteProcess::spawn(c, StderrTap::default()).map_err(LocalStoreError::Spawn)?), db })
     }
 }
@@ -280,15 +285,9 @@ impl LocalStore {
     /// path already valid; an output already realised at the same path is
     /// left as it is, at another path is an error.
     pub fn register_realisations(&self, drv_hash: &str, outputs: &[(String, StorePath)]) -> Result<(), LocalStoreError> {
-        let db = self.state_dir().join("db/db.sqlite");
+        let db = self.db_path();
         let sql = |source| LocalStoreError::Realisation { drv_hash: drv_hash.to_string(), db: db.clone(), source };
-        let mut conn = rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE).map_err(sql)?;
-        conn.busy_timeout(Duration::from_secs(60)).map_err(sql)?;
-        // IMMEDIATE: the write lock is taken (waiting up to the busy timeout)
-        // before the first read. A deferred transaction that reads and then
-        // writes fails at once with "database is locked" when another
-        // process committed in between (WAL cannot upgrade a stale snapshot),
-        // as two hooks registering at the same moment did.
+        let mut conn = open_for_writing(&db).map_err(sql)?;
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(sql)?;
         for (name, path) in outputs {
             let have: Option<String> = {
@@ -315,8 +314,8 @@ impl LocalStore {
     }
 }
 
-/// How long a read of the database may wait for a lock. Readers of a WAL
-/// database wait only while Nix recovers it or holds it exclusively.
+/// How long a question to the database may wait for a lock. Readers of a
+/// WAL database wait only while Nix recovers it or holds it exclusively.
 const DB_BUSY: Duration = Duration::from_secs(60);
 
 /// One path's row, as Nix's `queryPathInfo` reads it.
@@ -333,11 +332,6 @@ pub struct StoreDb {
 }
 
 impl StoreDb {
-    /// Where the database is.
-    pub fn path(&self) -> &std::path::Path {
-        &self.path
-    }
-
     fn sql(&self) -> impl Fn(rusqlite::Error) -> LocalStoreError + '_ {
         |source| LocalStoreError::Db { db: self.path.clone(), source }
     }
@@ -439,14 +433,25 @@ impl Registrar {
     }
 }
 
+/// The store's database opened to write. Every write here goes in an
+/// IMMEDIATE transaction: the write lock is taken (waiting up to
+/// [`DB_BUSY`]; Nix holds it only for short transactions) before the first
+/// read. A deferred transaction that reads and then writes fails at once
+/// with "database is locked" when another process committed in between (in
+/// WAL mode a stale snapshot cannot become a writer), as two hooks recording
+/// realisations at the same moment did.
+fn open_for_writing(db: &std::path::Path) -> Result<rusqlite::Connection, rusqlite::Error> {
+    let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+    conn.busy_timeout(DB_BUSY)?;
+    Ok(conn)
+}
+
 /// Records content addresses and signatures, which the registration line
 /// format has no room for, in the store's database (the `ca` and `sigs`
 /// columns of `ValidPaths`, present in every Nix 2.x and Lix schema), in one
 /// transaction. Each path must have been registered just before.
 fn record_metadata(db: &std::path::Path, infos: &[&PathInfo]) -> Result<(), rusqlite::Error> {
-    let mut conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)?;
-    // Nix holds the database only for short transactions.
-    conn.busy_timeout(Duration::from_secs(60))?;
+    let mut conn = open_for_writing(db)?;
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     for i in infos {
         let ca = (!i.ca.is_empty()).then_some(i.ca.as_str());
