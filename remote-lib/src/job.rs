@@ -690,28 +690,33 @@ impl<'a> LocalSide<'a> {
     }
 }
 
-impl PathMeta for LocalSide<'_> {
-    fn query_valid(&mut self, paths: &[String]) -> Result<Vec<String>, CopyError> {
-        if let Some(db) = self.db() {
-            match db.query_valid(paths) {
+impl LocalSide<'_> {
+    /// One question: to the database while it is used, else (or once it has
+    /// failed) to the serve session, in `phase`.
+    fn ask<T>(
+        &mut self,
+        phase: &'static str,
+        db: impl Fn(&StoreDb) -> Result<T, LocalStoreError>,
+        serve: impl FnOnce(&mut dyn PathMeta) -> Result<T, CopyError>,
+    ) -> Result<T, CopyError> {
+        if let Some(d) = self.db() {
+            match db(d) {
                 Ok(v) => return Ok(v),
                 Err(e) => self.give_up_db(&e),
             }
         }
-        let res = PathMeta::query_valid(&mut self.serve("QueryValidPaths")?.1, paths);
+        let res = serve(&mut self.serve(phase)?.1);
         self.idle();
         res
     }
+}
+
+impl PathMeta for LocalSide<'_> {
+    fn query_valid(&mut self, paths: &[String]) -> Result<Vec<String>, CopyError> {
+        self.ask("QueryValidPaths", |db| db.query_valid(paths), |serve| serve.query_valid(paths))
+    }
 
     fn query_path_infos(&mut self, paths: &[String]) -> Result<Vec<PathInfo>, CopyError> {
-        if let Some(db) = self.db() {
-            match db.query_path_infos(paths) {
-                Ok(v) => return Ok(v),
-                Err(e) => self.give_up_db(&e),
-            }
-        }
-        let res = PathMeta::query_path_infos(&mut self.serve("QueryPathInfos")?.1, paths);
-        self.idle();
-        res
+        self.ask("QueryPathInfos", |db| db.query_path_infos(paths), |serve| serve.query_path_infos(paths))
     }
 }
