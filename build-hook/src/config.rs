@@ -74,6 +74,15 @@ fn num<T: std::str::FromStr>(var: &dyn Fn(&str) -> Option<String>, k: &str, defa
     }
 }
 
+/// A switch that is on unless set to 0.
+fn on_by_default(var: &dyn Fn(&str) -> Option<String>, k: &str) -> Result<bool, String> {
+    match var(k).as_deref() {
+        None | Some("1") => Ok(true),
+        Some("0") => Ok(false),
+        Some(v) => Err(format!("environment variable {k}='{v}' must be 1 (default) or 0")),
+    }
+}
+
 impl Config {
     /// Reads the environment. A malformed knob is an error that names it.
     pub fn from_env() -> Result<Config, String> {
@@ -94,11 +103,7 @@ impl Config {
             healthy_window: num64("BUILD_HOOK_HEALTHY_WINDOW", 600)?,
             backoff: Backoff { base_secs: num64("BUILD_HOOK_BACKOFF_BASE", 5)?, cap_secs: num64("BUILD_HOOK_BACKOFF_CAP", 300)? },
             slot_wait_ms: num64("BUILD_HOOK_SLOT_WAIT_MS", 3000)?,
-            queue: match var("BUILD_HOOK_QUEUE").as_deref() {
-                None | Some("1") => true,
-                Some("0") => false,
-                Some(v) => return Err(format!("environment variable BUILD_HOOK_QUEUE='{v}' must be 1 (default) or 0")),
-            },
+            queue: on_by_default(var, "BUILD_HOOK_QUEUE")?,
             compress: match var("BUILD_HOOK_COMPRESS").as_deref() {
                 None | Some("auto") => None,
                 Some(v) => Some(
@@ -108,11 +113,7 @@ impl Config {
                         .ok_or_else(|| format!("environment variable BUILD_HOOK_COMPRESS='{v}' must be 'auto' or a zstd level from 0 (off) to 19"))?,
                 ),
             },
-            prefer_aes_gcm: match var("BUILD_HOOK_PREFER_AES_GCM").as_deref() {
-                None | Some("1") => true,
-                Some("0") => false,
-                Some(v) => return Err(format!("environment variable BUILD_HOOK_PREFER_AES_GCM='{v}' must be 1 (default) or 0")),
-            },
+            prefer_aes_gcm: on_by_default(var, "BUILD_HOOK_PREFER_AES_GCM")?,
             stall_timeout: num64("BUILD_HOOK_STALL_TIMEOUT", 300)?,
             build_silent_timeout: match var("BUILD_HOOK_BUILD_SILENT_TIMEOUT") {
                 None => None,
