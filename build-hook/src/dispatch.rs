@@ -147,43 +147,43 @@ impl Dispatcher {
         let deadline = started + Duration::from_millis(self.cfg.slot_wait_ms);
         loop {
             let (index, slot) = match self.choose(req, req.am_willing)? {
-                // (Not when Nix could build it here once a local slot frees.)
-                Choice::None(Reply::Postpone, _, full) if self.cfg.queue && !self.local_cap.could_build(req) && !self.queueable(&full).is_empty() => {
-                    let full = self.queueable(&full);
-                    let until = if Instant::now() < deadline { deadline } else { Instant::now() };
-                    match self.take_ticket(&full, until)? {
-                        Some((index, ticket)) => {
+                Choice::Chosen(i, s) => (i, s),
+                // All machines of the right type are busy: rather than send Nix to
+                // sleep for its poll interval (5 s), queue the build or wait here
+                // briefly, woken by the kernel the moment a ticket or a slot is
+                // released.
+                Choice::None(Reply::Postpone, reasons, full) if !full.is_empty() => {
+                    let past = Instant::now() >= deadline;
+                    // Not queued when Nix could build it here once a local slot frees.
+                    let queue_to = if self.cfg.queue && !self.local_cap.could_build(req) { self.queueable(&full) } else { Vec::new() };
+                    let got = if !queue_to.is_empty() {
+                        // Past the deadline, only a ticket that is free now.
+                        if let Some((index, ticket)) = self.take_ticket(&queue_to, deadline.max(Instant::now()))? {
                             out::reply(&Reply::Accept { machine: self.machines[index].uri.clone() });
                             return Ok(Some(Accept { index, slot: None, ticket: Some(ticket), session: None, waited: started.elapsed().as_secs_f64() }));
                         }
-                        None if Instant::now() < deadline => continue,
+                        None
+                    } else if past {
+                        None
+                    } else {
+                        self.wait_for_slot(&full, deadline)?
+                    };
+                    match got {
+                        Some(chosen) => chosen,
+                        // At the deadline: choose once more, then postpone.
+                        None if !past => continue,
                         None => {
-                            // Choose once more (a slot may be free now), then postpone.
-                            match self.choose(req, req.am_willing)? {
-                                Choice::Chosen(i, s) => (i, s),
-                                Choice::None(r, reasons, _) => {
-                                    self.explain(req, &r, &reasons);
-                                    out::reply(&r);
-                                    return Ok(None);
-                                }
-                            }
+                            self.explain(req, &Reply::Postpone, &reasons);
+                            out::reply(&Reply::Postpone);
+                            return Ok(None);
                         }
                     }
                 }
-                // All machines of the right type are busy: rather than send Nix to
-                // sleep for its poll interval (5 s), wait here briefly for a slot,
-                // woken by the kernel the moment one is released.
-                Choice::None(Reply::Postpone, _, full) if Instant::now() < deadline && !full.is_empty() => match self.wait_for_slot(&full, deadline)? {
-                    Some(chosen) => chosen,
-                    // At the deadline: choose once more, then postpone.
-                    None => continue,
-                },
                 Choice::None(r, reasons, _) => {
                     self.explain(req, &r, &reasons);
                     out::reply(&r);
                     return Ok(None);
                 }
-                Choice::Chosen(i, s) => (i, s),
             };
             let slot = Some(slot);
             let m = &self.machines[index];
@@ -233,8 +233,8 @@ impl Dispatcher {
     /// while it waits, then takes the first slot released on any suitable
     /// machine (the session is kept if that is the same machine). Waits as
     /// long as a suitable machine is left, looking again at their health and
-    /// drains every few seconds; `None` (after saying why) when none is left.
-    fn wait_queued(&mut self, req: &TryRequest, acc: &mut Accept) -> Option<()> {
+    /// drains every few seconds; `false` (after saying why) when none is left.
+    fn wait_queued(&mut self, req: &TryRequest, acc: &mut Accept) -> anyhow::Result<bool> {
         let want = acc.index;
         let started = Instant::now();
         // For as long as the try would have waited, only a slot of the machine
@@ -244,20 +244,18 @@ impl Dispatcher {
         let mut said = false;
         loop {
             if Instant::now() < own_until && acc.session.is_some() && !self.failed.contains_key(&want) && self.drains.drained(&self.machines[want].uri, health::now()).is_none() {
-                match self.wait_for_slot(&[want], own_until) {
-                    Ok(Some((i, s))) => return self.queued_got(acc, i, s, started),
-                    Ok(None) => continue,
-                    Err(e) => {
-                        out::msg(Level::Error, &format!("build-hook: {e:#}"));
-                        return None;
-                    }
+                if let Some((i, s)) = self.wait_for_slot(&[want], own_until)? {
+                    self.queued_got(acc, i, s, started);
+                    return Ok(true);
                 }
+                continue;
             }
-            match self.choose(req, false) {
-                Ok(Choice::Chosen(i, s)) => {
-                    return self.queued_got(acc, i, s, started);
+            match self.choose(req, false)? {
+                Choice::Chosen(i, s) => {
+                    self.queued_got(acc, i, s, started);
+                    return Ok(true);
                 }
-                Ok(Choice::None(Reply::Postpone, reasons, full)) => {
+                Choice::None(Reply::Postpone, reasons, full) => {
                     if acc.session.is_none() && full.contains(&want) && !self.failed.contains_key(&want) {
                         // Connect while the builds ahead finish.
                         match self.connect(want) {
@@ -273,21 +271,14 @@ impl Dispatcher {
                         out::msg(Level::Info, &format!("build-hook: '{}' is queued; every slot for it is busy:\n  {}", req.drv_path, reasons.join("\n  ")));
                         said = true;
                     }
-                    let next = Instant::now() + Duration::from_secs(5);
                     if full.is_empty() {
                         std::thread::sleep(Duration::from_millis(200));
-                    } else {
-                        match self.wait_for_slot(&full, next) {
-                            Ok(Some((i, s))) => return self.queued_got(acc, i, s, started),
-                            Ok(None) => {}
-                            Err(e) => {
-                                out::msg(Level::Error, &format!("build-hook: {e:#}"));
-                                return None;
-                            }
-                        }
+                    } else if let Some((i, s)) = self.wait_for_slot(&full, Instant::now() + Duration::from_secs(5))? {
+                        self.queued_got(acc, i, s, started);
+                        return Ok(true);
                     }
                 }
-                Ok(Choice::None(_, reasons, _)) => {
+                Choice::None(_, reasons, _) => {
                     // A machine only backing off after a failed connection (not
                     // one that failed for this build) is waited for.
                     if let Some(wait) = self.soonest_retry(req) {
@@ -295,11 +286,7 @@ impl Dispatcher {
                         continue;
                     }
                     out::msg(Level::Error, &format!("build-hook: cannot build '{}': no builder is left for it:\n  {}", req.drv_path, reasons.join("\n  ")));
-                    return None;
-                }
-                Err(e) => {
-                    out::msg(Level::Error, &format!("build-hook: {e:#}"));
-                    return None;
+                    return Ok(false);
                 }
             }
         }
@@ -319,7 +306,8 @@ impl Dispatcher {
             .min()
     }
 
-    fn queued_got(&self, acc: &mut Accept, index: usize, slot: Slot, started: Instant) -> Option<()> {
+    /// The queued build got `slot` on machine `index`: its ticket goes.
+    fn queued_got(&self, acc: &mut Accept, index: usize, slot: Slot, started: Instant) {
         if index != acc.index {
             if let Some(s) = acc.session.take() {
                 // Not waited for: the slot is ours now.
@@ -335,7 +323,6 @@ impl Dispatcher {
         acc.slot = Some(slot);
         acc.ticket = None;
         acc.waited += started.elapsed().as_secs_f64();
-        Some(())
     }
 
     /// Waits until a slot of one of the machines `full` (all of whose slots
@@ -502,8 +489,15 @@ impl Dispatcher {
         };
         let mut tried: Vec<String> = Vec::new();
         let mut acc = acc;
-        if acc.slot.is_none() && self.wait_queued(req, &mut acc).is_none() {
-            return 1;
+        if acc.slot.is_none() {
+            match self.wait_queued(req, &mut acc) {
+                Ok(true) => {}
+                Ok(false) => return 1,
+                Err(e) => {
+                    out::msg(Level::Error, &format!("build-hook: {e:#}"));
+                    return 1;
+                }
+            }
         }
         loop {
             let Some(slot_held) = acc.slot.take() else { unreachable!("a job runs with its slot") };
