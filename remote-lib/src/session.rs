@@ -378,9 +378,9 @@ pub fn probe_link(m: &Machine, ssh: &SshConfig, limit: Duration) -> Option<f64> 
 
 /// The cipher order for a new connection to `m`, and why. AES-GCM goes
 /// first when `prefer` is set, both CPUs have AES instructions (`builder_aes`
-/// as probed; not yet probed: assumed for an x86 builder), no shared connection is open already (it would be used
-/// instead), and the user's ssh config and `NIX_SSHOPTS` leave the ciphers
-/// at OpenSSH's defaults (`ssh -G`).
+/// as probed; before that, assumed for an x86 builder), no shared connection
+/// is open already (it would be used instead), and the user's ssh config and
+/// `NIX_SSHOPTS` leave the ciphers at OpenSSH's defaults (`ssh -G`).
 pub fn cipher_choice(m: &Machine, ssh: &SshConfig, prefer: bool, builder_aes: Option<bool>) -> (Option<String>, String) {
     let no = |why: &str| (None, format!("OpenSSH's default order ({why})"));
     if !prefer {

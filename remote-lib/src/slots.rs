@@ -365,18 +365,7 @@ mod tests {
     fn a_held_slot_is_seen_by_another_process() {
         // flock(1) from util-linux stands in for Nix's built-in hook.
         let d = dir("proc");
-        let slot = d.path.join("ssh:__b-0");
-        fs::write(&slot, "").unwrap();
-        // The child says when it holds the lock; probing before that could take it first.
-        let ready = d.path.join("ready");
-        let mut child =
-            std::process::Command::new("flock").arg("-o").arg(&slot).arg("-c").arg(format!("touch '{}'; sleep 30", ready.display())).spawn().expect("flock(1) from util-linux");
-        for _ in 0..1000 {
-            if ready.exists() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        let mut child = hold(&d, "ssh:__b-0");
         let (s, busy) = d.probe("ssh://b", 1).unwrap();
         assert!(s.is_none() && busy == 1);
         child.kill().unwrap();

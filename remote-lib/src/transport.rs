@@ -389,8 +389,8 @@ pub fn control_socket(m: &Machine, cfg: &SshConfig) -> Option<PathBuf> {
         h.update((w.len() as u64).to_le_bytes());
         h.update(w.as_bytes());
     }
-    let hex: String = h.finalize()[..20].iter().map(|b| format!("{b:02x}")).collect();
-    Some(dir.join(hex))
+    let hex = crate::hash::Sha256Hash(h.finalize().into()).to_hex();
+    Some(dir.join(&hex[..40]))
 }
 
 /// Whether the connection shared with `m` is open (its master answers).
