@@ -17,8 +17,8 @@ machines() { : > "$TB/machines"; for spec in "$@"; do tb_machines_line ${spec/:/
 # nb EXPR [args...]: nix-build through our hook with the machines file, no local builds.
 nb() { timeout 300 nix-build "$@" --max-jobs 0 --builders "@$TB/machines" --option build-hook "$HOOK" --no-out-link; }
 nb_builtin() { timeout 300 nix-build "$@" --max-jobs 0 --builders "@$TB/machines" --option build-hook "$BUILTIN" --no-out-link; }
-slots_free() { # slots_free I JOBS: every slot of builder I can be locked right now
-  local j; for j in $(seq 0 $(($2-1))); do flock -n "$LOAD/ssh:__root@10.201.$1.2-$j" true || return 1; done
+slots_free() { # slots_free I JOBS [queue-]: every slot (or queue ticket) of builder I can be locked right now
+  local j; for j in $(seq 0 $(($2-1))); do flock -n "$LOAD/ssh:__root@10.201.$1.2-${3:-}$j" true || return 1; done
 }
 # Health and history: tests that count on Nix's ranking (list order on a tie)
 # must not be steered by speeds learned from earlier tests' builds.
@@ -114,10 +114,6 @@ test_twelve_parallel_over_two_builders_respect_max_jobs() {
   slots_free 1 2 && slots_free 2 2 || fail "slot left locked"
 }
 
-tickets_free() { # tickets_free I JOBS: no build is queued for builder I
-  local j; for j in $(seq 0 $(($2-1))); do flock -n "$LOAD/ssh:__root@10.201.$1.2-queue-$j" true || return 1; done
-}
-
 # Builds accepted while every slot is busy wait in the queue (one per slot),
 # connected, and start when a slot is released: never more at once than the
 # machine's max jobs, and the queue is empty afterwards. With the queue off,
@@ -134,7 +130,7 @@ test_builds_queue_while_every_slot_is_busy() {
   peaks_ok "$ev" 1
   # Only a queued build takes a ticket (the files were removed above).
   [ -e "$LOAD/ssh:__root@10.201.1.2-queue-0" ] || fail "no build was queued (no ticket file)"
-  slots_free 1 1 && tickets_free 1 1 || fail "a slot or ticket was left locked"
+  slots_free 1 1 && slots_free 1 1 queue- || fail "a slot or ticket was left locked"
   rm -f "$LOAD"/*-queue-*
   : > "$ev"
   BUILD_HOOK_QUEUE=0 BUILD_HOOK_SLOT_WAIT_MS=200 nb "$NIX/par.nix" --arg n 3 --argstr seconds 1 --argstr events "$ev" --argstr nonce "$(nonce noqueue)" --argstr tag n >/dev/null 2>&1 || fail "builds without the queue failed"
