@@ -5,7 +5,8 @@
 #     B builders x J slots, with the ideal and the peak busy slots per builder:
 #     build-hook on first contact (builders restarted, empty load directory)
 #     and warm (connections open), its two other ways of waiting for a slot
-#     (inside the try; postponing at once), and Nix's own hook.
+#     (inside the try; postponing at once), Nix's own hook, and as a floor
+#     the same builds run by Nix itself on this machine, B x J at once.
 # Usage (root): bash bench/dispatch.sh [N=24] [S=1] [B=3] [J=2] [ROUNDS=2]
 # (BH_BENCH_POSTPONE=0 skips the slow postpone-at-once run.)
 set -eu
@@ -34,11 +35,15 @@ drv=$(nix-instantiate tests/nix/chain.nix -A dep --argstr nonce "lat-$(date +%s)
 variant() { printf '#!/bin/sh\n%s exec "%s" "$@"\n' "$2" "$OURS" > "$TB/hook-$1"; chmod +x "$TB/hook-$1"; echo "$TB/hook-$1"; }
 Q=$(variant queue ""); W=$(variant wait "BUILD_HOOK_QUEUE=0"); P=$(variant postpone "BUILD_HOOK_QUEUE=0 BUILD_HOOK_SLOT_WAIT_MS=0")
 
-# makespan LABEL HOOK [first]: one nix-build of the N builds; "first" restarts
-# every builder (no open connection) and gives the hook an empty load
-# directory (no health, no history), as on a CI runner's first build.
+# makespan LABEL HOOK [first|local]: one nix-build of the N builds; "first"
+# restarts every builder (no open connection) and gives the hook an empty load
+# directory (no health, no history), as on a CI runner's first build; "local"
+# has Nix build them itself on this machine, B x J at once, with no hook and
+# no builder: the floor that Nix's own scheduling leaves, which no hook beats.
 makespan() {
   local label=$1 hook=$2 ev="$TB/events.bench" t0 t
+  local how=(--max-jobs 0 --builders "@$TB/machines" --option build-hook "$hook")
+  [ "${3:-}" = local ] && how=(--max-jobs $((B * J)) --builders "" --option build-hook "")
   : > "$ev"
   if [ "${3:-}" = first ]; then
     for i in $(seq 1 "$B"); do tb_wipe_store "$i" >/dev/null; done
@@ -46,8 +51,7 @@ makespan() {
   fi
   t0=$(date +%s.%N)
   nix-build tests/nix/par.nix --arg n "$N" --argstr seconds "$S" --argstr events "$ev" \
-    --argstr nonce "bench-$(date +%s%N)" --max-jobs 0 --builders "@$TB/machines" \
-    --option build-hook "$hook" --no-out-link >/dev/null 2>"$TB/dispatch.err" || { tail -5 "$TB/dispatch.err"; echo "build failed with $label"; exit 1; }
+    --argstr nonce "bench-$(date +%s%N)" "${how[@]}" --no-out-link >/dev/null 2>"$TB/dispatch.err" || { tail -5 "$TB/dispatch.err"; echo "build failed with $label"; exit 1; }
   t=$(python3 -c "print(f'{$(date +%s.%N)-$t0:.2f}')")
   if [ "${3:-}" = first ]; then rm -rf "$NIX_CURRENT_LOAD"; unset NIX_CURRENT_LOAD; fi
   printf '%-34s %6s s   peak busy slots: %s\n' "$label" "$t" "$(python3 tests/lib/peak.py "$ev" | tr '\n' ' ')"
@@ -64,6 +68,7 @@ for r in $(seq 1 "$ROUNDS"); do
   makespan "build-hook, warm" "$Q"
   makespan "build-hook wait in try, warm" "$W"
   makespan "nix build-remote" "$BUILTIN"
+  makespan "floor: Nix building locally" "" local
   makespan "build-hook, first contact" "$Q" first
   # The builders restarted: open the shared connections again, untimed.
   N=$((B * J)) makespan "warm-up" "$Q" >/dev/null

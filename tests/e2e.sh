@@ -124,8 +124,16 @@ test_builds_queue_while_every_slot_is_busy() {
   nb "$NIX/chain.nix" -A dep --argstr nonce "$(nonce qwarm)" >/dev/null 2>&1 || fail "warm-up build failed"
   rm -f "$LOAD"/*-queue-*
   ev="$TB/events.queue"; : > "$ev"
-  nb "$NIX/par.nix" --arg n 4 --argstr seconds 1 --argstr events "$ev" --argstr nonce "$(nonce queue)" --argstr tag q >/dev/null 2>"$TB/queue.err" \
-    || { tail "$TB/queue.err"; fail "queued builds failed"; }
+  nb "$NIX/par.nix" --arg n 4 --argstr seconds 1 --argstr events "$ev" --argstr nonce "$(nonce queue)" --argstr tag q >/dev/null 2>"$TB/queue.err" &
+  pid=$!
+  # status shows the build waiting in the queue, with its derivation
+  local seen=""
+  for _ in $(seq 1 40); do
+    seen=$("$HOOK" status --json --builders "@$TB/machines" | python3 -c 'import json,sys; print(" ".join(b["drv"] for m in json.load(sys.stdin)["machines"] for b in m["queued"]))')
+    [ -n "$seen" ] && break; sleep 0.1
+  done
+  wait $pid || { tail "$TB/queue.err"; fail "queued builds failed"; }
+  case "$seen" in /nix/store/*-q?.drv) ;; *) fail "status did not show the queued build (saw '$seen')";; esac
   [ "$(grep -c ' start ' "$ev")" = 4 ] || fail "expected 4 builds"
   peaks_ok "$ev" 1
   # Only a queued build takes a ticket (the files were removed above).

@@ -4,6 +4,7 @@
 //! the chosen one is lost, and map the outcome to Nix's exit status.
 
 use crate::config::Config;
+use crate::ops::BusyMarker;
 use crate::out::{self, Activity, NixEvents};
 use crate::signals;
 use remote_lib::drain::Drains;
@@ -49,8 +50,9 @@ pub struct Dispatcher {
 pub struct Accept {
     index: usize,
     slot: Option<Slot>,
-    /// A queued build's ticket (`None` once it has its slot).
-    ticket: Option<FileLock>,
+    /// A queued build's ticket, and its marker for `status` (`None` once
+    /// it has its slot).
+    ticket: Option<(FileLock, BusyMarker)>,
     session: Option<Session>,
     /// Seconds spent waiting for the slot.
     waited: f64,
@@ -158,7 +160,8 @@ impl Dispatcher {
                     let queue_to = if self.cfg.queue && !self.local_cap.could_build(req) { self.queueable(&full) } else { Vec::new() };
                     let got = if !queue_to.is_empty() {
                         // Past the deadline, only a ticket that is free now.
-                        if let Some((index, ticket)) = self.take_ticket(&queue_to, deadline.max(Instant::now()))? {
+                        if let Some((index, t, lock)) = self.take_ticket(&queue_to, deadline.max(Instant::now()))? {
+                            let ticket = (lock, crate::ops::mark_busy(&self.load, &self.machines[index].uri, t, true, &req.drv_path));
                             out::reply(&Reply::Accept { machine: self.machines[index].uri.clone() });
                             return Ok(Some(Accept { index, slot: None, ticket: Some(ticket), session: None, waited: started.elapsed().as_secs_f64() }));
                         }
@@ -222,11 +225,12 @@ impl Dispatcher {
     }
 
     /// A place in the queue of one of the machines `full`: the first free
-    /// ticket, waiting for one until `deadline` at most.
-    fn take_ticket(&self, full: &[usize], deadline: Instant) -> anyhow::Result<Option<(usize, FileLock)>> {
+    /// ticket (machine, ticket number, its lock), waiting for one until
+    /// `deadline` at most.
+    fn take_ticket(&self, full: &[usize], deadline: Instant) -> anyhow::Result<Option<(usize, u64, FileLock)>> {
         let wanted: Vec<(usize, u64)> = full.iter().flat_map(|&i| (0..self.machines[i].max_jobs).map(move |t| (i, t))).collect();
         let names: Vec<String> = wanted.iter().map(|&(i, t)| remote_lib::slots::file_name(&self.machines[i].uri, &format!("-queue-{t}"))).collect();
-        Ok(self.load.wait_first(&names, deadline)?.map(|(k, ticket)| (wanted[k].0, ticket)))
+        Ok(self.load.wait_first(&names, deadline)?.map(|(k, ticket)| (wanted[k].0, wanted[k].1, ticket)))
     }
 
     /// A queued build's slot: connects to the machine it was accepted for
@@ -504,7 +508,7 @@ impl Dispatcher {
             let index = acc.index;
             let uri = self.machines[index].uri.clone();
             let slot = slot_held.index;
-            let busy = crate::ops::mark_busy(&self.load, &uri, slot, &req.drv_path);
+            let busy = crate::ops::mark_busy(&self.load, &uri, slot, false, &req.drv_path);
             let start = history::now();
             let mut stats = Stats::default();
             // The slot is freed as soon as the remote build has ended (the

@@ -34,14 +34,18 @@ impl Drop for BusyMarker {
     }
 }
 
-fn busy_file(load: &LoadDir, uri: &str, slot: u64) -> PathBuf {
-    load.path.join("build-hook/busy").join(format!("{}-{slot}", remote_lib::transport::file_name_for(uri)))
+/// The marker of slot `slot` of `uri`, or with `queue` of its queue ticket
+/// `slot` (named like the lock files they describe).
+fn busy_file(load: &LoadDir, uri: &str, slot: u64, queue: bool) -> PathBuf {
+    let q = if queue { "queue-" } else { "" };
+    load.path.join("build-hook/busy").join(format!("{}-{q}{slot}", remote_lib::transport::file_name_for(uri)))
 }
 
-/// Records that slot `slot` of `uri` builds `drv` (advice for `status`; a
-/// failure to write it is ignored, and a marker whose slot is free is stale).
-pub fn mark_busy(load: &LoadDir, uri: &str, slot: u64, drv: &str) -> BusyMarker {
-    let p = busy_file(load, uri, slot);
+/// Records that slot `slot` of `uri` builds `drv`, or with `queue` that
+/// `drv` waits in its queue with ticket `slot` (advice for `status`; a
+/// failure to write it is ignored, and a marker whose lock is free is stale).
+pub fn mark_busy(load: &LoadDir, uri: &str, slot: u64, queue: bool, drv: &str) -> BusyMarker {
+    let p = busy_file(load, uri, slot, queue);
     let b = Busy { machine: uri.into(), slot, drv: drv.into(), since: history::now(), pid: std::process::id() };
     let ok = p.parent().is_some_and(|d| std::fs::create_dir_all(d).is_ok()) && serde_json::to_string(&b).is_ok_and(|j| std::fs::write(&p, j).is_ok());
     BusyMarker(ok.then_some(p))
@@ -124,6 +128,8 @@ pub struct MachineStatus {
     slots: u64,
     busy: u64,
     building: Vec<Busy>,
+    /// Builds accepted for this machine that wait for one of its slots.
+    queued: Vec<Busy>,
     health: String,
     drained: Option<u64>,
 }
@@ -134,11 +140,14 @@ pub fn status(d: &Dispatcher, json: bool, last: usize) -> String {
     let mut ms = Vec::new();
     for m in &d.machines {
         let busy = d.load.probe(&m.uri, m.max_jobs).map(|(_, b)| b).unwrap_or(0);
-        // A marker counts only while its slot is really held.
-        let building: Vec<Busy> = (0..m.max_jobs)
-            .filter_map(|i| std::fs::read(busy_file(&d.load, &m.uri, i)).ok().and_then(|t| serde_json::from_slice::<Busy>(&t).ok()))
-            .filter(|b| d.load.slot_held(&m.uri, b.slot))
-            .collect();
+        // A marker counts only while its slot (or ticket) is really held.
+        let markers = |queue: bool| -> Vec<Busy> {
+            (0..m.max_jobs)
+                .filter(|&i| d.load.is_held(&remote_lib::slots::file_name(&m.uri, &format!("-{}{i}", if queue { "queue-" } else { "" }))))
+                .filter_map(|i| std::fs::read(busy_file(&d.load, &m.uri, i, queue)).ok().and_then(|t| serde_json::from_slice::<Busy>(&t).ok()))
+                .collect()
+        };
+        let (building, queued) = (markers(false), markers(true));
         let h = d.health.get(&m.uri);
         let health = if h.backing_off(now) {
             format!("backing off {} s more after {} failure(s): {}", h.retry_after - now, h.failures, h.reason)
@@ -149,7 +158,7 @@ pub fn status(d: &Dispatcher, json: bool, last: usize) -> String {
         } else {
             "not used yet".into()
         };
-        ms.push(MachineStatus { machine: m.uri.clone(), slots: m.max_jobs, busy, building, health, drained: d.drains.drained(&m.uri, now) });
+        ms.push(MachineStatus { machine: m.uri.clone(), slots: m.max_jobs, busy, building, queued, health, drained: d.drains.drained(&m.uri, now) });
     }
     let (records, _) = d.history.read();
     let recent: Vec<&Record> = records.iter().rev().take(last).collect();
@@ -167,6 +176,9 @@ pub fn status(d: &Dispatcher, json: bool, last: usize) -> String {
         out.push_str(&format!("{}  {}/{} busy{drained}  {}\n", m.machine, m.busy, m.slots, m.health));
         for b in &m.building {
             out.push_str(&format!("  slot {}: {} for {:.0} s\n", b.slot, history::drv_name(&b.drv), t - b.since));
+        }
+        for b in &m.queued {
+            out.push_str(&format!("  queued: {} for {:.0} s\n", history::drv_name(&b.drv), t - b.since));
         }
     }
     out.push_str(&format!("last {} builds:\n", recent.len()));

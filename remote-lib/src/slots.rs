@@ -281,7 +281,13 @@ impl LoadDir {
 
     /// Whether slot `slot` of `uri` is held by some process now.
     pub fn slot_held(&self, uri: &str, slot: u64) -> bool {
-        match self.open(&file_name(uri, &format!("-{slot}"))) {
+        self.is_held(&file_name(uri, &format!("-{slot}")))
+    }
+
+    /// Whether the lock file `name` (as [`file_name`] makes it) is held by
+    /// some process now.
+    pub fn is_held(&self, name: &str) -> bool {
+        match self.open(name) {
             Ok((f, _)) => matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)),
             Err(_) => false,
         }

@@ -33,6 +33,9 @@ tb_install() {
     apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >&2
   fi
   mkdir -p /run/sshd /nix/var/nix
+  # Create the store's database once, now: Nix's first run creates it, and
+  # tests that start several Nix commands at once must not race to do so.
+  [ -e /nix/var/nix/db/schema ] || nix-store -q --hash /nonexistent >/dev/null 2>&1 || true
 }
 
 tb_ns() { echo "bhb$1"; }
