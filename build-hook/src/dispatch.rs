@@ -45,14 +45,18 @@ pub struct Dispatcher {
     learned: Option<(Learned, Vec<Speed>)>,
 }
 
+/// How long a queued build waits for a slot before it connects.
+const QUEUED_CONNECT_DELAY: Duration = Duration::from_millis(300);
+
 /// A machine chosen for a request, with its slot held, or (queued) a place
 /// in the queue of builds accepted while every slot was busy.
 pub struct Accept {
     index: usize,
     slot: Option<Slot>,
-    /// A queued build's ticket, and its marker for `status` (`None` once
-    /// it has its slot).
-    ticket: Option<(FileLock, BusyMarker)>,
+    /// A queued build's marker for `status` and its ticket (`None` once it
+    /// has its slot). In this order: a tuple drops its fields in order, and
+    /// the marker must go before the lock, or the next holder's would.
+    ticket: Option<(BusyMarker, FileLock)>,
     session: Option<Session>,
     /// Seconds spent waiting for the slot.
     waited: f64,
@@ -161,7 +165,7 @@ impl Dispatcher {
                     let got = if !queue_to.is_empty() {
                         // Past the deadline, only a ticket that is free now.
                         if let Some((index, t, lock)) = self.take_ticket(&queue_to, deadline.max(Instant::now()))? {
-                            let ticket = (lock, crate::ops::mark_busy(&self.load, &self.machines[index].uri, t, true, &req.drv_path));
+                            let ticket = (crate::ops::mark_busy(&self.load, &self.machines[index].uri, t, true, &req.drv_path), lock);
                             out::reply(&Reply::Accept { machine: self.machines[index].uri.clone() });
                             return Ok(Some(Accept { index, slot: None, ticket: Some(ticket), session: None, waited: started.elapsed().as_secs_f64() }));
                         }
@@ -245,6 +249,17 @@ impl Dispatcher {
         // it is queued for (and connected to): the other machines' slots go
         // to the builds queued for them.
         let own_until = started + Duration::from_millis(self.cfg.slot_wait_ms);
+        // It does not connect at once: when many builds are accepted
+        // together, those starting now need the CPU (here and on the
+        // builder) more than a queued one needs its connection this early.
+        // A slot of its machine freed meanwhile is taken, and the connection
+        // made then, as for any build.
+        if acc.session.is_none() {
+            if let Some((i, s)) = self.wait_for_slot(&[want], started + QUEUED_CONNECT_DELAY)? {
+                self.queued_got(acc, i, s, started);
+                return Ok(true);
+            }
+        }
         let mut said = false;
         loop {
             if Instant::now() < own_until && acc.session.is_some() && !self.failed.contains_key(&want) && self.drains.drained(&self.machines[want].uri, health::now()).is_none() {
@@ -484,13 +499,14 @@ impl Dispatcher {
     /// is recorded as failing and the job moves to another eligible builder;
     /// each builder is tried at most once.
     pub fn run_job(&mut self, req: &TryRequest, acc: Accept, sets: Accepted) -> i32 {
-        let plan = match Plan::new(&self.local, &req.drv_path, &sets) {
+        let mut plan = match Plan::new(&self.local, &req.drv_path, &sets) {
             Ok(p) => p,
             Err(e) => {
                 out::msg(Level::Error, &format!("build-hook: cannot build '{}': {e}", req.drv_path));
                 return 1;
             }
         };
+        plan.expected_download = self.history.last_download(&history::drv_name(&req.drv_path));
         let mut tried: Vec<String> = Vec::new();
         let mut acc = acc;
         if acc.slot.is_none() {
@@ -515,7 +531,9 @@ impl Dispatcher {
             // build is done; fetching the outputs only reads them from the
             // builder's store, compressing them on the way when the link is
             // slow), or when the job ends, whichever is first.
-            let held = std::cell::RefCell::new(Some((slot_held, busy)));
+            // The marker goes before the slot is released (a tuple drops in
+            // order), not after, when it would be the next holder's.
+            let held = std::cell::RefCell::new(Some((busy, slot_held)));
             let res = self.run_on(index, acc.session.take(), &plan, &mut stats, || drop(held.borrow_mut().take()));
             drop(held.take());
             self.record(req, &crate::ops::Attempt { uri: &uri, slot, start, waited: acc.waited }, stats, res.as_ref().err());

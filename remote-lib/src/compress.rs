@@ -32,6 +32,30 @@ pub fn upload_level(bulk: i32, forced: Option<i32>, parts: &[(u64, f64)]) -> (i3
     }
 }
 
+/// Outputs whose NARs add up to less than this travel raw on the
+/// interactive session, however slow the link: a compressed session would
+/// cost more to start (processes on both ends) than it could save.
+pub const SMALL_DOWNLOAD: u64 = 256 * 1024;
+
+/// The level for downloading outputs of `nar` bytes in all: raw (0) when
+/// they are small, unless the user forced a level, else `bulk()` (only then
+/// asked: it may probe the builder).
+pub fn download_level(forced: Option<i32>, nar: u64, bulk: impl FnOnce() -> i32) -> i32 {
+    if forced.is_none() && nar < SMALL_DOWNLOAD {
+        0
+    } else {
+        bulk()
+    }
+}
+
+/// Whether to open the compressed download session while the build runs,
+/// so that it is ready when it ends: not when the level is 0, nor when the
+/// last build of the same name downloaded little (`expected`, from the
+/// history), unless the user forced a level.
+pub fn spare_worth_opening(level: i32, forced: Option<i32>, expected: Option<u64>) -> bool {
+    level > 0 && (forced.is_some() || expected.is_none_or(|n| n >= SMALL_DOWNLOAD))
+}
+
 /// At most this many paths of an upload are sampled ([`to_sample`]).
 pub const MAX_SAMPLED: usize = 64;
 
@@ -62,6 +86,19 @@ mod tests {
         assert_eq!(bulk_level(&h(Some(true), Some(6)), None), 6);
         assert_eq!(bulk_level(&h(Some(true), Some(6)), Some(3)), 3);
         assert_eq!(bulk_level(&h(Some(true), Some(6)), Some(0)), 0);
+    }
+
+    #[test]
+    fn small_downloads_go_raw_and_open_no_session_ahead_unless_forced() {
+        assert_eq!(download_level(None, SMALL_DOWNLOAD - 1, || unreachable!("not asked for a small download")), 0);
+        assert_eq!(download_level(None, SMALL_DOWNLOAD, || 6), 6);
+        assert_eq!(download_level(Some(3), 120, || 3), 3, "a forced level is kept");
+        assert_eq!(download_level(None, 1 << 30, || 0), 0);
+        assert!(spare_worth_opening(1, None, None), "nothing known: ready for a large download");
+        assert!(!spare_worth_opening(1, None, Some(120)), "the last build of this name downloaded 120 bytes");
+        assert!(spare_worth_opening(1, None, Some(SMALL_DOWNLOAD)));
+        assert!(spare_worth_opening(3, Some(3), Some(120)), "forced");
+        assert!(!spare_worth_opening(0, None, None), "raw: no bulk session");
     }
 
     #[test]

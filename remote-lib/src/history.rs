@@ -44,6 +44,9 @@ pub struct Record {
     pub reason: String,
 }
 
+/// How much of the history's end [`History::last_download`] reads.
+pub const HINT_BYTES: u64 = 256 * 1024;
+
 /// Where the history lives.
 #[derive(Clone, Debug)]
 pub struct History {
@@ -95,6 +98,16 @@ impl History {
     /// the rotated one for what is left), so the cost is bounded however
     /// large the history is. A line cut by the byte limit is skipped.
     pub fn read_tail(&self, max_records: usize, max_bytes: u64) -> Vec<Record> {
+        let chunks = self.tail_chunks(max_bytes);
+        let mut out: Vec<Record> = chunks.iter().rev().flat_map(|c| c.split(|b| *b == b'\n')).filter_map(parse_line).collect();
+        let extra = out.len().saturating_sub(max_records);
+        out.drain(..extra);
+        out
+    }
+
+    /// The last `max_bytes` of the history, newest file first, each chunk
+    /// starting on a whole line.
+    fn tail_chunks(&self, max_bytes: u64) -> Vec<Vec<u8>> {
         let mut chunks = Vec::new();
         let mut budget = max_bytes;
         for p in [self.path(), self.dir.join("history.1.jsonl")] {
@@ -118,10 +131,23 @@ impl History {
             }
             chunks.push(buf);
         }
-        let mut out: Vec<Record> = chunks.iter().rev().flat_map(|c| c.split(|b| *b == b'\n')).filter_map(parse_line).collect();
-        let extra = out.len().saturating_sub(max_records);
-        out.drain(..extra);
-        out
+        chunks
+    }
+
+    /// The NAR bytes downloaded by the most recent successful build of a
+    /// derivation named `name`, from at most the last [`HINT_BYTES`] of the
+    /// history (only lines naming it are parsed); `None` if there is none.
+    pub fn last_download(&self, name: &str) -> Option<u64> {
+        let needle = serde_json::to_string(name).ok()?;
+        let needle = format!("\"name\":{needle}");
+        let chunks = self.tail_chunks(HINT_BYTES);
+        chunks
+            .iter()
+            .flat_map(|c| c.rsplit(|b| *b == b'\n'))
+            .filter(|l| l.windows(needle.len()).any(|w| w == needle.as_bytes()))
+            .filter_map(parse_line)
+            .find(|r| r.name == name && r.result == "built")
+            .map(|r| r.download_bytes)
     }
 
     /// Every readable record, oldest first (the rotated file, then the
@@ -222,6 +248,21 @@ mod tests {
         assert!(dir.path().join("history.1.jsonl").exists());
         assert!(std::fs::metadata(h.path()).unwrap().len() < ROTATE_BYTES);
         assert_eq!(h.read().0.len() as u64, n);
+    }
+
+    #[test]
+    fn the_last_download_of_a_name_is_its_newest_successful_build() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = History::new(dir.path());
+        assert_eq!(h.last_download("d1"), None, "no history yet");
+        let with = |i: usize, bytes: u64, result: &str| Record { download_bytes: bytes, result: result.into(), ..rec(i) };
+        for r in [with(1, 100, "built"), with(10, 7, "built"), with(1, 300, "built"), with(1, 0, "lost"), with(2, 5, "failed")] {
+            h.append(&r).unwrap();
+        }
+        assert_eq!(h.last_download("d1"), Some(300), "the newest built record, not the lost one after it");
+        assert_eq!(h.last_download("d10"), Some(7), "a name is matched whole");
+        assert_eq!(h.last_download("d2"), None, "only a failed build");
+        assert_eq!(h.last_download("d\"1"), None);
     }
 
     #[test]

@@ -83,6 +83,10 @@ pub struct Plan {
     /// realisations (`sha256:<base16>`), worked out here, not taken from
     /// the builder.
     pub drv_hash: Option<String>,
+    /// NAR bytes the last build of a derivation of this name downloaded
+    /// (a hint from the history: small, and no compressed session is opened
+    /// ahead of the download).
+    pub expected_download: Option<u64>,
 }
 
 impl Plan {
@@ -136,7 +140,7 @@ impl Plan {
             let h = drv.hash_modulo(&mut read).map_err(|why| JobError::Local { during: "hashing the derivation", why })?;
             Some(format!("sha256:{}", crate::hash::Sha256Hash(h).to_hex()))
         };
-        Ok(Plan { drv_path, drv, inputs, wanted, fixed, floating, drv_hash })
+        Ok(Plan { drv_path, drv, inputs, wanted, fixed, floating, drv_hash, expected_download: None })
     }
 }
 
@@ -396,30 +400,37 @@ impl<'a> Job<'a> {
         self.session.as_ref().map(|s| s.timeouts().stall).unwrap_or(Duration::from_secs(60))
     }
 
-    /// Step 2: `BuildDerivation`, the log streaming to Nix meanwhile. A
-    /// compressed download session is opened now, so that it is ready when
-    /// the build ends, unless that could take more sessions than sshd allows
-    /// on one connection.
+    /// Step 2: `BuildDerivation`, the log streaming to Nix meanwhile. Once
+    /// it is sent, a compressed download session is opened (unless that could
+    /// take more sessions than sshd allows on one connection) and the local
+    /// registration started, so that both are ready when the build ends.
     pub fn build(&mut self) -> Result<(), JobError> {
         let (ctx, m, plan) = (self.ctx, self.m, self.plan);
+        self.session().building();
+        let t = Instant::now();
+        let sent = if self.by_path {
+            let outputs: Vec<String> = plan.drv.outputs.iter().map(|o| o.name.clone()).collect();
+            self.session().serve.send_bridge_build_paths(plan.drv_path.as_str(), &outputs, &ctx.options)
+        } else {
+            self.session().serve.send_build_derivation(plan.drv_path.as_str(), &plan.drv, &plan.inputs, &ctx.options)
+        };
+        if let Err(e) = sent {
+            return Err(self.fail("the build", Fault::from(&e)));
+        }
+        // What the download will need starts once the build is asked for,
+        // not before: its start-up (processes here and on the builder) then
+        // overlaps the build instead of delaying it.
         let h = builder_caps(ctx.health, m, ctx.ssh, self.ctx_stall());
         let level = compress::bulk_level(&h, ctx.forced_level);
-        if level > 0 && m.max_jobs <= MAX_JOBS_FOR_SPARE_SESSION {
+        if compress::spare_worth_opening(level, ctx.forced_level, plan.expected_download) && m.max_jobs <= MAX_JOBS_FOR_SPARE_SESSION {
             self.spare = Some(BulkSession::open(m, ctx.ssh, transport::Bulk::Download { level }, self.ctx_stall())?);
         }
         if ctx.local.on_disk() {
-            // Started now, its start-up overlaps the build; if no output
-            // needs fetching it is dropped, which registers nothing.
+            // If no output needs fetching it is dropped, which registers
+            // nothing.
             self.registrar = Some(ctx.local.start_registrar().map_err(local("starting the local nix-store"))?);
         }
-        self.session().building();
-        let t = Instant::now();
-        let res = if self.by_path {
-            let outputs: Vec<String> = plan.drv.outputs.iter().map(|o| o.name.clone()).collect();
-            self.session().serve.bridge_build_paths(plan.drv_path.as_str(), &outputs, &ctx.options)
-        } else {
-            self.session().serve.build_derivation(plan.drv_path.as_str(), &plan.drv, &plan.inputs, &ctx.options)
-        };
+        let res = self.session().serve.read_build_result();
         self.stats.build_secs = t.elapsed().as_secs_f64();
         let res = match res {
             Ok(r) => r,
@@ -485,9 +496,11 @@ impl<'a> Job<'a> {
             Some(r) => r,
             None => ctx.local.start_registrar().map_err(local("starting the local nix-store"))?,
         };
-        // Only a download into this disk chooses a compression level (and may probe for it).
-        let h = builder_caps(ctx.health, m, ctx.ssh, self.ctx_stall());
-        let level = compress::bulk_level(&h, ctx.forced_level);
+        // Only a download into this disk, and not a small one, chooses a
+        // compression level (and may probe for it).
+        let nar: u64 = infos.iter().map(|i| i.nar_size).sum();
+        let stall = self.ctx_stall();
+        let level = compress::download_level(ctx.forced_level, nar, || compress::bulk_level(&builder_caps(ctx.health, m, ctx.ssh, stall), ctx.forced_level));
         let into = Receive { local: ctx.local, outputs: &fetch, fixed: &plan.fixed };
         let ev = self.ev;
         let t = Instant::now();

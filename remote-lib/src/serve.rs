@@ -246,6 +246,8 @@ pub struct ServeConn<R: Read, W: Write> {
     r: BufReader<R>,
     w: BufWriter<W>,
     pub server_version: ServeVersion,
+    /// The build request sent and not yet answered.
+    pending_build: Option<&'static str>,
 }
 
 impl<R: Read, W: Write> ServeConn<R, W> {
@@ -257,7 +259,7 @@ impl<R: Read, W: Write> ServeConn<R, W> {
         write_client_hello(&mut w).map_err(io_err(during))?;
         w.flush().map_err(io_err(during))?;
         let v = read_server_hello(&mut r)?;
-        Ok(ServeConn { r, w, server_version: v })
+        Ok(ServeConn { r, w, server_version: v, pending_build: None })
     }
 
     fn minor(&self) -> u8 {
@@ -364,7 +366,14 @@ impl<R: Read, W: Write> ServeConn<R, W> {
 
     /// cmd 8: builds `drv` on the server; the log flows on the server's stderr.
     pub fn build_derivation(&mut self, drv_path: &str, drv: &Derivation, inputs: &[String], opts: &BuildOptions) -> Result<BuildResult, ServeError> {
-        let d = "BuildDerivation";
+        self.send_build_derivation(drv_path, drv, inputs, opts)?;
+        self.read_build_result()
+    }
+
+    /// cmd 8 sent (and flushed), its result still to be read with
+    /// [`Self::read_build_result`]: the build starts while the caller does
+    /// other things.
+    pub fn send_build_derivation(&mut self, drv_path: &str, drv: &Derivation, inputs: &[String], opts: &BuildOptions) -> Result<(), ServeError> {
         let minor = self.minor();
         (|| {
             wire::write_u64(&mut self.w, 8)?;
@@ -373,8 +382,9 @@ impl<R: Read, W: Write> ServeConn<R, W> {
             write_build_options(&mut self.w, opts, minor)?;
             self.w.flush()
         })()
-        .map_err(io_err(d))?;
-        self.read_build_reply(d, minor)
+        .map_err(io_err("BuildDerivation"))?;
+        self.pending_build = Some("BuildDerivation");
+        Ok(())
     }
 
     /// Starts a bridge-only `AddMultiple` ([`crate::bridge::CMD_ADD_MULTIPLE`]):
@@ -414,7 +424,13 @@ impl<R: Read, W: Write> ServeConn<R, W> {
     /// Through the ssh-ng bridge: builds `drv_path`, which must be valid on
     /// the builder with its inputs, by path (see [`crate::bridge::CMD_BUILD_PATHS`]).
     pub fn bridge_build_paths(&mut self, drv_path: &str, outputs: &[String], opts: &BuildOptions) -> Result<BuildResult, ServeError> {
-        let d = "BuildPaths";
+        self.send_bridge_build_paths(drv_path, outputs, opts)?;
+        self.read_build_result()
+    }
+
+    /// [`Self::bridge_build_paths`] sent, its result still to be read with
+    /// [`Self::read_build_result`].
+    pub fn send_bridge_build_paths(&mut self, drv_path: &str, outputs: &[String], opts: &BuildOptions) -> Result<(), ServeError> {
         let minor = self.minor();
         (|| {
             wire::write_u64(&mut self.w, crate::bridge::CMD_BUILD_PATHS)?;
@@ -423,8 +439,15 @@ impl<R: Read, W: Write> ServeConn<R, W> {
             write_build_options(&mut self.w, opts, minor)?;
             self.w.flush()
         })()
-        .map_err(io_err(d))?;
-        self.read_build_reply(d, minor)
+        .map_err(io_err("BuildPaths"))?;
+        self.pending_build = Some("BuildPaths");
+        Ok(())
+    }
+
+    /// The result of the build request sent last.
+    pub fn read_build_result(&mut self) -> Result<BuildResult, ServeError> {
+        let d = self.pending_build.take().ok_or(ServeError::Reply { during: "reading a build result", why: "no build request was sent".into() })?;
+        self.read_build_reply(d, self.minor())
     }
 
     fn read_build_reply(&mut self, d: &'static str, minor: u8) -> Result<BuildResult, ServeError> {
