@@ -15,20 +15,17 @@ pub fn bulk_level(h: &Health, forced: Option<i32>) -> i32 {
     forced.unwrap_or_else(|| h.compress.unwrap_or(DEFAULT_LEVEL))
 }
 
-/// The level for an upload: `bulk`, unless the sampled zstd ratios of the
+/// The level for an upload: `bulk()`, unless the sampled zstd ratios of the
 /// paths (`(NAR size, ratio of its sample at level 1)` per path, see
-/// [`sample`]) say compression would save under 5 % — then raw. A level the
-/// user forced is kept. Returns the level and the sampled ratio when
-/// sampling decided.
-pub fn upload_level(bulk: i32, forced: Option<i32>, parts: &[(u64, f64)]) -> (i32, Option<f64>) {
-    if bulk == 0 || forced.is_some() {
-        return (bulk, None);
-    }
+/// [`sample`]) say compression would save under 5 % — then raw, and
+/// `bulk()` (which may probe the builder) is not asked. Returns the level
+/// and the sampled ratio when sampling decided.
+pub fn upload_level(parts: &[(u64, f64)], bulk: impl FnOnce() -> i32) -> (i32, Option<f64>) {
     let r = sample::weighted_ratio(parts);
     if r < sample::WORTH_COMPRESSING {
         (0, Some(r))
     } else {
-        (bulk, None)
+        (bulk(), None)
     }
 }
 
@@ -112,7 +109,7 @@ mod tests {
     }
 
     #[test]
-    fn incompressible_uploads_go_raw_unless_forced() {
+    fn incompressible_uploads_go_raw_without_asking_the_builder() {
         let mut x = 0x9e3779b97f4a7c15u64;
         let noise: Vec<u8> = (0..65536)
             .map(|_| {
@@ -124,10 +121,9 @@ mod tests {
             .collect();
         let text = b"the quick brown fox jumps over the lazy dog\n".repeat(1500);
         let (noise, text) = (sample::ratio(&noise, 1), sample::ratio(&text, 1));
-        assert_eq!(upload_level(6, None, &[(1000, noise)]).0, 0);
-        assert_eq!(upload_level(6, Some(6), &[(1000, noise)]).0, 6);
-        assert_eq!(upload_level(6, None, &[(1000, text)]).0, 6);
-        assert_eq!(upload_level(6, None, &[(1000, noise), (100_000, text)]).0, 6, "weighted by size");
-        assert_eq!(upload_level(0, None, &[(1000, noise)]).0, 0);
+        assert_eq!(upload_level(&[(1000, noise)], || unreachable!("not asked for incompressible data")).0, 0);
+        assert_eq!(upload_level(&[(1000, text)], || 6), (6, None));
+        assert_eq!(upload_level(&[(1000, noise), (100_000, text)], || 6).0, 6, "weighted by size");
+        assert_eq!(upload_level(&[(1000, text)], || 0).0, 0);
     }
 }

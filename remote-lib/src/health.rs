@@ -207,6 +207,26 @@ pub fn level_for_raw_rate(mbps: f64) -> i32 {
     }
 }
 
+/// The zstd level for the first copy, from [`crate::session::probe_link`]'s
+/// rate: as [`level_for_raw_rate`], but [`PROBED_SLOW_LEVEL`] where that
+/// says the slow link's level. A few megabytes are too few to tell a slow
+/// link from a busy moment on a fast one (on the test bed a 150 MB/s link
+/// probed at 34–38 MB/s in some first-contact runs), and the costs are
+/// lopsided: on the benchmark's mixed data zstd -3 is nearly as small as -6
+/// (58.0 against 56.7 MB of 100) and nearly as fast as -1 (0.43 against
+/// 0.39 s; -6 took 1.14 s), so it loses little on a slow link, while -6 on a
+/// fast one doubled the copies. The first transfer of [`MIN_SAMPLE_BYTES`]
+/// or more then decides.
+pub fn level_for_probed_rate(mbps: f64) -> i32 {
+    match level_for_raw_rate(mbps) {
+        SLOW_LINK_LEVEL => PROBED_SLOW_LEVEL,
+        l => l,
+    }
+}
+
+/// The level a link that only probed slow gets ([`level_for_probed_rate`]).
+pub const PROBED_SLOW_LEVEL: i32 = 3;
+
 impl Health {
     /// Learns from one bulk transfer which level to use next.
     ///
@@ -386,6 +406,23 @@ mod tests {
         let back = Health::parse(&h.render());
         assert_eq!((back.compress, back.raw_mbps.map(|r| r.round())), (h.compress, Some(91.0)));
         assert_eq!(Health::parse(&Health::default().render()).compress, None);
+    }
+
+    #[test]
+    fn a_probe_chooses_raw_or_the_default_level_only() {
+        assert_eq!(level_for_probed_rate(FAST_LINK_MBPS), 0);
+        assert_eq!(level_for_probed_rate(90.0), DEFAULT_LEVEL);
+        assert_eq!(level_for_probed_rate(35.0), PROBED_SLOW_LEVEL, "a slow-looking probe is not trusted with level {SLOW_LINK_LEVEL}");
+        assert_eq!(level_for_raw_rate(35.0), SLOW_LINK_LEVEL, "a transfer of 8 MB or more still is");
+        // Then the first transfer decides: over a fast link that probed slow
+        // (35 MB/s) it re-measures raw; over a slow one it compresses hard.
+        let p = PROBED_SLOW_LEVEL;
+        let mut fast = Health { raw_mbps: Some(35.0), compress: Some(p), ..Health::default() };
+        fast.learn(Transfer { level: p, nar: 100_000_000, wire: 58_000_000, secs: 0.75 });
+        assert_eq!(fast.compress, Some(0));
+        let mut slow = Health { raw_mbps: Some(11.9), compress: Some(p), ..Health::default() };
+        slow.learn(Transfer { level: p, nar: 100_000_000, wire: 58_000_000, secs: 4.9 });
+        assert_eq!(slow.compress, Some(SLOW_LINK_LEVEL));
     }
 
     #[test]

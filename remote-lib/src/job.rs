@@ -185,7 +185,7 @@ pub fn builder_caps(health: &HealthStore, m: &Machine, ssh: &SshConfig, limit: D
         h.aes = Some(caps.aes);
         if let (Some(mbps), None) = (link, h.raw_mbps) {
             h.raw_mbps = Some(mbps);
-            h.compress = Some(health::level_for_raw_rate(mbps));
+            h.compress = Some(health::level_for_probed_rate(mbps));
         }
     })
 }
@@ -371,12 +371,17 @@ impl<'a> Job<'a> {
     }
 
     /// The level for uploading `ordered`: the builder's bulk level, unless a
-    /// sample of its largest paths says zstd would save under 5 %.
+    /// sample of its largest paths says zstd would save under 5 %. On first
+    /// contact the sample comes first: incompressible data goes raw without
+    /// asking the builder anything (the capability and link probes then run
+    /// with the build, when the download needs them, and the raw upload
+    /// itself measures the link).
     fn upload_level(&self, ordered: &[PathInfo]) -> i32 {
-        let h = builder_caps(self.ctx.health, self.m, self.ctx.ssh, self.ctx_stall());
-        let bulk = compress::bulk_level(&h, self.ctx.forced_level);
-        if bulk == 0 || self.ctx.forced_level.is_some() {
-            return bulk;
+        let (ctx, m, stall) = (self.ctx, self.m, self.ctx_stall());
+        let bulk = || compress::bulk_level(&builder_caps(ctx.health, m, ctx.ssh, stall), ctx.forced_level);
+        let known = ctx.health.get(&m.uri);
+        if ctx.forced_level.is_some() || (known.zstd.is_some() && known.aes.is_some() && bulk() == 0) {
+            return bulk();
         }
         // One path's sample at a time: only its ratio is kept; the largest
         // paths only ([`compress::to_sample`]).
@@ -385,13 +390,13 @@ impl<'a> Job<'a> {
             .into_iter()
             .map(|k| &ordered[k])
             .map(|i| {
-                let s = StorePath::parse(&self.ctx.local.store_dir, &i.path).map(|p| sample::sample_path(&self.ctx.local.real_path(&p))).unwrap_or_default();
+                let s = StorePath::parse(&ctx.local.store_dir, &i.path).map(|p| sample::sample_path(&ctx.local.real_path(&p))).unwrap_or_default();
                 (i.nar_size, sample::ratio(&s, 1))
             })
             .collect();
-        let (level, ratio) = compress::upload_level(bulk, self.ctx.forced_level, &parts);
+        let (level, ratio) = compress::upload_level(&parts, bulk);
         if let Some(r) = ratio {
-            self.ev.log(Level::Talkative, &format!("build-hook: the paths for '{}' look incompressible (sampled zstd ratio {r:.2}); copying them uncompressed", self.m.uri));
+            self.ev.log(Level::Talkative, &format!("build-hook: the paths for '{}' look incompressible (sampled zstd ratio {r:.2}); copying them uncompressed", m.uri));
         }
         level
     }

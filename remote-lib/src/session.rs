@@ -332,48 +332,67 @@ pub fn probe_caps(m: &Machine, ssh: &SshConfig, limit: Duration) -> Option<Caps>
     transport::parse_caps(ended.status.and_then(|s| s.code()), &out)
 }
 
-/// Bytes sent by [`probe_link`].
+/// Bytes [`probe_link`] sends at least, and at most.
 pub const LINK_PROBE_BYTES: usize = 2 << 20;
+pub const LINK_PROBE_MAX_BYTES: usize = 8 << 20;
+/// [`probe_link`] goes on sending (up to [`LINK_PROBE_MAX_BYTES`]) until
+/// this long has passed, so that on a fast link a stall of a few tens of
+/// milliseconds on a busy machine does not pass for a slow link.
+pub const LINK_PROBE_MIN_TIME: Duration = Duration::from_millis(50);
 
 /// Measures the link's raw rate to the builder once, before the first copy
-/// (so the first copy can already choose between raw and compressed): the
-/// time to push [`LINK_PROBE_BYTES`] of incompressible bytes through
-/// `cat >/dev/null` on the builder, less the time of the same command with
-/// nothing to send (session set-up and round trips). MB/s, or `None` when
-/// either run failed or did not end within `limit`.
+/// (so the first copy can already choose between raw and compressed): in one
+/// session, once the builder has said it is ready, the time to push
+/// incompressible bytes through `cat >/dev/null` there (at least
+/// [`LINK_PROBE_BYTES`], and for at least [`LINK_PROBE_MIN_TIME`] up to
+/// [`LINK_PROBE_MAX_BYTES`]) and hear back that they all arrived. The
+/// session's set-up is not timed: it varies by tens of milliseconds on a busy
+/// machine, as much as 2 MB take on a fast link (timing a whole second
+/// session with nothing to send and subtracting it, as before, took a
+/// 150 MB/s link for a 35 MB/s one in some first-contact runs). MB/s, or
+/// `None` when the run failed or did not end within `limit`.
 pub fn probe_link(m: &Machine, ssh: &SshConfig, limit: Duration) -> Option<f64> {
-    use std::io::Write;
-    let run = |bytes: usize| -> Option<Duration> {
-        let cmd = transport::ssh_script(m, ssh, "sh -c 'cat >/dev/null; echo done'").ok()?;
-        let t = std::time::Instant::now();
-        let mut p = RemoteProcess::spawn(cmd, StderrTap::default()).ok()?;
-        p.watch.phase("measuring the link", Some(limit));
-        let mut w = p.stdin.take()?;
-        let mut x = 0x2545F4914F6CDD1Du64;
-        let chunk: Vec<u8> = (0..64 * 1024)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8
-            })
-            .collect();
-        let mut sent = 0;
-        while sent < bytes {
-            w.write_all(&chunk[..chunk.len().min(bytes - sent)]).ok()?;
-            sent += chunk.len().min(bytes - sent);
-        }
+    use std::io::BufRead;
+    let cmd = transport::ssh_script(m, ssh, "sh -c 'echo ready; cat >/dev/null; echo done'").ok()?;
+    let mut p = RemoteProcess::spawn(cmd, StderrTap::default()).ok()?;
+    p.watch.phase("measuring the link", Some(limit));
+    let (w, r) = (p.stdin.take()?, p.stdout.take()?);
+    let mut r = std::io::BufReader::new(r.take(64));
+    let mut line = String::new();
+    let ready = r.read_line(&mut line).is_ok() && line.trim() == "ready";
+    let pushed = if ready {
+        push_probe_bytes(w, &mut r)
+    } else {
         drop(w);
-        let mut out = String::new();
-        p.stdout.take()?.take(64).read_to_string(&mut out).ok()?;
-        let took = t.elapsed();
-        let ended = p.finish();
-        (ended.stalled.is_none() && out.trim() == "done").then_some(took)
+        None
     };
-    let base = run(0)?;
-    let full = run(LINK_PROBE_BYTES)?;
-    let data = full.saturating_sub(base).as_secs_f64().max(1e-4);
-    Some(LINK_PROBE_BYTES as f64 / 1e6 / data)
+    let ended = p.finish();
+    let (bytes, took) = pushed.filter(|_| ended.stalled.is_none())?;
+    Some(bytes as f64 / 1e6 / took.as_secs_f64().max(1e-4))
+}
+
+/// [`probe_link`]'s timed part: the bytes written and the stream closed,
+/// then the builder's `done` read. How many bytes, and how long.
+fn push_probe_bytes(mut w: impl std::io::Write, r: &mut impl std::io::BufRead) -> Option<(usize, Duration)> {
+    let mut x = 0x2545F4914F6CDD1Du64;
+    let chunk: Vec<u8> = (0..64 * 1024)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
+    let t = std::time::Instant::now();
+    let mut sent = 0;
+    while sent < LINK_PROBE_MAX_BYTES && (sent < LINK_PROBE_BYTES || t.elapsed() < LINK_PROBE_MIN_TIME) {
+        w.write_all(&chunk).ok()?;
+        sent += chunk.len();
+    }
+    drop(w);
+    let mut line = String::new();
+    r.read_line(&mut line).ok()?;
+    (line.trim() == "done").then(|| (sent, t.elapsed()))
 }
 
 /// The cipher order for a new connection to `m`, and why. AES-GCM goes
