@@ -254,7 +254,7 @@ impl Dispatcher {
         // builder) more than a queued one needs its connection this early.
         // A slot of its machine freed meanwhile is taken, and the connection
         // made then, as for any build.
-        if acc.session.is_none() {
+        if acc.session.is_none() && !self.failed.contains_key(&want) && self.drains.drained(&self.machines[want].uri, health::now()).is_none() {
             if let Some((i, s)) = self.wait_for_slot(&[want], started + QUEUED_CONNECT_DELAY)? {
                 self.queued_got(acc, i, s, started);
                 return Ok(true);

@@ -409,7 +409,7 @@ mod tests {
     }
 
     #[test]
-    fn a_probe_chooses_raw_or_the_default_level_only() {
+    fn a_probe_that_says_slow_gets_a_middle_level_until_a_transfer_decides() {
         assert_eq!(level_for_probed_rate(FAST_LINK_MBPS), 0);
         assert_eq!(level_for_probed_rate(90.0), DEFAULT_LEVEL);
         assert_eq!(level_for_probed_rate(35.0), PROBED_SLOW_LEVEL, "a slow-looking probe is not trusted with level {SLOW_LINK_LEVEL}");

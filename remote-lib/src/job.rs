@@ -190,6 +190,12 @@ pub fn builder_caps(health: &HealthStore, m: &Machine, ssh: &SshConfig, limit: D
     })
 }
 
+/// Whether [`builder_caps`] would answer without asking the builder.
+fn caps_known(health: &HealthStore, m: &Machine) -> bool {
+    let h = health.get(&m.uri);
+    transport::is_local(m) || (h.zstd.is_some() && h.aes.is_some())
+}
+
 /// sshd allows 10 sessions per connection by default (`MaxSessions`); with
 /// a spare download session, each build on a builder holds two. Beyond this
 /// many jobs per builder the spare is not opened (OpenSSH would fall back to
@@ -379,8 +385,7 @@ impl<'a> Job<'a> {
     fn upload_level(&self, ordered: &[PathInfo]) -> i32 {
         let (ctx, m, stall) = (self.ctx, self.m, self.ctx_stall());
         let bulk = || compress::bulk_level(&builder_caps(ctx.health, m, ctx.ssh, stall), ctx.forced_level);
-        let known = ctx.health.get(&m.uri);
-        if ctx.forced_level.is_some() || (known.zstd.is_some() && known.aes.is_some() && bulk() == 0) {
+        if ctx.forced_level.is_some() || (caps_known(ctx.health, m) && bulk() == 0) {
             return bulk();
         }
         // One path's sample at a time: only its ratio is kept; the largest
@@ -411,6 +416,10 @@ impl<'a> Job<'a> {
     /// registration started, so that both are ready when the build ends.
     pub fn build(&mut self) -> Result<(), JobError> {
         let (ctx, m, plan) = (self.ctx, self.m, self.plan);
+        // Asks the builder (once, on first contact) what it has, while it is
+        // idle: probing while it builds would measure a busy machine and
+        // leave the build's result unread meanwhile.
+        let h = builder_caps(ctx.health, m, ctx.ssh, self.ctx_stall());
         self.session().building();
         let t = Instant::now();
         let sent = if self.by_path {
@@ -424,16 +433,18 @@ impl<'a> Job<'a> {
         }
         // What the download will need starts once the build is asked for,
         // not before: its start-up (processes here and on the builder) then
-        // overlaps the build instead of delaying it.
-        let h = builder_caps(ctx.health, m, ctx.ssh, self.ctx_stall());
+        // overlaps the build instead of delaying it. Both are best-effort (a
+        // failure here must not end a build that is running; the download
+        // starts what is missing). The builder was asked about itself before
+        // (above), not while it builds.
         let level = compress::bulk_level(&h, ctx.forced_level);
         if compress::spare_worth_opening(level, ctx.forced_level, plan.expected_download) && m.max_jobs <= MAX_JOBS_FOR_SPARE_SESSION {
-            self.spare = Some(BulkSession::open(m, ctx.ssh, transport::Bulk::Download { level }, self.ctx_stall())?);
+            self.spare = BulkSession::open(m, ctx.ssh, transport::Bulk::Download { level }, self.ctx_stall()).ok();
         }
         if ctx.local.on_disk() {
             // If no output needs fetching it is dropped, which registers
             // nothing.
-            self.registrar = Some(ctx.local.start_registrar().map_err(local("starting the local nix-store"))?);
+            self.registrar = ctx.local.start_registrar().ok();
         }
         let res = self.session().serve.read_build_result();
         self.stats.build_secs = t.elapsed().as_secs_f64();

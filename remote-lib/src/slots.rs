@@ -285,10 +285,11 @@ impl LoadDir {
     }
 
     /// Whether the lock file `name` (as [`file_name`] makes it) is held by
-    /// some process now.
+    /// some process now. Only looks: a file that does not exist is not
+    /// created (nobody holds it).
     pub fn is_held(&self, name: &str) -> bool {
-        match self.open(name) {
-            Ok((f, _)) => matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)),
+        match File::open(self.path.join(name)) {
+            Ok(f) => matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)),
             Err(_) => false,
         }
     }
