@@ -154,7 +154,12 @@ _ch_source() {
 ch_make() {
   local name=$1 suite=$2 r t0
   r=$(ch_dir "$name")
-  if [ -f "$r/.bh-complete" ]; then ch_versions "$name"; return 0; fi
+  if [ -f "$r/.bh-complete" ]; then
+    # A chroot made when no Nix source could be had (say, before a NixOS/nix
+    # git directory existed here) gets it now.
+    ch_has_tests "$name" || _ch_source "$name" || ch_log "$name: still no Nix source"
+    ch_versions "$name"; return 0
+  fi
   command -v debootstrap >/dev/null || {
     ch_log "installing debootstrap on the host"
     apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >&2 || return 1
