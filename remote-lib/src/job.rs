@@ -416,6 +416,10 @@ impl<'a> Job<'a> {
     /// registration started, so that both are ready when the build ends.
     pub fn build(&mut self) -> Result<(), JobError> {
         let (ctx, m, plan) = (self.ctx, self.m, self.plan);
+        // Asks the builder (once, on first contact) what it has, while it is
+        // idle: probing while it builds would measure a busy machine and
+        // leave the build's result unread meanwhile.
+        let h = builder_caps(ctx.health, m, ctx.ssh, self.ctx_stall());
         self.session().building();
         let t = Instant::now();
         let sent = if self.by_path {
@@ -431,12 +435,9 @@ impl<'a> Job<'a> {
         // not before: its start-up (processes here and on the builder) then
         // overlaps the build instead of delaying it. Both are best-effort (a
         // failure here must not end a build that is running; the download
-        // starts what is missing). Nothing is asked of the builder here: on
-        // first contact (its capabilities not known yet) there is no spare
-        // session, and the download asks, with the builder idle, only if its
-        // outputs are not small (probing while it builds would measure a
-        // busy machine and leave the build's result unread meanwhile).
-        let level = if caps_known(ctx.health, m) { compress::bulk_level(&builder_caps(ctx.health, m, ctx.ssh, self.ctx_stall()), ctx.forced_level) } else { 0 };
+        // starts what is missing). The builder was asked about itself before
+        // (above), not while it builds.
+        let level = compress::bulk_level(&h, ctx.forced_level);
         if compress::spare_worth_opening(level, ctx.forced_level, plan.expected_download) && m.max_jobs <= MAX_JOBS_FOR_SPARE_SESSION {
             self.spare = BulkSession::open(m, ctx.ssh, transport::Bulk::Download { level }, self.ctx_stall()).ok();
         }
