@@ -233,7 +233,7 @@ impl Dispatcher {
     /// `deadline` at most.
     fn take_ticket(&self, full: &[usize], deadline: Instant) -> anyhow::Result<Option<(usize, u64, FileLock)>> {
         let wanted: Vec<(usize, u64)> = full.iter().flat_map(|&i| (0..self.machines[i].max_jobs).map(move |t| (i, t))).collect();
-        let names: Vec<String> = wanted.iter().map(|&(i, t)| remote_lib::slots::file_name(&self.machines[i].uri, &format!("-queue-{t}"))).collect();
+        let names: Vec<String> = wanted.iter().map(|&(i, t)| remote_lib::slots::ticket_name(&self.machines[i].uri, t)).collect();
         Ok(self.load.wait_first(&names, deadline)?.map(|(k, ticket)| (wanted[k].0, wanted[k].1, ticket)))
     }
 
@@ -254,7 +254,7 @@ impl Dispatcher {
         // builder) more than a queued one needs its connection this early.
         // A slot of its machine freed meanwhile is taken, and the connection
         // made then, as for any build.
-        if acc.session.is_none() && !self.failed.contains_key(&want) && self.drains.drained(&self.machines[want].uri, health::now()).is_none() {
+        if acc.session.is_none() && self.still_open(want) {
             if let Some((i, s)) = self.wait_for_slot(&[want], started + QUEUED_CONNECT_DELAY)? {
                 self.queued_got(acc, i, s, started);
                 return Ok(true);
@@ -262,7 +262,7 @@ impl Dispatcher {
         }
         let mut said = false;
         loop {
-            if Instant::now() < own_until && acc.session.is_some() && !self.failed.contains_key(&want) && self.drains.drained(&self.machines[want].uri, health::now()).is_none() {
+            if Instant::now() < own_until && acc.session.is_some() && self.still_open(want) {
                 if let Some((i, s)) = self.wait_for_slot(&[want], own_until)? {
                     self.queued_got(acc, i, s, started);
                     return Ok(true);
@@ -309,6 +309,12 @@ impl Dispatcher {
                 }
             }
         }
+    }
+
+    /// Whether machine `index` may still take this build: not failed for it,
+    /// not drained.
+    fn still_open(&self, index: usize) -> bool {
+        !self.failed.contains_key(&index) && self.drains.drained(&self.machines[index].uri, health::now()).is_none()
     }
 
     /// How long until a suitable machine that is backing off (and has not

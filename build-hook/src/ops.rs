@@ -143,7 +143,7 @@ pub fn status(d: &Dispatcher, json: bool, last: usize) -> String {
         // A marker counts only while its slot (or ticket) is really held.
         let markers = |queue: bool| -> Vec<Busy> {
             (0..m.max_jobs)
-                .filter(|&i| d.load.is_held(&remote_lib::slots::file_name(&m.uri, &format!("-{}{i}", if queue { "queue-" } else { "" }))))
+                .filter(|&i| if queue { d.load.is_held(&remote_lib::slots::ticket_name(&m.uri, i)) } else { d.load.slot_held(&m.uri, i) })
                 .filter_map(|i| std::fs::read(busy_file(&d.load, &m.uri, i, queue)).ok().and_then(|t| serde_json::from_slice::<Busy>(&t).ok()))
                 .collect()
         };

@@ -383,8 +383,8 @@ impl<'a> Job<'a> {
     /// with the build, when the download needs them, and the raw upload
     /// itself measures the link).
     fn upload_level(&self, ordered: &[PathInfo]) -> i32 {
-        let (ctx, m, stall) = (self.ctx, self.m, self.ctx_stall());
-        let bulk = || compress::bulk_level(&builder_caps(ctx.health, m, ctx.ssh, stall), ctx.forced_level);
+        let (ctx, m) = (self.ctx, self.m);
+        let bulk = || self.bulk_level();
         if ctx.forced_level.is_some() || (caps_known(ctx.health, m) && bulk() == 0) {
             return bulk();
         }
@@ -406,6 +406,12 @@ impl<'a> Job<'a> {
         level
     }
 
+    /// The level for bulk copies with this builder ([`compress::bulk_level`]
+    /// of what [`builder_caps`] knows or asks).
+    fn bulk_level(&self) -> i32 {
+        compress::bulk_level(&builder_caps(self.ctx.health, self.m, self.ctx.ssh, self.ctx_stall()), self.ctx.forced_level)
+    }
+
     fn ctx_stall(&self) -> Duration {
         self.session.as_ref().map(|s| s.timeouts().stall).unwrap_or(Duration::from_secs(60))
     }
@@ -419,7 +425,7 @@ impl<'a> Job<'a> {
         // Asks the builder (once, on first contact) what it has, while it is
         // idle: probing while it builds would measure a busy machine and
         // leave the build's result unread meanwhile.
-        let h = builder_caps(ctx.health, m, ctx.ssh, self.ctx_stall());
+        let level = self.bulk_level();
         self.session().building();
         let t = Instant::now();
         let sent = if self.by_path {
@@ -437,7 +443,6 @@ impl<'a> Job<'a> {
         // failure here must not end a build that is running; the download
         // starts what is missing). The builder was asked about itself before
         // (above), not while it builds.
-        let level = compress::bulk_level(&h, ctx.forced_level);
         if compress::spare_worth_opening(level, ctx.forced_level, plan.expected_download) && m.max_jobs <= MAX_JOBS_FOR_SPARE_SESSION {
             self.spare = BulkSession::open(m, ctx.ssh, transport::Bulk::Download { level }, self.ctx_stall()).ok();
         }
@@ -515,8 +520,7 @@ impl<'a> Job<'a> {
         // Only a download into this disk, and not a small one, chooses a
         // compression level (and may probe for it).
         let nar: u64 = infos.iter().map(|i| i.nar_size).sum();
-        let stall = self.ctx_stall();
-        let level = compress::download_level(ctx.forced_level, nar, || compress::bulk_level(&builder_caps(ctx.health, m, ctx.ssh, stall), ctx.forced_level));
+        let level = compress::download_level(ctx.forced_level, nar, || self.bulk_level());
         let into = Receive { local: ctx.local, outputs: &fetch, fixed: &plan.fixed };
         let ev = self.ev;
         let t = Instant::now();

@@ -96,6 +96,11 @@ pub fn file_name(uri: &str, suffix: &str) -> String {
     format!("uri-{}{suffix}", crate::hash::nix32_encode(&sha2::Sha256::digest(uri.as_bytes())[..20]))
 }
 
+/// The lock file of queue ticket `t` of a machine's `uri` (beside its slots).
+pub fn ticket_name(uri: &str, t: u64) -> String {
+    file_name(uri, &format!("-queue-{t}"))
+}
+
 impl LoadDir {
     /// Opens (and creates, like Nix, ignoring errors) the directory.
     pub fn new(path: impl Into<PathBuf>) -> Self {
