@@ -282,6 +282,45 @@ test_second_build_reuses_the_ssh_connection() {
   [ "$after" = "$before" ] || fail "a new SSH handshake was made for a build within the sharing window"
 }
 
+held_socket() { ls "$LOAD"/build-hook/ssh/*.h[0-9] 2>/dev/null | head -1; }
+wait_held() { local i; for i in $(seq 1 100); do [ -S "$(held_socket)" ] && return 0; sleep 0.05; done; return 1; }
+# The Nix processes on builder I, once there are some (a held session's
+# nix-store starts moments after its socket is offered).
+wait_nix_pids() { local i p; for i in $(seq 1 100); do p=$(tb_nix_pids "$1"); [ -n "$p" ] && { echo $p; return 0; }; sleep 0.05; done; return 1; }
+
+test_a_session_held_after_a_build_starts_the_next() {
+  reset_health
+  machines 1:2
+  local log="$TB/held.log"
+  # Only this test's held sessions, one at a time.
+  tb_drop_held; sleep 0.2
+  rm -f "$LOAD"/build-hook/ssh/*.h[0-9]*
+  export BUILD_HOOK_HELD_SESSIONS=1
+  nb "$NIX/chain.nix" -A dep --argstr nonce "$(nonce held1)" >/dev/null 2>&1 || fail "first build failed"
+  # After the build a session to b1 is held, its nix-store already running there.
+  wait_held || fail "no session was held after the build"
+  pgrep -f "build-hook __hold" >/dev/null || fail "no holder process"
+  wait_nix_pids 1 >/dev/null || fail "the held session has no nix-store on the builder"
+  nb "$NIX/chain.nix" -A dep --argstr nonce "$(nonce held2)" -v >"$log" 2>&1 || { tail "$log"; fail "second build failed"; }
+  assert_contains "$log" "using a session opened ahead"
+  # A held session that stopped answering (its nix-store frozen) is given
+  # up for a new one: the build succeeds and b1 is not marked as failing.
+  wait_held || fail "no session was held after the second build"
+  local frozen; frozen=$(wait_nix_pids 1) || fail "no nix-store runs on b1 for the held session"
+  kill -STOP $frozen
+  nb "$NIX/chain.nix" -A dep --argstr nonce "$(nonce held3)" -v >"$log" 2>&1 || { tail "$log"; kill -CONT $frozen; fail "build after a frozen held session failed"; }
+  kill -CONT $frozen 2>/dev/null || true
+  assert_not_contains "$log" "using a session opened ahead"
+  assert_not_contains "$log" "failed"
+  [ "$(health_field 1 failures)" = 0 ] || fail "b1 was marked as failing: failures=$(health_field 1 failures)"
+  # Sharing off (persist 0): nothing is held.
+  tb_drop_held; sleep 0.2
+  BUILD_HOOK_CONTROL_PERSIST=0 nb "$NIX/chain.nix" -A dep --argstr nonce "$(nonce held4)" >/dev/null 2>&1 || fail "build without sharing failed"
+  sleep 0.3
+  ! pgrep -f "build-hook __hold" >/dev/null || fail "a session was held with connection sharing off"
+  unset BUILD_HOOK_HELD_SESSIONS
+}
+
 # evil_builder DIRECTION MODE: machines entry for b1 whose remote-program
 # damages the stream in DIRECTION (up: into nix-store, down: out of it).
 evil_builder() {
@@ -332,6 +371,10 @@ test_sigterm_ends_the_job_cleanly() {
   reset_health
   machines 1:2
   ev="$TB/events.term"; : > "$ev"
+  # Sessions held open for the next build are meant to outlive a hook (their
+  # own test covers them); here only the terminated hook's processes count.
+  tb_drop_held; sleep 0.2
+  export BUILD_HOOK_HELD_SESSIONS=0
   nb "$NIX/par.nix" --arg n 1 --argstr seconds 30 --argstr events "$ev" --argstr nonce "$(nonce term)" --argstr tag term >"$TB/term.out" 2>&1 &
   pid=$!
   for _ in $(seq 1 100); do grep -q start "$ev" && break; sleep 0.1; done
@@ -463,8 +506,10 @@ test_fixed_output_is_checked_and_registered_with_its_content_address_and_signatu
   local d="$TB/b1/etc-nix"
   [ -f "$d/sk" ] || nix-store --generate-binary-cache-key b1-test "$d/sk" "$d/pk"
   grep -q secret-key-files "$d/nix.conf" || echo "secret-key-files = /etc/nix/sk" >> "$d/nix.conf"
+  # A held session's nix-store read nix.conf before this change.
+  tb_drop_held 1
   out=$(nb "$NIX/fixed.nix" --argstr nonce "$(nonce fixed)" 2>&1 | tee /dev/stderr | tail -1)
-  sed -i '/secret-key-files/d' "$d/nix.conf"
+  sed -i '/secret-key-files/d' "$d/nix.conf"; tb_drop_held 1
   [ "$(cat "$out")" = hello ] || fail "wrong content"
   nix-store --verify-path "$out" || fail "not valid"
   ca=$(db_field "$out" ca); sigs=$(db_field "$out" sigs)
@@ -682,7 +727,7 @@ main() {
     unreachable_builder_falls_back_to_another twelve_parallel_over_two_builders_respect_max_jobs
     builds_queue_while_every_slot_is_busy
     builtin_hook_and_ours_share_the_load_directory bad_machines_line_is_reported_and_skipped
-    relative_paths_are_explained second_build_reuses_the_ssh_connection
+    relative_paths_are_explained second_build_reuses_the_ssh_connection a_session_held_after_a_build_starts_the_next
     racing_hooks_keep_the_health_state_readable dead_builder_mid_run_is_skipped_then_used_again
     corrupted_or_truncated_streams_are_detected_and_nothing_is_registered sigterm_ends_the_job_cleanly
     stale_shared_connection_socket_is_replaced check_command_says_why

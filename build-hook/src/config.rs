@@ -34,6 +34,10 @@ pub struct Config {
     /// `BUILD_HOOK_QUEUE`: while every suitable slot is busy, accept up to
     /// one build per slot ahead and prepare it (see dispatch.rs).
     pub queue: bool,
+    /// `BUILD_HOOK_HELD_SESSIONS`: after a job, hold up to this many
+    /// sessions to its builder open for the next jobs (at most its max-jobs
+    /// and 4; 0: none). See remote-lib's `held`.
+    pub held_sessions: u32,
     /// zstd level for bulk copies: None = learn per builder, 0 = never.
     pub compress: Option<i32>,
     /// Put AES-GCM first in ssh's cipher order for new connections when both
@@ -104,6 +108,7 @@ impl Config {
             backoff: Backoff { base_secs: num64("BUILD_HOOK_BACKOFF_BASE", 5)?, cap_secs: num64("BUILD_HOOK_BACKOFF_CAP", 300)? },
             slot_wait_ms: num64("BUILD_HOOK_SLOT_WAIT_MS", 3000)?,
             queue: on_by_default(var, "BUILD_HOOK_QUEUE")?,
+            held_sessions: num32("BUILD_HOOK_HELD_SESSIONS", 2)?,
             compress: match var("BUILD_HOOK_COMPRESS").as_deref() {
                 None | Some("auto") => None,
                 Some(v) => Some(
@@ -228,7 +233,9 @@ mod tests {
         let c = cfg(&[]).unwrap();
         assert_eq!((c.connect_timeout, c.stall_timeout, c.slot_wait_ms, c.compress, c.prefer_aes_gcm), (10, 300, 3000, None, true));
         assert!(c.queue && !cfg(&[("BUILD_HOOK_QUEUE", "0")]).unwrap().queue);
+        assert_eq!((c.held_sessions, cfg(&[("BUILD_HOOK_HELD_SESSIONS", "0")]).unwrap().held_sessions), (2, 0));
         for (k, v) in [
+            ("BUILD_HOOK_HELD_SESSIONS", "many"),
             ("BUILD_HOOK_STALL_TIMEOUT", "soon"),
             ("BUILD_HOOK_COMPRESS", "99"),
             ("BUILD_HOOK_PREFER_AES_GCM", "yes"),

@@ -32,6 +32,16 @@ fn main() {
         }),
         // Started by the hook itself in front of ssh to an ssh-ng:// builder.
         Some("__ssh-ng-bridge") => std::process::exit(bridge::run(&args[2..])),
+        // Started by the hook after a job, detached: holds a session for the next.
+        Some("__hold") => std::process::exit(match remote_lib::held::hold_main(&args[2..]) {
+            Ok(()) => 0,
+            Err(e) => {
+                // Its stderr is /dev/null when the hook starts it; this is
+                // for someone running it by hand.
+                let _ = std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("build-hook __hold: {e}\n"));
+                2
+            }
+        }),
         Some("--help" | "-h" | "help") => {
             println!("{USAGE}");
             return;

@@ -3,7 +3,7 @@
 //! Layers (see `docs/architecture.md`):
 //! - decide (pure, plus the load directory): [`hook_protocol`], [`machines`],
 //!   [`select`], [`slots`], [`health`], [`learn`];
-//! - move bytes: [`transport`], [`serve`], [`copy`], [`nar`], [`wire`],
+//! - move bytes: [`transport`], [`held`], [`serve`], [`copy`], [`nar`], [`wire`],
 //!   [`local_store`], [`sample`];
 //! - know things: [`derivation`], [`store_path`], [`hash`], [`nixlog`].
 //!
@@ -17,6 +17,7 @@ pub mod derivation;
 pub mod drain;
 pub mod hash;
 pub mod health;
+pub mod held;
 pub mod history;
 pub mod hook_protocol;
 pub mod job;

@@ -186,12 +186,33 @@ pub struct Session {
     proc: RemoteProcess,
     pub serve: ServeConn<ProcOut, ProcIn>,
     timeouts: Timeouts,
+    /// Opened ahead and held until this job took it ([`crate::held`]).
+    pub held: bool,
 }
 
+/// How long a held session may take to answer the handshake: its
+/// `nix-store` is already running, so only the link's round trip is left.
+/// One that does not answer in time is given up for a new session.
+const HELD_HANDSHAKE: Duration = Duration::from_secs(3);
+
 impl Session {
-    /// Connects to `m` (through the shared connection when there is one) and
-    /// does the handshake, which must finish within `t.handshake`.
+    /// Connects to `m`: takes a session held for it when there is one
+    /// (see [`crate::held`]), else starts one through the shared connection
+    /// when there is one; the handshake must finish within `t.handshake`.
     pub fn connect(m: &Machine, ssh: &SshConfig, t: Timeouts) -> Result<Session, SessionError> {
+        if let Some(taken) = crate::held::take(m, ssh) {
+            let mut proc = RemoteProcess::adopt(taken, StderrTap::default());
+            proc.watch.phase("connecting", Some(t.handshake.min(HELD_HANDSHAKE)));
+            if let (Some(r), Some(w)) = (proc.stdout.take(), proc.stdin.take()) {
+                if let Ok(serve) = ServeConn::handshake(r, w) {
+                    proc.watch.phase("idle", None);
+                    return Ok(Session { machine: m.uri.clone(), proc, serve, timeouts: t, held: true });
+                }
+            }
+            // Gone stale while held (the builder restarted, say): a new
+            // session decides whether the builder is there.
+            drop(proc.kill());
+        }
         let machine = m.uri.clone();
         let local = |e: &dyn std::error::Error| SessionError::Local { machine: m.uri.clone(), during: "connecting", why: e.to_string() };
         let cmd = transport::session_command(m, ssh).map_err(|e| local(&e))?;
@@ -205,7 +226,7 @@ impl Session {
         match ServeConn::handshake(r, w) {
             Ok(serve) => {
                 proc.watch.phase("idle", None);
-                Ok(Session { machine, proc, serve, timeouts: t })
+                Ok(Session { machine, proc, serve, timeouts: t, held: false })
             }
             Err(e) => {
                 let ended = proc.kill();

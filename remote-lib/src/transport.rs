@@ -398,6 +398,16 @@ pub fn shared_connection_open(m: &Machine, cfg: &SshConfig) -> bool {
     control_socket(m, cfg).is_some_and(|p| std::os::unix::net::UnixStream::connect(p).is_ok())
 }
 
+/// Whether `NIX_SSHOPTS` sets up connection sharing of the user's own
+/// (those options come first on the command line, so ssh keeps them): then
+/// nothing of ours listens on our socket.
+pub fn users_own_sharing(cfg: &SshConfig) -> bool {
+    cfg.extra_opts.iter().any(|o| {
+        let l = o.to_ascii_lowercase();
+        o.starts_with("-S") || l.contains("controlpath") || l.contains("controlmaster")
+    })
+}
+
 /// Before opening a session to `m`: when no shared connection is open, makes
 /// this process the one that opens it. Hooks started together (a fan-out's
 /// first builds) would otherwise each make their own connection, paying for
@@ -410,11 +420,7 @@ pub fn claim_new_connection(m: &Machine, cfg: &SshConfig, deadline: Instant) -> 
     // No ssh (a store on this host), or the user's own sharing options
     // (which come first on the command line, so ssh keeps them): nothing of
     // ours will listen on the socket.
-    let users_own = cfg.extra_opts.iter().any(|o| {
-        let l = o.to_ascii_lowercase();
-        o.starts_with("-S") || l.contains("controlpath") || l.contains("controlmaster")
-    });
-    if is_local(m) || users_own {
+    if is_local(m) || users_own_sharing(cfg) {
         return None;
     }
     let sock = control_socket(m, cfg)?;
@@ -629,7 +635,7 @@ const ENDING_LIMIT: Duration = Duration::from_secs(30);
 /// A running command (ssh to a builder, or a local `nix-store`) with watched
 /// stdin/stdout, tapped stderr and a watchdog (see [`Watch`]).
 pub struct RemoteProcess {
-    child: Child,
+    child: Proc,
     pub stdin: Option<ProcIn>,
     pub stdout: Option<ProcOut>,
     pub tap: StderrTap,
@@ -694,8 +700,20 @@ impl RemoteProcess {
             live.push(child.id());
             child
         };
+        let (stdin, stdout, stderr) = (child.stdin.take(), child.stdout.take(), child.stderr.take().expect("stderr is piped"));
+        Ok(Self::start(Proc::Own(child), stdin, stdout, stderr, tap))
+    }
+
+    /// A session held ahead and taken ([`crate::held`]): the same as a
+    /// spawned one, except that its holder waits for it and kills it.
+    pub fn adopt(t: crate::held::Taken, tap: StderrTap) -> Self {
+        let crate::held::Taken { holder, pid, stdin, stdout, stderr } = t;
+        let proc = Proc::Held { holder, pid, got: Vec::new(), done: None };
+        Self::start(proc, Some(ChildStdin::from(stdin)), Some(ChildStdout::from(stdout)), std::process::ChildStderr::from(stderr), tap)
+    }
+
+    fn start(child: Proc, stdin: Option<ChildStdin>, stdout: Option<ChildStdout>, mut err: std::process::ChildStderr, tap: StderrTap) -> Self {
         let watch = Arc::new(Watch::new());
-        let mut err = child.stderr.take().expect("stderr is piped");
         let (t, w) = (tap.clone(), watch.clone());
         let pump = std::thread::spawn(move || {
             let mut buf = [0u8; 8192];
@@ -714,24 +732,26 @@ impl RemoteProcess {
             t.finish(partial);
         });
         let (tx, rx) = mpsc::channel::<()>();
-        let (w, pid) = (watch.clone(), child.id());
+        let (w, killer) = (watch.clone(), child.killer());
         let dog = std::thread::spawn(move || loop {
             match rx.recv_timeout(Duration::from_millis(100)) {
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if w.expired() {
-                        // SAFETY: our own child's process group; the child is not
-                        // yet reaped (the watchdog is stopped before it is waited
-                        // for), so its PID, the group's id, is still ours.
-                        unsafe { libc::kill(-(pid as libc::pid_t), libc::SIGKILL) };
+                        // Our own child's process group, not yet reaped (the
+                        // watchdog is stopped before it is waited for), or
+                        // the holder of a taken session.
+                        if let Some(k) = &killer {
+                            k.kill();
+                        }
                         return;
                     }
                 }
                 _ => return,
             }
         });
-        let stdin = child.stdin.take().map(|inner| Watched { inner, watch: watch.clone() });
-        let stdout = child.stdout.take().map(|inner| Watched { inner, watch: watch.clone() });
-        Ok(RemoteProcess { stdin, stdout, child, tap, watch, pump: Some(pump), dog: Some((tx, dog)), reaped: false, killed: false })
+        let stdin = stdin.map(|inner| Watched { inner, watch: watch.clone() });
+        let stdout = stdout.map(|inner| Watched { inner, watch: watch.clone() });
+        RemoteProcess { stdin, stdout, child, tap, watch, pump: Some(pump), dog: Some((tx, dog)), reaped: false, killed: false }
     }
 
     /// The process id.
@@ -821,9 +841,76 @@ impl RemoteProcess {
     }
 
     fn kill_group(&mut self) {
-        // SAFETY: signalling our own child's process group; the child is
-        // not reaped yet, so the group id is still ours.
-        unsafe { libc::kill(-(self.child.id() as libc::pid_t), libc::SIGKILL) };
+        if let Some(k) = self.child.killer() {
+            k.kill();
+        }
+    }
+}
+
+/// The process behind a [`RemoteProcess`].
+enum Proc {
+    /// Our child, leading its own process group.
+    Own(Child),
+    /// A session taken from its holder ([`crate::held`]), which is its
+    /// parent: the holder sends its wait status (`got` collects the bytes;
+    /// `done` keeps the status once read) and kills it when asked.
+    Held { holder: std::os::unix::net::UnixStream, pid: u32, got: Vec<u8>, done: Option<Option<std::process::ExitStatus>> },
+}
+
+/// Who ends a process: a signal to our child's process group, or a word to
+/// the holder of a taken session.
+enum Killer {
+    Group(u32),
+    Holder(std::os::unix::net::UnixStream),
+}
+
+impl Killer {
+    fn kill(&self) {
+        match self {
+            // SAFETY: signalling our own child's process group; the child is
+            // not reaped yet (callers stop killing before they reap it), so
+            // the group id is still ours.
+            Killer::Group(pid) => unsafe {
+                libc::kill(-(*pid as libc::pid_t), libc::SIGKILL);
+            },
+            Killer::Holder(s) => crate::held::kill(s),
+        }
+    }
+}
+
+impl Proc {
+    fn id(&self) -> u32 {
+        match self {
+            Proc::Own(c) => c.id(),
+            Proc::Held { pid, .. } => *pid,
+        }
+    }
+
+    /// `None` when there is nothing to kill with (the holder's socket could
+    /// not be shared; it then ends the session when we drop the socket).
+    fn killer(&self) -> Option<Killer> {
+        match self {
+            Proc::Own(c) => Some(Killer::Group(c.id())),
+            Proc::Held { holder, .. } => holder.try_clone().ok().map(Killer::Holder),
+        }
+    }
+
+    /// As [`Child::try_wait`]; for a taken session, from its holder (its
+    /// holder gone without a word: ended, with no status).
+    fn try_wait(&mut self) -> io::Result<Option<std::process::ExitStatus>> {
+        match self {
+            Proc::Own(c) => c.try_wait(),
+            Proc::Held { holder, got, done, .. } => {
+                if done.is_none() {
+                    *done = crate::held::try_status(holder, got);
+                }
+                match done {
+                    None => Ok(None),
+                    Some(Some(st)) => Ok(Some(*st)),
+                    Some(None) => Err(io::Error::new(io::ErrorKind::BrokenPipe, "the session's holder ended without its status")),
+                }
+            }
+        }
     }
 }
 

@@ -10,6 +10,7 @@
 #   tb_machines_line I J  the machines-file line for builder I with max-jobs J
 #   tb_stop_sshd I / tb_start_sshd I   stop/start a builder's sshd listener
 #   tb_shape I RATE       shape the link to builder I (tc tbf), e.g. 100mbit
+#   tb_drop_held [I]      end the sessions build-hook holds open for builder I
 #   tb_down               remove everything
 set -u
 
@@ -77,7 +78,18 @@ tb_stop_sshd() {
 # machine's own root dotfiles must not slow down or change every ssh session.)
 
 # Kill every process running inside builder I's namespace (sessions too).
+# Ends the sessions build-hook holds open for builder I's next build (all
+# builders' without I): a held session's nix-store runs on the builder with
+# the store and nix.conf it started with, so a test or benchmark that wipes
+# the store or changes the configuration under a running builder drops them
+# first, as it stops the builder's other Nix processes.
+tb_drop_held() {
+  if [ -n "${1:-}" ]; then pkill -f "build-hook __hold .* root@10\.201\.$1\.2 " 2>/dev/null; else pkill -f "build-hook __hold " 2>/dev/null; fi
+  true
+}
+
 tb_kill_all() {
+  tb_drop_held "$1"
   local pids; pids=$(ip netns pids "$(tb_ns "$1")" 2>/dev/null)
   if [ -n "$pids" ]; then kill -9 $pids 2>/dev/null || true; fi
   rm -f "$TB/b$1/sshd.pid"
@@ -168,6 +180,7 @@ tb_nix_pids() { # the Nix processes running in builder I's namespace
 }
 tb_empty_store() {
   local pids
+  tb_drop_held "$1"
   pids=$(tb_nix_pids "$1")
   if [ -n "$pids" ]; then kill -9 $pids 2>/dev/null || true; fi
   for _ in $(seq 1 50); do
