@@ -9,7 +9,7 @@
 //! and replayed by `cargo test` (tests/regressions.rs).
 #![allow(clippy::unwrap_used)]
 
-use remote_lib::{derivation, health, history, hook_protocol, machines, nar, nixconf, path_info, serve, store_path, worker};
+use remote_lib::{cpu, derivation, health, history, hook_protocol, machines, nar, nixconf, path_info, serve, store_path, worker};
 use std::io;
 use std::time::Duration;
 
@@ -167,8 +167,18 @@ fn health_target(b: &[u8]) {
     let _ = back.backing_off(u64::MAX / 2);
     let _ = h.backing_off(0);
     let mut h2 = h.clone();
-    h2.learn(health::Transfer { level: 3, nar: 10_000_000, wire: 1, secs: 0.001 });
+    h2.learn(health::Transfer { level: 3, nar: 10_000_000, wire: 1, secs: 0.001, idle_cores: None });
     h2.failed(u64::MAX, "x", health::Backoff { base_secs: u64::MAX, cap_secs: u64::MAX }, 0.99);
+}
+
+fn cpu_stat_target(b: &[u8]) {
+    if let Some(t) = cpu::parse_stat(&text(b)) {
+        assert!(t.idle <= t.total && t.cpus > 0, "{t:?}");
+        let later = cpu::CpuTimes { idle: t.idle.saturating_add(7), total: t.total.saturating_add(64), cpus: t.cpus };
+        if let Some(c) = cpu::idle_cores(&t, &later) {
+            assert!((0.0..=f64::from(t.cpus)).contains(&c), "{c}");
+        }
+    }
 }
 
 fn history_target(b: &[u8]) {
@@ -292,6 +302,11 @@ pub fn targets() -> Vec<Target> {
             seeds: || {
                 seeds_of(&[br#"{"start":1.5,"drv":"/nix/store/00000000000000000000000000000000-p9.drv","name":"p9","system":"x86_64-linux","machine":"ssh://b1","slot":0,"end":2.5,"slot_wait":0.1,"upload_bytes":0,"upload_secs":0.0,"build_secs":1.0,"download_bytes":120,"download_secs":0.01,"result":"built"}"#])
             },
+        },
+        Target {
+            name: "cpu-stat",
+            run: cpu_stat_target,
+            seeds: || seeds_of(&[b"cpu  4705 150 1120 16250 520 0 25 3 0 0\ncpu0 2355 75 560 8125 260 0 12 1 0 0\ncpu1 2350 75 560 8125 260 0 13 2 0 0\nintr 1234\n"]),
         },
         Target {
             name: "store-path",

@@ -194,6 +194,8 @@ pub struct Transfer {
     /// Bytes on the wire.
     pub wire: u64,
     pub secs: f64,
+    /// Idle CPUs here on average meanwhile, when known ([`crate::cpu`]).
+    pub idle_cores: Option<f64>,
 }
 
 /// The zstd level for a link that carries `mbps` MB/s raw.
@@ -207,8 +209,28 @@ pub fn level_for_raw_rate(mbps: f64) -> i32 {
     }
 }
 
+/// Fewer idle CPUs than this, on average, while a raw copy or the link
+/// probe ran: the copy kept this machine's cores busy (ssh at both ends, and
+/// on the test bed the builder's `nix-store` on the same two cores), so
+/// compressing would have competed with it for them. Measured on the test
+/// bed's unshaped link: compressing the first copies at level 1 cost 0.05–
+/// 0.1 s more than copying raw (`docs/benchmarks.md`).
+pub const MIN_IDLE_CORES: f64 = 1.0;
+
+/// The zstd level for a link that carried `mbps` MB/s raw while
+/// `idle_cores` CPUs sat idle here on average ([`crate::cpu`]): as
+/// [`level_for_raw_rate`], except that a link between the slow and the fast
+/// mark gets no compression when no core was free to compress with. (Below
+/// the slow mark even a busy core compresses faster than the link carries.)
+pub fn level_for_link(mbps: f64, idle_cores: Option<f64>) -> i32 {
+    match level_for_raw_rate(mbps) {
+        DEFAULT_LEVEL if idle_cores.is_some_and(|c| c < MIN_IDLE_CORES) => 0,
+        l => l,
+    }
+}
+
 /// The zstd level for the first copy, from [`crate::session::probe_link`]'s
-/// rate: as [`level_for_raw_rate`], but [`PROBED_SLOW_LEVEL`] where that
+/// rate: as [`level_for_link`], but [`PROBED_SLOW_LEVEL`] where that
 /// says the slow link's level. A few megabytes are too few to tell a slow
 /// link from a busy moment on a fast one (on the test bed a 150 MB/s link
 /// probed at 34–38 MB/s in some first-contact runs), and the costs are
@@ -217,8 +239,8 @@ pub fn level_for_raw_rate(mbps: f64) -> i32 {
 /// 0.39 s; -6 took 1.14 s), so it loses little on a slow link, while -6 on a
 /// fast one doubled the copies. The first transfer of [`MIN_SAMPLE_BYTES`]
 /// or more then decides.
-pub fn level_for_probed_rate(mbps: f64) -> i32 {
-    match level_for_raw_rate(mbps) {
+pub fn level_for_probed_rate(mbps: f64, idle_cores: Option<f64>) -> i32 {
+    match level_for_link(mbps, idle_cores) {
         SLOW_LINK_LEVEL => PROBED_SLOW_LEVEL,
         l => l,
     }
@@ -248,7 +270,7 @@ impl Health {
         let mbps = t.nar as f64 / 1e6 / t.secs;
         if t.level == 0 {
             self.raw_mbps = Some(mbps);
-            self.compress = Some(level_for_raw_rate(mbps));
+            self.compress = Some(level_for_link(mbps, t.idle_cores));
             return;
         }
         let ratio = t.nar as f64 / t.wire as f64;
@@ -368,7 +390,7 @@ mod tests {
 
     #[test]
     fn compression_level_is_learned_from_transfers() {
-        let t = |level, nar: u64, wire: u64, secs| Transfer { level, nar, wire, secs };
+        let t = |level, nar: u64, wire: u64, secs| Transfer { level, nar, wire, secs, idle_cores: None };
         const MB100: u64 = 100_000_000;
         // First transfer compressed at the default level over a slow link
         // (58 MB on the wire at 12.6 MB/s): the link is known slow at once.
@@ -409,19 +431,38 @@ mod tests {
     }
 
     #[test]
+    fn a_middling_link_is_compressed_only_with_a_core_free_to_do_it() {
+        // Between the slow and the fast mark: level 1 if a core sat idle.
+        assert_eq!(level_for_link(90.0, Some(1.2)), DEFAULT_LEVEL);
+        assert_eq!(level_for_link(90.0, None), DEFAULT_LEVEL, "unknown: as before");
+        assert_eq!(level_for_link(90.0, Some(0.2)), 0, "every core was busy");
+        assert_eq!(level_for_probed_rate(120.0, Some(0.3)), 0);
+        // A slow link is compressed anyway; a fast one never.
+        assert_eq!(level_for_link(12.0, Some(0.0)), SLOW_LINK_LEVEL);
+        assert_eq!(level_for_probed_rate(12.0, Some(0.0)), PROBED_SLOW_LEVEL);
+        assert_eq!(level_for_link(400.0, Some(8.0)), 0);
+        // A raw copy teaches the same.
+        let mut h = Health::default();
+        h.learn(Transfer { level: 0, nar: 100_000_000, wire: 100_000_000, secs: 0.8, idle_cores: Some(0.1) });
+        assert_eq!((h.raw_mbps, h.compress), (Some(125.0), Some(0)));
+        h.learn(Transfer { level: 0, nar: 100_000_000, wire: 100_000_000, secs: 0.8, idle_cores: Some(1.5) });
+        assert_eq!(h.compress, Some(DEFAULT_LEVEL));
+    }
+
+    #[test]
     fn a_probe_that_says_slow_gets_a_middle_level_until_a_transfer_decides() {
-        assert_eq!(level_for_probed_rate(FAST_LINK_MBPS), 0);
-        assert_eq!(level_for_probed_rate(90.0), DEFAULT_LEVEL);
-        assert_eq!(level_for_probed_rate(35.0), PROBED_SLOW_LEVEL, "a slow-looking probe is not trusted with level {SLOW_LINK_LEVEL}");
+        assert_eq!(level_for_probed_rate(FAST_LINK_MBPS, None), 0);
+        assert_eq!(level_for_probed_rate(90.0, None), DEFAULT_LEVEL);
+        assert_eq!(level_for_probed_rate(35.0, None), PROBED_SLOW_LEVEL, "a slow-looking probe is not trusted with level {SLOW_LINK_LEVEL}");
         assert_eq!(level_for_raw_rate(35.0), SLOW_LINK_LEVEL, "a transfer of 8 MB or more still is");
         // Then the first transfer decides: over a fast link that probed slow
         // (35 MB/s) it re-measures raw; over a slow one it compresses hard.
         let p = PROBED_SLOW_LEVEL;
         let mut fast = Health { raw_mbps: Some(35.0), compress: Some(p), ..Health::default() };
-        fast.learn(Transfer { level: p, nar: 100_000_000, wire: 58_000_000, secs: 0.75 });
+        fast.learn(Transfer { level: p, nar: 100_000_000, wire: 58_000_000, secs: 0.75, idle_cores: None });
         assert_eq!(fast.compress, Some(0));
         let mut slow = Health { raw_mbps: Some(11.9), compress: Some(p), ..Health::default() };
-        slow.learn(Transfer { level: p, nar: 100_000_000, wire: 58_000_000, secs: 4.9 });
+        slow.learn(Transfer { level: p, nar: 100_000_000, wire: 58_000_000, secs: 4.9, idle_cores: None });
         assert_eq!(slow.compress, Some(SLOW_LINK_LEVEL));
     }
 

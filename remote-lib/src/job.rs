@@ -7,6 +7,7 @@
 
 use crate::compress;
 use crate::copy::{self, CopyError, Moved, NarSource, PathMeta, Receive};
+use crate::cpu;
 use crate::derivation::{Derivation, Kind};
 use crate::health::{self, Health, HealthStore};
 use crate::hook_protocol::{Accepted, BuildOptions};
@@ -183,9 +184,9 @@ pub fn builder_caps(health: &HealthStore, m: &Machine, ssh: &SshConfig, limit: D
     health.update(&m.uri, |h| {
         h.zstd = Some(zstd);
         h.aes = Some(caps.aes);
-        if let (Some(mbps), None) = (link, h.raw_mbps) {
+        if let (Some((mbps, idle)), None) = (link, h.raw_mbps) {
             h.raw_mbps = Some(mbps);
-            h.compress = Some(health::level_for_probed_rate(mbps));
+            h.compress = Some(health::level_for_probed_rate(mbps, idle));
         }
     })
 }
@@ -346,7 +347,7 @@ impl<'a> Job<'a> {
             return Ok(());
         }
         let _act = Act::start(self.ev, Level::Info, &format!("copying {} paths to '{}'", ordered.len(), m.uri));
-        let t = Instant::now();
+        let t = cpu::Stopwatch::start();
         let moved = if level > 0 {
             let mut bulk = BulkSession::open(m, ctx.ssh, transport::Bulk::Upload, stall)?;
             let Some((w, r)) = bulk.streams("a bulk upload") else { return Err(JobError::Local { during: "a bulk upload", why: "no pipes".into() }) };
@@ -499,7 +500,7 @@ impl<'a> Job<'a> {
             if let Some(s) = spare {
                 s.discard();
             }
-            let t = Instant::now();
+            let t = cpu::Stopwatch::start();
             let ordered = copy::topo_sort(infos);
             self.session().phase("DumpStorePath");
             let Some(s) = self.session.as_mut() else { unreachable!("open") };
@@ -523,7 +524,7 @@ impl<'a> Job<'a> {
         let level = compress::download_level(ctx.forced_level, nar, || self.bulk_level());
         let into = Receive { local: ctx.local, outputs: &fetch, fixed: &plan.fixed };
         let ev = self.ev;
-        let t = Instant::now();
+        let t = cpu::Stopwatch::start();
         let moved = if level > 0 {
             let mut bulk = match spare {
                 Some(b) => b,
@@ -581,13 +582,14 @@ impl<'a> Job<'a> {
     }
 
     /// Reports a transfer and learns the level for the next one.
-    fn learn(&self, level: i32, moved: Moved, t: Instant, what: &str) {
-        let secs = t.elapsed().as_secs_f64();
+    fn learn(&self, level: i32, moved: Moved, t: cpu::Stopwatch, what: &str) {
+        let (secs, idle_cores) = (t.secs(), t.idle_cores());
         let how = if level > 0 { format!("zstd -{level}, {:.1} MB on the wire", moved.wire as f64 / 1e6) } else { "uncompressed".into() };
+        let idle = idle_cores.map(|c| format!(", {c:.1} CPUs idle here")).unwrap_or_default();
         let mb = moved.nar as f64 / 1e6;
-        self.ev.log(Level::Talkative, &format!("build-hook: {what} '{}': {mb:.1} MB of NAR in {secs:.2} s ({:.1} MB/s) ({how})", self.m.uri, mb / secs.max(1e-6)));
+        self.ev.log(Level::Talkative, &format!("build-hook: {what} '{}': {mb:.1} MB of NAR in {secs:.2} s ({:.1} MB/s{idle}) ({how})", self.m.uri, mb / secs.max(1e-6)));
         if self.ctx.forced_level.is_none() {
-            let tr = health::Transfer { level, nar: moved.nar, wire: moved.wire, secs };
+            let tr = health::Transfer { level, nar: moved.nar, wire: moved.wire, secs, idle_cores };
             self.ctx.health.update(&self.m.uri, |h| h.learn(tr));
         }
     }

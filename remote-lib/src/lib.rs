@@ -4,7 +4,7 @@
 //! - decide (pure, plus the load directory): [`hook_protocol`], [`machines`],
 //!   [`select`], [`slots`], [`health`], [`learn`];
 //! - move bytes: [`transport`], [`held`], [`serve`], [`copy`], [`nar`], [`wire`],
-//!   [`local_store`], [`sample`];
+//!   [`local_store`], [`sample`], [`cpu`];
 //! - know things: [`derivation`], [`store_path`], [`hash`], [`nixlog`].
 //!
 //! The library never prints: it returns values and errors, and the binary
@@ -13,6 +13,7 @@
 pub mod bridge;
 pub mod compress;
 pub mod copy;
+pub mod cpu;
 pub mod derivation;
 pub mod drain;
 pub mod hash;

@@ -353,28 +353,42 @@ pub fn probe_caps(m: &Machine, ssh: &SshConfig, limit: Duration) -> Option<Caps>
     transport::parse_caps(ended.status.and_then(|s| s.code()), &out)
 }
 
-/// Bytes [`probe_link`] sends at least, and at most.
+/// The bytes the builder reports having received before [`probe_link`]
+/// starts timing: on a new connection the first megabytes go slower
+/// (TCP and ssh windows still growing) and fill buffers on the way, so
+/// timing them took a 300 MB/s link on the test bed for a 20–40 MB/s one.
+pub const LINK_PROBE_WARMUP: usize = 2 << 20;
+/// After the warm-up, the probe sends at least this much more, for at least
+/// [`LINK_PROBE_MIN_TIME`], in all at most [`LINK_PROBE_MAX_BYTES`].
 pub const LINK_PROBE_BYTES: usize = 2 << 20;
-pub const LINK_PROBE_MAX_BYTES: usize = 8 << 20;
-/// [`probe_link`] goes on sending (up to [`LINK_PROBE_MAX_BYTES`]) until
-/// this long has passed, so that on a fast link a stall of a few tens of
-/// milliseconds on a busy machine does not pass for a slow link.
+pub const LINK_PROBE_MAX_BYTES: usize = 12 << 20;
+/// The shortest timed part, so that a stall of a few tens of milliseconds
+/// on a busy machine does not pass for a slow link.
 pub const LINK_PROBE_MIN_TIME: Duration = Duration::from_millis(50);
+/// After a warm-up longer than this, half of [`LINK_PROBE_BYTES`] after the
+/// mark is enough, with no minimum time: on a slow link (2 MiB in 100 ms is
+/// 21 MB/s) every further megabyte costs. Until the mark arrives the probe
+/// sends no more than that half beyond the warm-up, and what is still on its
+/// way when the mark arrives (buffered on this side of the link) is timed.
+/// A new connection's warm-up took 115–213 ms on the test bed's 300 MB/s
+/// link, the megabyte after it 3–5 ms.
+pub const LINK_PROBE_SLOW_WARMUP: Duration = Duration::from_millis(100);
 
 /// Measures the link's raw rate to the builder once, before the first copy
 /// (so the first copy can already choose between raw and compressed): in one
-/// session, once the builder has said it is ready, the time to push
-/// incompressible bytes through `cat >/dev/null` there (at least
-/// [`LINK_PROBE_BYTES`], and for at least [`LINK_PROBE_MIN_TIME`] up to
-/// [`LINK_PROBE_MAX_BYTES`]) and hear back that they all arrived. The
-/// session's set-up is not timed: it varies by tens of milliseconds on a busy
-/// machine, as much as 2 MB take on a fast link (timing a whole second
-/// session with nothing to send and subtracting it, as before, took a
-/// 150 MB/s link for a 35 MB/s one in some first-contact runs). MB/s, or
-/// `None` when the run failed or did not end within `limit`.
-pub fn probe_link(m: &Machine, ssh: &SshConfig, limit: Duration) -> Option<f64> {
+/// session, once the builder has said it is ready, incompressible bytes go
+/// to it; it says when it has received the first [`LINK_PROBE_WARMUP`]
+/// (`head -c`) and when all of them (`cat >/dev/null`). The rate is that of
+/// the bytes after the warm-up mark (at least [`LINK_PROBE_BYTES`] for at
+/// least [`LINK_PROBE_MIN_TIME`], all in at most [`LINK_PROBE_MAX_BYTES`]);
+/// without a mark, that of all the bytes. The session's set-up is not timed
+/// (it varies by tens of milliseconds on a busy machine). MB/s and how many
+/// CPUs sat idle here meanwhile ([`crate::cpu`]), or `None` when the run
+/// failed or did not end within `limit`.
+pub fn probe_link(m: &Machine, ssh: &SshConfig, limit: Duration) -> Option<(f64, Option<f64>)> {
     use std::io::BufRead;
-    let cmd = transport::ssh_script(m, ssh, "sh -c 'echo ready; cat >/dev/null; echo done'").ok()?;
+    let script = format!("sh -c 'echo ready; head -c {LINK_PROBE_WARMUP} >/dev/null && echo warm && cat >/dev/null; echo done'");
+    let cmd = transport::ssh_script(m, ssh, &script).ok()?;
     let mut p = RemoteProcess::spawn(cmd, StderrTap::default()).ok()?;
     p.watch.phase("measuring the link", Some(limit));
     let (w, r) = (p.stdin.take()?, p.stdout.take()?);
@@ -382,19 +396,36 @@ pub fn probe_link(m: &Machine, ssh: &SshConfig, limit: Duration) -> Option<f64> 
     let mut line = String::new();
     let ready = r.read_line(&mut line).is_ok() && line.trim() == "ready";
     let pushed = if ready {
-        push_probe_bytes(w, &mut r)
+        // The builder's words are read as they come, while the bytes go.
+        let (tx, rx) = std::sync::mpsc::channel::<(String, Instant)>();
+        let reader = std::thread::spawn(move || loop {
+            let mut line = String::new();
+            match r.read_line(&mut line) {
+                Ok(n) if n > 0 => {
+                    if tx.send((line.trim().to_string(), Instant::now())).is_err() {
+                        return;
+                    }
+                }
+                _ => return,
+            }
+        });
+        let res = push_probe_bytes(w, &rx);
+        drop(rx);
+        let _ = reader.join();
+        res
     } else {
         drop(w);
         None
     };
     let ended = p.finish();
-    let (bytes, took) = pushed.filter(|_| ended.stalled.is_none())?;
-    Some(bytes as f64 / 1e6 / took.as_secs_f64().max(1e-4))
+    let (mbps, idle) = pushed.filter(|_| ended.stalled.is_none())?;
+    Some((mbps, idle))
 }
 
-/// [`probe_link`]'s timed part: the bytes written and the stream closed,
-/// then the builder's `done` read. How many bytes, and how long.
-fn push_probe_bytes(mut w: impl std::io::Write, r: &mut impl std::io::BufRead) -> Option<(usize, Duration)> {
+/// [`probe_link`]'s timed part: bytes written until the warm-up mark and
+/// enough after it (see there), the stream closed, then the builder's
+/// `done` awaited. MB/s and idle CPUs.
+fn push_probe_bytes(mut w: impl std::io::Write, said: &std::sync::mpsc::Receiver<(String, Instant)>) -> Option<(f64, Option<f64>)> {
     let mut x = 0x2545F4914F6CDD1Du64;
     let chunk: Vec<u8> = (0..64 * 1024)
         .map(|_| {
@@ -404,16 +435,56 @@ fn push_probe_bytes(mut w: impl std::io::Write, r: &mut impl std::io::BufRead) -
             (x >> 24) as u8
         })
         .collect();
-    let t = std::time::Instant::now();
+    let t = crate::cpu::Stopwatch::start();
+    let t0 = Instant::now();
     let mut sent = 0;
-    while sent < LINK_PROBE_MAX_BYTES && (sent < LINK_PROBE_BYTES || t.elapsed() < LINK_PROBE_MIN_TIME) {
+    let mut warm: Option<(Instant, usize)> = None;
+    let mut done = None;
+    loop {
+        while let Ok((word, at)) = said.try_recv() {
+            match word.as_str() {
+                "warm" => warm = Some((at, sent)),
+                "done" => done = Some(at),
+                _ => return None,
+            }
+        }
+        let enough = match warm {
+            // A slow warm-up (a slow link, or a new connection's first
+            // megabytes): what is on its way after the mark is timed.
+            Some((at, _)) if at - t0 > LINK_PROBE_SLOW_WARMUP => sent >= LINK_PROBE_WARMUP + LINK_PROBE_BYTES / 2,
+            Some((at, _)) => sent >= LINK_PROBE_WARMUP + LINK_PROBE_BYTES && at.elapsed() >= LINK_PROBE_MIN_TIME,
+            None => false,
+        };
+        if enough || sent >= LINK_PROBE_MAX_BYTES || done.is_some() {
+            break;
+        }
+        if warm.is_none() && sent >= LINK_PROBE_WARMUP + LINK_PROBE_BYTES / 2 {
+            // No further ahead of the mark than what a slow link's
+            // measurement needs: every byte sent must cross the link.
+            match said.recv_timeout(Duration::from_secs(600)).ok()? {
+                (word, at) if word == "warm" => warm = Some((at, sent)),
+                _ => return None,
+            }
+            continue;
+        }
         w.write_all(&chunk).ok()?;
         sent += chunk.len();
     }
     drop(w);
-    let mut line = String::new();
-    r.read_line(&mut line).ok()?;
-    (line.trim() == "done").then(|| (sent, t.elapsed()))
+    while done.is_none() {
+        match said.recv_timeout(Duration::from_secs(600)).ok()? {
+            (word, at) if word == "done" => done = Some(at),
+            (word, at) if word == "warm" => warm = Some((at, sent)),
+            _ => return None,
+        }
+    }
+    let end = done?;
+    let after_warm = warm.filter(|(at, _)| end > *at).map(|(at, _)| (sent.saturating_sub(LINK_PROBE_WARMUP), end - at));
+    let (bytes, took) = match after_warm {
+        Some((b, d)) if b >= LINK_PROBE_BYTES / 2 => (b, d),
+        _ => (sent, end - t0),
+    };
+    Some((bytes as f64 / 1e6 / took.as_secs_f64().max(1e-4), t.idle_cores()))
 }
 
 /// The cipher order for a new connection to `m`, and why. AES-GCM goes
