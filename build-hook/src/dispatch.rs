@@ -24,6 +24,9 @@ use remote_lib::transport::{self, SshConfig};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+/// OpenSSH's default `MaxSessions`: sessions one connection may carry.
+const MAX_SESSIONS: u64 = 10;
+
 pub struct Dispatcher {
     /// What was wrong in the machines list (already skipped).
     pub diagnostics: Vec<machines::Diagnostic>,
@@ -615,7 +618,12 @@ impl Dispatcher {
         if (0..m.max_jobs).all(|i| self.load.slot_held(&m.uri, i)) {
             return;
         }
-        let count = (self.cfg.held_sessions as u64).min(m.max_jobs) as usize;
+        // sshd allows 10 sessions on one connection (`MaxSessions`); a
+        // builder may already carry up to 3 per slot (the running build's,
+        // its spare download session, a queued build's): held sessions
+        // only fit in what is left.
+        let room = MAX_SESSIONS.saturating_sub(3 * m.max_jobs);
+        let count = (self.cfg.held_sessions as u64).min(m.max_jobs).min(room) as usize;
         let ttl = Duration::from_secs(self.cfg.control_persist as u64);
         if let (Some(program), true) = (&self.ssh.bridge, count > 0) {
             if held::park(program, m, &self.ssh, count, ttl) {

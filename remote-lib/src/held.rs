@@ -134,7 +134,13 @@ pub fn park(program: &Path, m: &Machine, cfg: &SshConfig, count: usize, ttl: Dur
     // connection (or become the master) of its own. ssh keeps the first
     // value it is given for an option, so these go before the others; the
     // shared connection's client ignores the proxy command.
-    c.arg(cmd.get_program()).args(["-o", "ControlMaster=no", "-o", "ProxyCommand=false"]).args(cmd.get_args());
+    c.arg(cmd.get_program()).args(["-o", "ControlMaster=no"]);
+    // (OpenSSH refuses `-J` together with a proxy command.)
+    let jump = cfg.extra_opts.iter().any(|o| o.starts_with("-J") || o.to_ascii_lowercase().contains("proxyjump"));
+    if !jump {
+        c.args(["-o", "ProxyCommand=false"]);
+    }
+    c.args(cmd.get_args());
     for (k, v) in cmd.get_envs() {
         match v {
             Some(v) => c.env(k, v),
@@ -142,12 +148,19 @@ pub fn park(program: &Path, m: &Machine, cfg: &SshConfig, count: usize, ttl: Dur
         };
     }
     c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-    // SAFETY: setsid and close_range are async-signal-safe.
+    // SAFETY: setsid, close_range and fcntl are async-signal-safe.
     unsafe {
         c.pre_exec(|| {
             libc::setsid();
-            // Nix's log pipe (fd 4) and anything else not close-on-exec.
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            // Nix's log pipe (fd 4) and anything else not close-on-exec
+            // becomes so (not closed now: std reports a failed exec through
+            // one of them).
+            const CLOSE_RANGE_CLOEXEC: u32 = 1 << 2;
+            if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) != 0 {
+                for fd in 3..1024 {
+                    libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                }
+            }
             Ok(())
         });
     }
@@ -251,11 +264,19 @@ pub fn hold(prefix: &Path, count: usize, delay: Duration, ttl: Duration, argv: &
     }
     let until = Instant::now() + ttl;
     let taker = loop {
-        if matches!(child.try_wait(), Ok(Some(_)) | Err(_)) || Instant::now() >= until {
-            let _ = std::fs::remove_file(&path);
-            kill();
-            let _ = child.wait();
-            return Ok(());
+        match child.try_wait() {
+            // Ended by itself (and reaped: its group is not ours to signal).
+            Ok(Some(_)) | Err(_) => {
+                let _ = std::fs::remove_file(&path);
+                return Ok(());
+            }
+            Ok(None) if Instant::now() >= until => {
+                let _ = std::fs::remove_file(&path);
+                kill();
+                let _ = child.wait();
+                return Ok(());
+            }
+            Ok(None) => {}
         }
         let mut pfd = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd.

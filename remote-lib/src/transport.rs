@@ -793,9 +793,17 @@ impl RemoteProcess {
     /// signal handler never kills its PID after the kernel may reuse it.
     fn reap(&mut self) -> Option<std::process::ExitStatus> {
         let mut pause = Duration::from_micros(200);
+        // Our own child always ends once killed; a held session's status
+        // comes from its holder, which could be stopped: given up then (the
+        // holder kills the session when our end of its socket closes).
+        let give_up = Instant::now() + ENDING_LIMIT + Duration::from_secs(5);
         loop {
             if let Some(status) = self.try_reap() {
                 return status;
+            }
+            if matches!(self.child, Proc::Held { .. }) && Instant::now() >= give_up {
+                self.kill_group();
+                return None;
             }
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(20));
@@ -907,7 +915,10 @@ impl Proc {
                 match done {
                     None => Ok(None),
                     Some(Some(st)) => Ok(Some(*st)),
-                    Some(None) => Err(io::Error::new(io::ErrorKind::BrokenPipe, "the session's holder ended without its status")),
+                    // The holder died without a word: its death killed the
+                    // session (PDEATHSIG), so it ended as if killed; a cut
+                    // stream is then a lost connection, not a refusal.
+                    Some(None) => Ok(Some(std::os::unix::process::ExitStatusExt::from_raw(libc::SIGKILL))),
                 }
             }
         }
@@ -1142,6 +1153,24 @@ mod tests {
         let ended = p.finish();
         assert_eq!(ended.stalled, None);
         assert!(ended.status.unwrap().success());
+    }
+
+    #[test]
+    fn a_held_session_whose_holder_vanished_ended_as_if_killed() {
+        use std::os::fd::OwnedFd;
+        use std::os::unix::process::ExitStatusExt;
+        let (ours, holders) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (_in_r, in_w) = std::io::pipe().unwrap();
+        let (out_r, out_w) = std::io::pipe().unwrap();
+        let (err_r, err_w) = std::io::pipe().unwrap();
+        drop((out_w, err_w));
+        let t = crate::held::Taken { holder: ours, pid: 0, stdin: OwnedFd::from(in_w), stdout: OwnedFd::from(out_r), stderr: OwnedFd::from(err_r) };
+        let p = RemoteProcess::adopt(t, StderrTap::default());
+        // The holder dies without sending the session's status.
+        drop(holders);
+        let ended = p.finish();
+        assert_eq!(ended.status.and_then(|s| s.signal()), Some(libc::SIGKILL), "{ended:?}");
+        assert!(!ended.killed, "not killed by us");
     }
 
     #[test]
