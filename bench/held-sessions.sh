@@ -10,12 +10,8 @@
 set -eu
 SETS=${1:-2}
 cd "$(dirname "$0")/.."
-bash scripts/install-deps.sh
-export PATH="$HOME/.cargo/bin:$PATH"
-cargo build --release --locked --bin build-hook 2>&1 | tail -1
-source tests/lib/testbed.sh
-tb_up 3 >/dev/null
-trap tb_down EXIT
+source bench/lib.sh
+bench_builders 3
 : > "$TB/machines"; for i in 1 2 3; do tb_machines_line "$i" 2 >> "$TB/machines"; done
 OURS=$PWD/target/release/build-hook
 printf '#!/bin/sh\nexec "%s" "$@"\n' "$OURS" > "$TB/hook-on"

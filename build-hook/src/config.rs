@@ -35,8 +35,9 @@ pub struct Config {
     /// one build per slot ahead and prepare it (see dispatch.rs).
     pub queue: bool,
     /// `BUILD_HOOK_HELD_SESSIONS`: after a job, hold up to this many
-    /// sessions to its builder open for the next jobs (at most its max-jobs
-    /// and 4; 0: none). See remote-lib's `held`.
+    /// sessions to its builder open for the next jobs (at most its max-jobs,
+    /// 4, and what sshd's `MaxSessions` leaves; 0: none). See remote-lib's
+    /// `held` and `Dispatcher::hold_sessions`.
     pub held_sessions: u32,
     /// zstd level for bulk copies: None = learn per builder, 0 = never.
     pub compress: Option<i32>,

@@ -70,6 +70,10 @@ impl Stopwatch {
     pub fn start() -> Self {
         Stopwatch { cpu: now(), at: Instant::now() }
     }
+    /// When it was started.
+    pub fn started(&self) -> Instant {
+        self.at
+    }
     pub fn secs(&self) -> f64 {
         self.at.elapsed().as_secs_f64()
     }

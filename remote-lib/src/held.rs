@@ -64,21 +64,9 @@ pub fn prefix(m: &Machine, cfg: &SshConfig) -> Option<(PathBuf, Command)> {
     // goes through the open one.
     let plain = SshConfig { ciphers: None, ..cfg.clone() };
     let cmd = transport::session_command(m, &plain).ok()?;
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    let words = std::iter::once(cmd.get_program()).chain(cmd.get_args());
-    for w in words {
-        let b = w.as_encoded_bytes();
-        h.update((b.len() as u64).to_le_bytes());
-        h.update(b);
-    }
-    for (k, v) in cmd.get_envs() {
-        for b in [k.as_encoded_bytes(), v.map(|v| v.as_encoded_bytes()).unwrap_or(b"\0unset")] {
-            h.update((b.len() as u64).to_le_bytes());
-            h.update(b);
-        }
-    }
-    let hex = crate::hash::Sha256Hash(h.finalize().into()).to_hex();
+    let words = std::iter::once(cmd.get_program()).chain(cmd.get_args()).map(|w| w.as_encoded_bytes());
+    let envs = cmd.get_envs().flat_map(|(k, v)| [k.as_encoded_bytes(), v.map(|v| v.as_encoded_bytes()).unwrap_or(b"\0unset")]);
+    let hex = transport::words_hex(words.chain(envs));
     let name = format!("{}.{}", sock.file_name()?.to_string_lossy(), &hex[..8]);
     Some((sock.with_file_name(name), cmd))
 }
@@ -141,12 +129,7 @@ pub fn park(program: &Path, m: &Machine, cfg: &SshConfig, count: usize, ttl: Dur
         c.args(["-o", "ProxyCommand=false"]);
     }
     c.args(cmd.get_args());
-    for (k, v) in cmd.get_envs() {
-        match v {
-            Some(v) => c.env(k, v),
-            None => c.env_remove(k),
-        };
-    }
+    transport::copy_envs(&cmd, &mut c);
     c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
     // SAFETY: setsid, close_range and fcntl are async-signal-safe.
     unsafe {

@@ -125,13 +125,31 @@ pub fn session_command(m: &Machine, cfg: &SshConfig) -> Result<Command, Transpor
     let inner = ssh_command(m, cfg, &daemon_words(m))?;
     let mut c = Command::new(bridge);
     c.arg("__ssh-ng-bridge").arg("--").arg(inner.get_program()).args(inner.get_args());
-    for (k, v) in inner.get_envs() {
+    copy_envs(&inner, &mut c);
+    Ok(c)
+}
+
+/// Gives `to` the environment changes made on `from` (for a command that
+/// runs `from`'s program itself).
+pub fn copy_envs(from: &Command, to: &mut Command) {
+    for (k, v) in from.get_envs() {
         match v {
-            Some(v) => c.env(k, v),
-            None => c.env_remove(k),
+            Some(v) => to.env(k, v),
+            None => to.env_remove(k),
         };
     }
-    Ok(c)
+}
+
+/// The SHA-256 of a list of words, each length-prefixed so that no two
+/// lists hash alike, in hex.
+pub fn words_hex<'a>(words: impl IntoIterator<Item = &'a [u8]>) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for w in words {
+        h.update((w.len() as u64).to_le_bytes());
+        h.update(w);
+    }
+    crate::hash::Sha256Hash(h.finalize().into()).to_hex()
 }
 
 /// The daemon's command words: `<remote-program> --stdio [--store URI]`.
@@ -378,18 +396,11 @@ fn ssh_with_options(m: &Machine, cfg: &SshConfig) -> Result<Command, TransportEr
 /// uses), 40 hex digits like OpenSSH's `%C`. Knowing it lets us see whether
 /// the connection is open without asking ssh.
 pub fn control_socket(m: &Machine, cfg: &SshConfig) -> Option<PathBuf> {
-    use sha2::Digest;
     let dir = cfg.control_dir.as_ref()?;
-    let mut h = sha2::Sha256::new();
     let port = m.ssh.port.map(|p| p.to_string()).unwrap_or_default();
     let words =
         [cfg.program.as_str(), m.ssh.host.as_str(), port.as_str(), m.ssh_key.as_deref().unwrap_or(""), m.host_key.as_deref().unwrap_or(""), if m.ssh.compress { "c" } else { "" }];
-    for w in words.iter().copied().chain(cfg.extra_opts.iter().map(String::as_str)) {
-        // Length-prefixed, so that no two lists of words hash alike.
-        h.update((w.len() as u64).to_le_bytes());
-        h.update(w.as_bytes());
-    }
-    let hex = crate::hash::Sha256Hash(h.finalize().into()).to_hex();
+    let hex = words_hex(words.iter().copied().chain(cfg.extra_opts.iter().map(String::as_str)).map(str::as_bytes));
     Some(dir.join(&hex[..40]))
 }
 
@@ -904,7 +915,7 @@ impl Proc {
     }
 
     /// As [`Child::try_wait`]; for a taken session, from its holder (its
-    /// holder gone without a word: ended, with no status).
+    /// holder gone without a word: ended as if killed, see below).
     fn try_wait(&mut self) -> io::Result<Option<std::process::ExitStatus>> {
         match self {
             Proc::Own(c) => c.try_wait(),
