@@ -301,6 +301,10 @@ test_a_session_held_after_a_build_starts_the_next() {
   wait_held || fail "no session was held after the build"
   pgrep -f "build-hook __hold" >/dev/null || fail "no holder process"
   wait_nix_pids 1 >/dev/null || fail "the held session has no nix-store on the builder"
+  # status counts it (and counting does not take it: the next build uses it)
+  local held; held=$("$HOOK" status --json --builders "@$TB/machines" | python3 -c 'import json,sys; print(json.load(sys.stdin)["machines"][0]["held_sessions"])')
+  [ "$held" = 1 ] || fail "status --json shows $held sessions opened ahead, not 1"
+  "$HOOK" status --builders "@$TB/machines" | grep -q "10.201.1.2.*(1 session opened ahead)" || fail "status does not show the session opened ahead"
   nb "$NIX/chain.nix" -A dep --argstr nonce "$(nonce held2)" -v >"$log" 2>&1 || { tail "$log"; fail "second build failed"; }
   assert_contains "$log" "using a session opened ahead"
   # A held session that stopped answering (its nix-store frozen) is given

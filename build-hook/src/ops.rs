@@ -132,6 +132,8 @@ pub struct MachineStatus {
     queued: Vec<Busy>,
     health: String,
     drained: Option<u64>,
+    /// Serve sessions opened ahead for the next builds (`held`).
+    held_sessions: usize,
 }
 
 /// `build-hook status [--json] [--last N]`.
@@ -158,7 +160,7 @@ pub fn status(d: &Dispatcher, json: bool, last: usize) -> String {
         } else {
             "not used yet".into()
         };
-        ms.push(MachineStatus { machine: m.uri.clone(), slots: m.max_jobs, busy, building, queued, health, drained: d.drains.drained(&m.uri, now) });
+        ms.push(MachineStatus { machine: m.uri.clone(), slots: m.max_jobs, busy, building, queued, health, drained: d.drains.drained(&m.uri, now), held_sessions: remote_lib::held::held_now(m, &d.ssh) });
     }
     let (records, _) = d.history.read();
     let recent: Vec<&Record> = records.iter().rev().take(last).collect();
@@ -173,7 +175,12 @@ pub fn status(d: &Dispatcher, json: bool, last: usize) -> String {
             Some(u) => format!("  DRAINED for {} s", u.saturating_sub(now)),
             None => String::new(),
         };
-        out.push_str(&format!("{}  {}/{} busy{drained}  {}\n", m.machine, m.busy, m.slots, m.health));
+        let held = match m.held_sessions {
+            0 => String::new(),
+            1 => "  (1 session opened ahead)".to_string(),
+            n => format!("  ({n} sessions opened ahead)"),
+        };
+        out.push_str(&format!("{}  {}/{} busy{drained}  {}{held}\n", m.machine, m.busy, m.slots, m.health));
         for b in &m.building {
             out.push_str(&format!("  slot {}: {} for {:.0} s\n", b.slot, history::drv_name(&b.drv), t - b.since));
         }

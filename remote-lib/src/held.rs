@@ -43,6 +43,12 @@ pub enum HeldError {
     Usage,
 }
 
+/// The holder–taker exchange (4-byte pid, the three descriptors, then the
+/// raw wait status; any byte or EOF from the taker means kill). It is part
+/// of the hash in the socket names, so a hook whose exchange differs never
+/// meets a holder started by another version: change it with the exchange.
+const PROTOCOL: &str = "build-hook held session 1";
+
 /// How long a held session waits for a job at most.
 pub const MAX_TTL: Duration = Duration::from_secs(60);
 
@@ -66,7 +72,8 @@ pub fn prefix(m: &Machine, cfg: &SshConfig) -> Option<(PathBuf, Command)> {
     let cmd = transport::session_command(m, &plain).ok()?;
     let words = std::iter::once(cmd.get_program()).chain(cmd.get_args()).map(|w| w.as_encoded_bytes());
     let envs = cmd.get_envs().flat_map(|(k, v)| [k.as_encoded_bytes(), v.map(|v| v.as_encoded_bytes()).unwrap_or(b"\0unset")]);
-    let hex = transport::words_hex(words.chain(envs));
+    let version = std::iter::once(PROTOCOL.as_bytes());
+    let hex = transport::words_hex(version.chain(words).chain(envs));
     let name = format!("{}.{}", sock.file_name()?.to_string_lossy(), &hex[..8]);
     Some((sock.with_file_name(name), cmd))
 }
@@ -165,6 +172,27 @@ pub struct Taken {
 
 /// The most sessions held for one builder (and command).
 pub const MAX_PER_MACHINE: usize = 4;
+
+/// How many sessions are held for `m` now, ready to be taken (for
+/// `build-hook status`): offered sockets whose index a live holder owns.
+/// Nothing is created or taken to find out.
+pub fn held_now(m: &Machine, cfg: &SshConfig) -> usize {
+    prefix(m, cfg).map_or(0, |(prefix, _)| offered(&prefix))
+}
+
+/// [`held_now`] under `prefix`.
+fn offered(prefix: &Path) -> usize {
+    (0..MAX_PER_MACHINE)
+        .filter(|&i| socket_path(prefix, i).exists())
+        .filter(|&i| {
+            let Ok(f) = std::fs::File::open(lock_path(prefix, i)) else { return false };
+            // A shared lock is refused only while a holder owns the index.
+            // SAFETY: flock on a descriptor we own.
+            let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+            r != 0
+        })
+        .count()
+}
 
 /// Takes a session held for `m`, if there is one.
 pub fn take(m: &Machine, cfg: &SshConfig) -> Option<Taken> {
@@ -482,6 +510,26 @@ mod tests {
         };
         assert_eq!(status(&t).and_then(|s| s.code()), Some(7));
         h.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn only_sessions_still_offered_by_a_live_holder_are_counted() {
+        let d = dir("count");
+        let prefix = d.join("conn.abcd1234");
+        assert_eq!(offered(&prefix), 0);
+        let h = holder(&prefix, 2, Duration::from_secs(10), &["sleep", "30"]);
+        wait_offered(&prefix, 0);
+        assert_eq!(offered(&prefix), 1);
+        // Counting takes nothing: the session is still there to be taken.
+        assert_eq!(offered(&prefix), 1);
+        let t = take_at(&socket_path(&prefix, 0)).expect("still offered after being counted");
+        assert_eq!(offered(&prefix), 0, "a taken session is not held any more");
+        kill(&t.holder);
+        h.join().unwrap().unwrap();
+        // A socket left behind by a holder that died (its lock released) is not a held session.
+        std::fs::write(socket_path(&prefix, 1), b"").unwrap();
+        std::fs::write(lock_path(&prefix, 1), b"").unwrap();
+        assert_eq!(offered(&prefix), 0);
     }
 
     #[test]
