@@ -169,7 +169,7 @@ impl Dispatcher {
                     let got = if !queue_to.is_empty() {
                         // Past the deadline, only a ticket that is free now.
                         if let Some((index, t, lock)) = self.take_ticket(&queue_to, deadline.max(Instant::now()))? {
-                            let ticket = (crate::ops::mark_busy(&self.load, &self.machines[index].uri, t, true, &req.drv_path), lock);
+                            let ticket = (crate::ops::mark_busy(&self.load, &self.machines[index].uri, t, crate::ops::Place::Ticket, &req.drv_path), lock);
                             out::reply(&Reply::Accept { machine: self.machines[index].uri.clone() });
                             return Ok(Some(Accept { index, slot: None, ticket: Some(ticket), session: None, waited: started.elapsed().as_secs_f64() }));
                         }
@@ -534,7 +534,7 @@ impl Dispatcher {
             let index = acc.index;
             let uri = self.machines[index].uri.clone();
             let slot = slot_held.index;
-            let busy = crate::ops::mark_busy(&self.load, &uri, slot, false, &req.drv_path);
+            let busy = crate::ops::mark_busy(&self.load, &uri, slot, crate::ops::Place::Slot, &req.drv_path);
             let start = history::now();
             let mut stats = Stats::default();
             // The slot is freed as soon as the remote build has ended (the

@@ -34,18 +34,27 @@ impl Drop for BusyMarker {
     }
 }
 
-/// The marker of slot `slot` of `uri`, or with `queue` of its queue ticket
-/// `slot` (named like the lock files they describe).
-fn busy_file(load: &LoadDir, uri: &str, slot: u64, queue: bool) -> PathBuf {
-    let q = if queue { "queue-" } else { "" };
-    load.path.join("build-hook/busy").join(format!("{}-{q}{slot}", remote_lib::transport::file_name_for(uri)))
+/// What a busy marker stands for: a slot being built on, or a place in the
+/// machine's queue (a ticket).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Place {
+    Slot,
+    Ticket,
 }
 
-/// Records that slot `slot` of `uri` builds `drv`, or with `queue` that
-/// `drv` waits in its queue with ticket `slot` (advice for `status`; a
-/// failure to write it is ignored, and a marker whose lock is free is stale).
-pub fn mark_busy(load: &LoadDir, uri: &str, slot: u64, queue: bool, drv: &str) -> BusyMarker {
-    let p = busy_file(load, uri, slot, queue);
+/// The marker of slot (or queue ticket) `n` of `uri`, named like the lock
+/// file it describes.
+fn busy_file(load: &LoadDir, uri: &str, n: u64, place: Place) -> PathBuf {
+    let q = if place == Place::Ticket { "queue-" } else { "" };
+    load.path.join("build-hook/busy").join(format!("{}-{q}{n}", remote_lib::transport::file_name_for(uri)))
+}
+
+/// Records that slot `slot` of `uri` builds `drv` (`Place::Slot`), or that
+/// `drv` waits in its queue with ticket `slot` (`Place::Ticket`): advice for
+/// `status`; a failure to write it is ignored, and a marker whose lock is
+/// free is stale.
+pub fn mark_busy(load: &LoadDir, uri: &str, slot: u64, place: Place, drv: &str) -> BusyMarker {
+    let p = busy_file(load, uri, slot, place);
     let b = Busy { machine: uri.into(), slot, drv: drv.into(), since: history::now(), pid: std::process::id() };
     let ok = p.parent().is_some_and(|d| std::fs::create_dir_all(d).is_ok()) && serde_json::to_string(&b).is_ok_and(|j| std::fs::write(&p, j).is_ok());
     BusyMarker(ok.then_some(p))
@@ -143,13 +152,16 @@ pub fn status(d: &Dispatcher, json: bool, last: usize) -> String {
     for m in &d.machines {
         let busy = d.load.probe(&m.uri, m.max_jobs).map(|(_, b)| b).unwrap_or(0);
         // A marker counts only while its slot (or ticket) is really held.
-        let markers = |queue: bool| -> Vec<Busy> {
+        let markers = |place: Place| -> Vec<Busy> {
             (0..m.max_jobs)
-                .filter(|&i| if queue { d.load.is_held(&remote_lib::slots::ticket_name(&m.uri, i)) } else { d.load.slot_held(&m.uri, i) })
-                .filter_map(|i| std::fs::read(busy_file(&d.load, &m.uri, i, queue)).ok().and_then(|t| serde_json::from_slice::<Busy>(&t).ok()))
+                .filter(|&i| match place {
+                    Place::Ticket => d.load.is_held(&remote_lib::slots::ticket_name(&m.uri, i)),
+                    Place::Slot => d.load.slot_held(&m.uri, i),
+                })
+                .filter_map(|i| std::fs::read(busy_file(&d.load, &m.uri, i, place)).ok().and_then(|t| serde_json::from_slice::<Busy>(&t).ok()))
                 .collect()
         };
-        let (building, queued) = (markers(false), markers(true));
+        let (building, queued) = (markers(Place::Slot), markers(Place::Ticket));
         let h = d.health.get(&m.uri);
         let health = if h.backing_off(now) {
             format!("backing off {} s more after {} failure(s): {}", h.retry_after - now, h.failures, h.reason)
@@ -160,7 +172,16 @@ pub fn status(d: &Dispatcher, json: bool, last: usize) -> String {
         } else {
             "not used yet".into()
         };
-        ms.push(MachineStatus { machine: m.uri.clone(), slots: m.max_jobs, busy, building, queued, health, drained: d.drains.drained(&m.uri, now), held_sessions: remote_lib::held::held_now(m, &d.ssh) });
+        ms.push(MachineStatus {
+            machine: m.uri.clone(),
+            slots: m.max_jobs,
+            busy,
+            building,
+            queued,
+            health,
+            drained: d.drains.drained(&m.uri, now),
+            held_sessions: remote_lib::held::held_now(m, &d.ssh),
+        });
     }
     let (records, _) = d.history.read();
     let recent: Vec<&Record> = records.iter().rev().take(last).collect();
