@@ -514,19 +514,17 @@ pub fn cipher_choice(m: &Machine, ssh: &SshConfig, prefer: bool, builder_aes: Op
         Some(false) => return no("the builder's CPU has no AES instructions"),
         Some(true) => false,
     };
-    // `ssh -G` only prints settings: it neither connects nor waits.
-    let run = |c: Option<std::process::Command>| {
-        c.and_then(|mut c| c.stdin(std::process::Stdio::null()).stderr(std::process::Stdio::null()).output().ok())
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-    };
     // A socket nobody listens on (its master was killed) is replaced by a new master.
     if transport::shared_connection_open(m, ssh) {
         return (None, "none needed now: a shared connection is open (its cipher was chosen when it was opened)".into());
     }
-    // Only now, when a new connection will be made, ssh's settings are asked for.
-    let Some(user) = run(transport::ssh_settings_command(m, ssh).ok()) else { return no("'ssh -G' failed") };
-    let Some(defaults) = run(Some(transport::ssh_defaults_command(m, ssh))) else { return no("'ssh -F /dev/null -G' failed") };
+    // Only now, when a new connection will be made, ssh's settings are
+    // asked for, both at once (each `ssh -G` took 15–30 ms, before the
+    // connection starts).
+    let user = ssh_print_settings(transport::ssh_settings_command(m, ssh).ok());
+    let defaults = ssh_print_settings(Some(transport::ssh_defaults_command(m, ssh)));
+    let Some(user) = user.join() else { return no("'ssh -G' failed") };
+    let Some(defaults) = defaults.join() else { return no("'ssh -F /dev/null -G' failed") };
     let (u, d) = (transport::ssh_setting(&user, "ciphers"), transport::ssh_setting(&defaults, "ciphers"));
     if u != d {
         return no("your ssh config or NIX_SSHOPTS chooses the ciphers");
@@ -535,6 +533,49 @@ pub fn cipher_choice(m: &Machine, ssh: &SshConfig, prefer: bool, builder_aes: Op
         Some(list) if assumed => (Some(list), "AES-GCM first (this CPU has AES instructions, and an x86 builder is taken to have them until it is asked)".into()),
         Some(list) => (Some(list), "AES-GCM first (both CPUs have AES instructions)".into()),
         None => no("no AES-GCM cipher to move first"),
+    }
+}
+
+/// An `ssh -G` started, its output read by a thread as it comes.
+struct PrintSettings(Option<(std::process::Child, std::sync::mpsc::Receiver<String>)>);
+
+/// `ssh -G` only prints settings and never connects, but a `Match exec` in
+/// the user's config runs a command of theirs.
+const SSH_G_LIMIT: Duration = Duration::from_secs(5);
+
+fn ssh_print_settings(c: Option<std::process::Command>) -> PrintSettings {
+    use std::process::Stdio;
+    let Some(mut child) = c.and_then(|mut c| c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().ok()) else { return PrintSettings(None) };
+    let Some(stdout) = child.stdout.take() else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return PrintSettings(None);
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut out = String::new();
+        if stdout.take(1 << 20).read_to_string(&mut out).is_ok() {
+            let _ = tx.send(out);
+        }
+    });
+    PrintSettings(Some((child, rx)))
+}
+
+impl PrintSettings {
+    /// What it printed, if it succeeded within [`SSH_G_LIMIT`] of now.
+    fn join(self) -> Option<String> {
+        self.join_within(SSH_G_LIMIT)
+    }
+
+    fn join_within(self, limit: Duration) -> Option<String> {
+        let (mut child, rx) = self.0?;
+        let out = rx.recv_timeout(limit).ok();
+        if out.is_none() {
+            let _ = child.kill();
+        }
+        // Its output has ended: it exits now, if it has not already.
+        let status = child.wait().ok()?;
+        out.filter(|_| status.success())
     }
 }
 
@@ -549,6 +590,23 @@ mod tests {
     const M: &str = "ssh://b1";
     fn exit(code: i32) -> Option<i32> {
         Some(code << 8)
+    }
+
+    #[test]
+    fn printed_settings_count_only_from_a_command_that_succeeded_in_time() {
+        let sh = |script: &str| {
+            let mut c = std::process::Command::new("sh");
+            c.arg("-c").arg(script);
+            ssh_print_settings(Some(c))
+        };
+        let (a, b) = (sh("echo 'ciphers a,b'"), sh("echo 'ciphers c'"));
+        assert_eq!(b.join().as_deref(), Some("ciphers c\n"));
+        assert_eq!(a.join().as_deref(), Some("ciphers a,b\n"));
+        assert_eq!(sh("echo 'ciphers a'; exit 255").join(), None);
+        assert_eq!(ssh_print_settings(None).join(), None);
+        let t = Instant::now();
+        assert_eq!(sh("echo half; exec sleep 30").join_within(Duration::from_millis(200)), None);
+        assert!(t.elapsed() < Duration::from_secs(10), "a hanging ssh -G is killed at its limit");
     }
 
     #[test]
