@@ -295,13 +295,30 @@ impl NarSource for DiskNars<'_> {
 /// `AddToStoreNar` requests, reading acknowledgements as it goes so that at
 /// most 2 × [`WINDOW`] are ever pending. Returns the bytes of NAR sent.
 pub fn upload<RR: Read, RW: Write>(local: &mut dyn NarSource, remote: &mut ServeConn<RR, RW>, ordered: &[PathInfo]) -> Result<u64, CopyError> {
+    upload_while(local, remote, ordered, &mut |_| true).map(|(sent, _)| sent)
+}
+
+/// As [`upload`], asking `go_on` before each path whether to send it: at
+/// the first `false` the upload ends there, every path sent before it
+/// acknowledged. Returns the bytes of NAR sent and how many paths.
+pub fn upload_while<RR: Read, RW: Write>(
+    local: &mut dyn NarSource,
+    remote: &mut ServeConn<RR, RW>,
+    ordered: &[PathInfo],
+    go_on: &mut dyn FnMut(&PathInfo) -> bool,
+) -> Result<(u64, usize), CopyError> {
     let (mut acked, mut sent) = (0, 0);
     let ack = |remote: &mut ServeConn<RR, RW>, acked: &mut usize| -> Result<(), CopyError> {
         remote.read_ack("AddToStoreNar").map_err(builder("AddToStoreNar"))?;
         *acked += 1;
         Ok(())
     };
+    let mut count = ordered.len();
     for (i, info) in ordered.iter().enumerate() {
+        if !go_on(info) {
+            count = i;
+            break;
+        }
         local.before(ordered, i)?;
         remote.send_add_to_store_nar_header(info).map_err(builder("AddToStoreNar"))?;
         sent += local.write_nar(info, remote.writer())?;
@@ -313,10 +330,10 @@ pub fn upload<RR: Read, RW: Write>(local: &mut dyn NarSource, remote: &mut Serve
         }
     }
     remote.flush().map_err(builder("AddToStoreNar"))?;
-    while acked < ordered.len() {
+    while acked < count {
         ack(remote, &mut acked)?;
     }
-    Ok(sent)
+    Ok((sent, count))
 }
 
 /// Copies `ordered` to an `ssh-ng://` builder through the bridge in one

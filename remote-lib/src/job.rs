@@ -191,6 +191,17 @@ pub fn builder_caps(health: &HealthStore, m: &Machine, ssh: &SshConfig, limit: D
     })
 }
 
+/// How an upload's level is decided ([`Job::upload_level`]).
+enum UploadLevel {
+    Known(i32),
+    /// Raw at first, while the builder is probed ([`Job::upload_raw_while_probing`]).
+    RawWhileProbing,
+}
+
+/// In a first upload copied raw while the link is measured, at most this
+/// many bytes of NAR are sent before the measurement has answered.
+pub const RAW_BEFORE_PROBED: u64 = 8 << 20;
+
 /// Whether [`builder_caps`] would answer without asking the builder.
 fn caps_known(health: &HealthStore, m: &Machine) -> bool {
     let h = health.get(&m.uri);
@@ -347,11 +358,21 @@ impl<'a> Job<'a> {
             return Ok(());
         }
         let _act = Act::start(self.ev, Level::Info, &format!("copying {} paths to '{}'", ordered.len(), m.uri));
+        let (level, ordered) = match level {
+            UploadLevel::Known(level) => (level, &ordered[..]),
+            UploadLevel::RawWhileProbing => match self.upload_raw_while_probing(&ordered)? {
+                Some((level, sent)) => (level, &ordered[sent..]),
+                None => {
+                    drop(lock);
+                    return Ok(());
+                }
+            },
+        };
         let t = cpu::Stopwatch::start();
         let moved = if level > 0 {
             let mut bulk = BulkSession::open(m, ctx.ssh, transport::Bulk::Upload, stall)?;
             let Some((w, r)) = bulk.streams("a bulk upload") else { return Err(JobError::Local { during: "a bulk upload", why: "no pipes".into() }) };
-            let res = self.local.nars().and_then(|mut nars| copy::upload_bulk(&mut *nars, w, r, &ordered, level));
+            let res = self.local.nars().and_then(|mut nars| copy::upload_bulk(&mut *nars, w, r, ordered, level));
             bulk.finish("a bulk upload", res)?
         } else {
             self.session().phase("AddToStoreNar");
@@ -359,9 +380,9 @@ impl<'a> Job<'a> {
             let up = self.local.nars().and_then(|mut nars| {
                 let nars = &mut *nars;
                 if m.ssh.daemon {
-                    copy::upload_multiple(nars, &mut s.serve, &ordered)
+                    copy::upload_multiple(nars, &mut s.serve, ordered)
                 } else {
-                    copy::upload(nars, &mut s.serve, &ordered)
+                    copy::upload(nars, &mut s.serve, ordered)
                 }
             });
             match up {
@@ -372,9 +393,59 @@ impl<'a> Job<'a> {
         drop(lock);
         self.local.idle();
         self.session().idle();
-        (self.stats.upload_bytes, self.stats.upload_secs) = (moved.nar, t.elapsed().as_secs_f64());
+        self.stats.upload_bytes += moved.nar;
+        self.stats.upload_secs += t.elapsed().as_secs_f64();
         self.learn(level, moved, t, &format!("copied {} paths to", ordered.len()));
         Ok(())
+    }
+
+    /// The first upload to a builder not probed yet, whose paths sampled
+    /// compressible: instead of measuring the link before it (two ssh
+    /// sessions and a few megabytes, ≈0.1 s on a fast link), the paths go
+    /// raw at once while the probes run beside them ([`builder_caps`]).
+    /// Once they have answered, a fast link keeps the raw copy going; on a
+    /// slow one the paths not yet sent go compressed instead. A path that
+    /// would take the raw bytes sent before the answer past
+    /// [`RAW_BEFORE_PROBED`] waits for it, so that on a slow link at most
+    /// that much goes raw (and the probe shares the link with it less).
+    /// Returns the level for the paths left and how many were sent, or
+    /// `None` when all were.
+    fn upload_raw_while_probing(&mut self, ordered: &[PathInfo]) -> Result<Option<(i32, usize)>, JobError> {
+        let (ctx, m, ev) = (self.ctx, self.m, self.ev);
+        let limit = self.ctx_stall();
+        ev.log(Level::Talkative, &format!("build-hook: copying to '{}' uncompressed while the link is measured", m.uri));
+        let t = cpu::Stopwatch::start();
+        let (res, level) = std::thread::scope(|sc| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            sc.spawn(move || {
+                let _ = tx.send(compress::bulk_level(&builder_caps(ctx.health, m, ctx.ssh, limit), ctx.forced_level));
+            });
+            let (mut level, mut raw): (Option<i32>, u64) = (None, 0);
+            let mut go_on = |info: &PathInfo| {
+                if level.is_none() {
+                    raw += info.nar_size;
+                    level = if raw > RAW_BEFORE_PROBED { rx.recv().ok().or(Some(0)) } else { rx.try_recv().ok() };
+                }
+                level.is_none_or(|l| l == 0)
+            };
+            self.session().phase("AddToStoreNar");
+            let Some(s) = self.session.as_mut() else { unreachable!("open") };
+            let res = self.local.nars().and_then(|mut nars| copy::upload_while(&mut *nars, &mut s.serve, ordered, &mut go_on));
+            (res, level.or_else(|| rx.recv().ok()).unwrap_or(0))
+        });
+        let (nar, sent) = match res {
+            Ok(r) => r,
+            Err(e) => return Err(self.copy_err("uploading inputs", e)),
+        };
+        self.local.idle();
+        self.session().idle();
+        (self.stats.upload_bytes, self.stats.upload_secs) = (nar, t.elapsed().as_secs_f64());
+        self.learn(0, Moved { nar, wire: nar }, t, &format!("copied {sent} paths to"));
+        if sent == ordered.len() {
+            return Ok(None);
+        }
+        ev.log(Level::Talkative, &format!("build-hook: the link to '{}' is slow: the other {} paths go compressed (zstd -{level})", m.uri, ordered.len() - sent));
+        Ok(Some((level, sent)))
     }
 
     /// The level for uploading `ordered`: the builder's bulk level, unless a
@@ -383,11 +454,10 @@ impl<'a> Job<'a> {
     /// asking the builder anything (the capability and link probes then run
     /// with the build, when the download needs them, and the raw upload
     /// itself measures the link).
-    fn upload_level(&self, ordered: &[PathInfo]) -> i32 {
+    fn upload_level(&mut self, ordered: &[PathInfo]) -> UploadLevel {
         let (ctx, m) = (self.ctx, self.m);
-        let bulk = || self.bulk_level();
-        if ctx.forced_level.is_some() || (caps_known(ctx.health, m) && bulk() == 0) {
-            return bulk();
+        if ctx.forced_level.is_some() || (caps_known(ctx.health, m) && self.bulk_level() == 0) {
+            return UploadLevel::Known(self.bulk_level());
         }
         // One path's sample at a time: only its ratio is kept; the largest
         // paths only ([`compress::to_sample`]).
@@ -400,11 +470,27 @@ impl<'a> Job<'a> {
                 (i.nar_size, sample::ratio(&s, 1))
             })
             .collect();
-        let (level, ratio) = compress::upload_level(&parts, bulk);
+        // Measured beside the copy when nothing was asked yet, the copy is
+        // one the serve session can stop between two paths, and its NARs
+        // come from the files (a local serve session reads ahead).
+        let beside = !caps_known(ctx.health, m) && !m.ssh.daemon && self.local.reads_files();
+        let mut by_probe = false;
+        let (level, ratio) = compress::upload_level(&parts, || {
+            by_probe = beside;
+            if beside {
+                0
+            } else {
+                self.bulk_level()
+            }
+        });
         if let Some(r) = ratio {
             self.ev.log(Level::Talkative, &format!("build-hook: the paths for '{}' look incompressible (sampled zstd ratio {r:.2}); copying them uncompressed", m.uri));
         }
-        level
+        if by_probe {
+            UploadLevel::RawWhileProbing
+        } else {
+            UploadLevel::Known(level)
+        }
     }
 
     /// The level for bulk copies with this builder ([`compress::bulk_level`]
@@ -707,6 +793,12 @@ impl<'a> LocalSide<'a> {
             return Ok(Box::new(copy::DiskNars::new(self.store)));
         }
         Ok(Box::new(copy::ServeNars::new(&mut self.serve("DumpStorePath")?.1)))
+    }
+
+    /// Whether an upload's NARs are written from the files (nothing is read
+    /// ahead: an upload may stop between two paths).
+    fn reads_files(&mut self) -> bool {
+        self.db().is_some()
     }
 
     /// Ends the serve session, if one was started.
