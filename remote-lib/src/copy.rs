@@ -173,6 +173,11 @@ pub fn local_infos(local: &mut dyn PathMeta, missing: &[String]) -> Result<Vec<P
 pub trait NarSource {
     /// Runs before NAR `i` of `ordered` is written.
     fn before(&mut self, ordered: &[PathInfo], i: usize) -> Result<(), CopyError>;
+    /// Whether NARs are requested ahead of the one being written: an upload
+    /// from such a source cannot stop between two paths.
+    fn reads_ahead(&self) -> bool {
+        false
+    }
     /// Writes the NAR of `info` to `w`; returns its size.
     fn write_nar(&mut self, info: &PathInfo, w: &mut dyn Write) -> Result<u64, CopyError>;
 }
@@ -192,6 +197,10 @@ impl<'a, R: Read, W: Write> ServeNars<'a, R, W> {
 }
 
 impl<R: Read, W: Write> NarSource for ServeNars<'_, R, W> {
+    fn reads_ahead(&self) -> bool {
+        true
+    }
+
     fn before(&mut self, ordered: &[PathInfo], i: usize) -> Result<(), CopyError> {
         let target = (i + WINDOW).min(ordered.len());
         if self.requested >= target {
@@ -300,7 +309,9 @@ pub fn upload<RR: Read, RW: Write>(local: &mut dyn NarSource, remote: &mut Serve
 
 /// As [`upload`], asking `go_on` before each path whether to send it: at
 /// the first `false` the upload ends there, every path sent before it
-/// acknowledged. Returns the bytes of NAR sent and how many paths.
+/// acknowledged. A source that reads ahead ([`NarSource::reads_ahead`])
+/// is not asked: everything is sent. Returns the bytes of NAR sent and how
+/// many paths.
 pub fn upload_while<RR: Read, RW: Write>(
     local: &mut dyn NarSource,
     remote: &mut ServeConn<RR, RW>,
@@ -315,7 +326,7 @@ pub fn upload_while<RR: Read, RW: Write>(
     };
     let mut count = ordered.len();
     for (i, info) in ordered.iter().enumerate() {
-        if !go_on(info) {
+        if !local.reads_ahead() && !go_on(info) {
             count = i;
             break;
         }

@@ -189,7 +189,7 @@ fn offered(prefix: &Path) -> usize {
             // A shared lock is refused only while a holder owns the index.
             // SAFETY: flock on a descriptor we own.
             let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
-            r != 0
+            r != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
         })
         .count()
 }

@@ -163,6 +163,11 @@ pub struct Context<'a> {
 /// first copy already uses the right level. If ssh fails the answers stay
 /// unknown and are asked again next time.
 pub fn builder_caps(health: &HealthStore, m: &Machine, ssh: &SshConfig, limit: Duration) -> Health {
+    probe_builder(health, m, ssh, limit, &std::sync::atomic::AtomicBool::new(false))
+}
+
+/// [`builder_caps`], skipping the link probe once `cancel` is set.
+fn probe_builder(health: &HealthStore, m: &Machine, ssh: &SshConfig, limit: Duration, cancel: &std::sync::atomic::AtomicBool) -> Health {
     let h = health.get(&m.uri);
     if transport::is_local(m) {
         // Between two processes on this host nothing is worth compressing
@@ -180,7 +185,7 @@ pub fn builder_caps(health: &HealthStore, m: &Machine, ssh: &SshConfig, limit: D
     // An ssh-ng builder's bulk sessions run its nix-store (with the
     // daemon's trust when the user is not root), so they need one.
     let zstd = transport::bulk_allowed(m, &caps);
-    let link = if zstd && h.raw_mbps.is_none() { session::probe_link(m, ssh, limit) } else { None };
+    let link = if zstd && h.raw_mbps.is_none() && !cancel.load(std::sync::atomic::Ordering::Relaxed) { session::probe_link(m, ssh, limit) } else { None };
     health.update(&m.uri, |h| {
         h.zstd = Some(zstd);
         h.aes = Some(caps.aes);
@@ -395,7 +400,7 @@ impl<'a> Job<'a> {
         self.session().idle();
         self.stats.upload_bytes += moved.nar;
         self.stats.upload_secs += t.elapsed().as_secs_f64();
-        self.learn(level, moved, t, &format!("copied {} paths to", ordered.len()));
+        self.learn(level, moved, t.secs(), t.idle_cores(), &format!("copied {} paths to", ordered.len()));
         Ok(())
     }
 
@@ -404,48 +409,88 @@ impl<'a> Job<'a> {
     /// sessions and a few megabytes, ≈0.1 s on a fast link), the paths go
     /// raw at once while the probes run beside them ([`builder_caps`]).
     /// Once they have answered, a fast link keeps the raw copy going; on a
-    /// slow one the paths not yet sent go compressed instead. A path that
-    /// would take the raw bytes sent before the answer past
-    /// [`RAW_BEFORE_PROBED`] waits for it, so that on a slow link at most
-    /// that much goes raw (and the probe shares the link with it less).
-    /// Returns the level for the paths left and how many were sent, or
-    /// `None` when all were.
+    /// slow one the paths not yet sent go compressed instead. Before the
+    /// answer at most [`RAW_BEFORE_PROBED`] go raw: the raw copy then stops
+    /// (every path sent acknowledged, the session idle) and the answer is
+    /// awaited, for at most the stall timeout (then raw). Returns the level
+    /// for the paths left and how many were sent, or `None` when all were.
     fn upload_raw_while_probing(&mut self, ordered: &[PathInfo]) -> Result<Option<(i32, usize)>, JobError> {
-        let (ctx, m, ev) = (self.ctx, self.m, self.ev);
+        let (ctx, m) = (self.ctx, self.m);
         let limit = self.ctx_stall();
-        ev.log(Level::Talkative, &format!("build-hook: copying to '{}' uncompressed while the link is measured", m.uri));
-        let t = cpu::Stopwatch::start();
-        let (res, level) = std::thread::scope(|sc| {
+        self.ev.log(Level::Talkative, &format!("build-hook: copying to '{}' uncompressed while the link is measured", m.uri));
+        let cancel = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|sc| {
             let (tx, rx) = std::sync::mpsc::channel();
+            let cancel = &cancel;
             sc.spawn(move || {
-                let _ = tx.send(compress::bulk_level(&builder_caps(ctx.health, m, ctx.ssh, limit), ctx.forced_level));
+                let _ = tx.send(compress::bulk_level(&probe_builder(ctx.health, m, ctx.ssh, limit, cancel), ctx.forced_level));
             });
-            let (mut level, mut raw): (Option<i32>, u64) = (None, 0);
-            let mut go_on = |info: &PathInfo| {
-                if level.is_none() {
+            let res = self.raw_until_probed(ordered, &rx, limit);
+            if res.is_err() {
+                // The job fails: no link probe after the capabilities.
+                cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            res
+        })
+    }
+
+    fn raw_until_probed(&mut self, ordered: &[PathInfo], probed: &std::sync::mpsc::Receiver<i32>, limit: Duration) -> Result<Option<(i32, usize)>, JobError> {
+        let (mut level, mut raw) = (None, 0u64);
+        let mut go_on = |info: &PathInfo| {
+            if level.is_none() {
+                level = probed.try_recv().ok();
+            }
+            match level {
+                Some(l) => l == 0,
+                None => {
                     raw += info.nar_size;
-                    level = if raw > RAW_BEFORE_PROBED { rx.recv().ok().or(Some(0)) } else { rx.try_recv().ok() };
+                    raw <= RAW_BEFORE_PROBED
                 }
-                level.is_none_or(|l| l == 0)
-            };
-            self.session().phase("AddToStoreNar");
-            let Some(s) = self.session.as_mut() else { unreachable!("open") };
-            let res = self.local.nars().and_then(|mut nars| copy::upload_while(&mut *nars, &mut s.serve, ordered, &mut go_on));
-            (res, level.or_else(|| rx.recv().ok()).unwrap_or(0))
-        });
+            }
+        };
+        let (mut nar, mut sent, mut secs, idle) = self.raw_part(ordered, &mut go_on)?;
+        if level.is_none() && sent < ordered.len() {
+            level = Some(probed.recv_timeout(limit).unwrap_or(0));
+        }
+        let level = level.unwrap_or(0);
+        let left: u64 = ordered[sent..].iter().map(|i| i.nar_size).sum();
+        // A few paths left are not worth a compressed session.
+        let compress_rest = level > 0 && left >= compress::SMALL_DOWNLOAD;
+        if sent < ordered.len() && !compress_rest {
+            let (n, k, t, _) = self.raw_part(&ordered[sent..], &mut |_| true)?;
+            (nar, sent, secs) = (nar + n, sent + k, secs + t);
+        }
+        // Timed while sending only, not while waiting for the probe.
+        self.stats.upload_bytes = nar;
+        self.stats.upload_secs = secs;
+        if sent > 0 {
+            self.learn(0, Moved { nar, wire: nar }, secs, idle, &format!("copied {sent} paths to"));
+        }
+        if sent == ordered.len() {
+            return Ok(None);
+        }
+        self.ev.log(
+            Level::Talkative,
+            &format!("build-hook: the probe of '{}' chose zstd -{level}: the other {} paths ({:.1} MB) go compressed", self.m.uri, ordered.len() - sent, left as f64 / 1e6),
+        );
+        Ok(Some((level, sent)))
+    }
+
+    /// Uploads `paths` raw on the serve session while `go_on` says so
+    /// ([`copy::upload_while`]): bytes of NAR, paths sent, seconds and idle
+    /// CPUs meanwhile.
+    fn raw_part(&mut self, paths: &[PathInfo], go_on: &mut dyn FnMut(&PathInfo) -> bool) -> Result<(u64, usize, f64, Option<f64>), JobError> {
+        let t = cpu::Stopwatch::start();
+        self.session().phase("AddToStoreNar");
+        let Some(s) = self.session.as_mut() else { unreachable!("open") };
+        let res = self.local.nars().and_then(|mut nars| copy::upload_while(&mut *nars, &mut s.serve, paths, go_on));
         let (nar, sent) = match res {
             Ok(r) => r,
             Err(e) => return Err(self.copy_err("uploading inputs", e)),
         };
         self.local.idle();
         self.session().idle();
-        (self.stats.upload_bytes, self.stats.upload_secs) = (nar, t.elapsed().as_secs_f64());
-        self.learn(0, Moved { nar, wire: nar }, t, &format!("copied {sent} paths to"));
-        if sent == ordered.len() {
-            return Ok(None);
-        }
-        ev.log(Level::Talkative, &format!("build-hook: the link to '{}' is slow: the other {} paths go compressed (zstd -{level})", m.uri, ordered.len() - sent));
-        Ok(Some((level, sent)))
+        Ok((nar, sent, t.secs(), t.idle_cores()))
     }
 
     /// The level for uploading `ordered`: the builder's bulk level, unless a
@@ -597,7 +642,7 @@ impl<'a> Job<'a> {
                 Err(e) => return Err(self.copy_err("receiving outputs", e)),
             };
             (self.stats.download_bytes, self.stats.download_secs) = (nar, t.elapsed().as_secs_f64());
-            self.learn(0, Moved { nar, wire: nar }, t, &format!("copied {} outputs from", ordered.len()));
+            self.learn(0, Moved { nar, wire: nar }, t.secs(), t.idle_cores(), &format!("copied {} outputs from", ordered.len()));
             return Ok(());
         }
         let registrar = match self.registrar.take() {
@@ -638,7 +683,7 @@ impl<'a> Job<'a> {
             }
         };
         (self.stats.download_bytes, self.stats.download_secs) = (moved.nar, t.elapsed().as_secs_f64());
-        self.learn(level, moved, t, &format!("copied {} outputs from", fetch.len()));
+        self.learn(level, moved, t.secs(), t.idle_cores(), &format!("copied {} outputs from", fetch.len()));
         self.register_realisations()
     }
 
@@ -668,8 +713,7 @@ impl<'a> Job<'a> {
     }
 
     /// Reports a transfer and learns the level for the next one.
-    fn learn(&self, level: i32, moved: Moved, t: cpu::Stopwatch, what: &str) {
-        let (secs, idle_cores) = (t.secs(), t.idle_cores());
+    fn learn(&self, level: i32, moved: Moved, secs: f64, idle_cores: Option<f64>, what: &str) {
         let how = if level > 0 { format!("zstd -{level}, {:.1} MB on the wire", moved.wire as f64 / 1e6) } else { "uncompressed".into() };
         let idle = idle_cores.map(|c| format!(", {c:.1} CPUs idle here")).unwrap_or_default();
         let mb = moved.nar as f64 / 1e6;

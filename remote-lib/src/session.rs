@@ -521,10 +521,13 @@ pub fn cipher_choice(m: &Machine, ssh: &SshConfig, prefer: bool, builder_aes: Op
     // Only now, when a new connection will be made, ssh's settings are
     // asked for, both at once (each `ssh -G` took 15–30 ms, before the
     // connection starts).
+    let until = Instant::now() + SSH_G_LIMIT;
     let user = ssh_print_settings(transport::ssh_settings_command(m, ssh).ok());
     let defaults = ssh_print_settings(Some(transport::ssh_defaults_command(m, ssh)));
-    let Some(user) = user.join() else { return no("'ssh -G' failed") };
-    let Some(defaults) = defaults.join() else { return no("'ssh -F /dev/null -G' failed") };
+    // Both are waited for (and reaped) whatever either says.
+    let (user, defaults) = (user.join_until(until), defaults.join_until(until));
+    let Some(user) = user else { return no("'ssh -G' failed") };
+    let Some(defaults) = defaults else { return no("'ssh -F /dev/null -G' failed") };
     let (u, d) = (transport::ssh_setting(&user, "ciphers"), transport::ssh_setting(&defaults, "ciphers"));
     if u != d {
         return no("your ssh config or NIX_SSHOPTS chooses the ciphers");
@@ -537,7 +540,7 @@ pub fn cipher_choice(m: &Machine, ssh: &SshConfig, prefer: bool, builder_aes: Op
 }
 
 /// An `ssh -G` started, its output read by a thread as it comes.
-struct PrintSettings(Option<(std::process::Child, std::sync::mpsc::Receiver<String>)>);
+struct PrintSettings(Option<(std::process::Child, std::sync::mpsc::Receiver<Vec<u8>>)>);
 
 /// `ssh -G` only prints settings and never connects, but a `Match exec` in
 /// the user's config runs a command of theirs.
@@ -553,8 +556,8 @@ fn ssh_print_settings(c: Option<std::process::Command>) -> PrintSettings {
     };
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let mut out = String::new();
-        if stdout.take(1 << 20).read_to_string(&mut out).is_ok() {
+        let mut out = Vec::new();
+        if stdout.take(1 << 20).read_to_end(&mut out).is_ok() {
             let _ = tx.send(out);
         }
     });
@@ -562,20 +565,16 @@ fn ssh_print_settings(c: Option<std::process::Command>) -> PrintSettings {
 }
 
 impl PrintSettings {
-    /// What it printed, if it succeeded within [`SSH_G_LIMIT`] of now.
-    fn join(self) -> Option<String> {
-        self.join_within(SSH_G_LIMIT)
-    }
-
-    fn join_within(self, limit: Duration) -> Option<String> {
+    /// What it printed, if it succeeded by `until` (else it is killed).
+    fn join_until(self, until: Instant) -> Option<String> {
         let (mut child, rx) = self.0?;
-        let out = rx.recv_timeout(limit).ok();
+        let out = rx.recv_timeout(until.saturating_duration_since(Instant::now())).ok();
         if out.is_none() {
             let _ = child.kill();
         }
         // Its output has ended: it exits now, if it has not already.
         let status = child.wait().ok()?;
-        out.filter(|_| status.success())
+        out.filter(|_| status.success()).map(|o| String::from_utf8_lossy(&o).into_owned())
     }
 }
 
@@ -599,13 +598,14 @@ mod tests {
             c.arg("-c").arg(script);
             ssh_print_settings(Some(c))
         };
-        let (a, b) = (sh("echo 'ciphers a,b'"), sh("echo 'ciphers c'"));
-        assert_eq!(b.join().as_deref(), Some("ciphers c\n"));
-        assert_eq!(a.join().as_deref(), Some("ciphers a,b\n"));
-        assert_eq!(sh("echo 'ciphers a'; exit 255").join(), None);
-        assert_eq!(ssh_print_settings(None).join(), None);
+        let soon = || Instant::now() + SSH_G_LIMIT;
+        let (a, b) = (sh("echo 'ciphers a,b'"), sh("printf 'ciphers c\\377\\n'"));
+        assert_eq!(b.join_until(soon()).as_deref(), Some("ciphers c\u{FFFD}\n"), "odd bytes are kept as replacement characters");
+        assert_eq!(a.join_until(soon()).as_deref(), Some("ciphers a,b\n"));
+        assert_eq!(sh("echo 'ciphers a'; exit 255").join_until(soon()), None);
+        assert_eq!(ssh_print_settings(None).join_until(soon()), None);
         let t = Instant::now();
-        assert_eq!(sh("echo half; exec sleep 30").join_within(Duration::from_millis(200)), None);
+        assert_eq!(sh("echo half; exec sleep 30").join_until(Instant::now() + Duration::from_millis(200)), None);
         assert!(t.elapsed() < Duration::from_secs(10), "a hanging ssh -G is killed at its limit");
     }
 
