@@ -456,6 +456,29 @@ test_incompressible_inputs_are_copied_uncompressed() {
   done
 }
 
+test_a_first_upload_goes_raw_while_the_link_is_measured() {
+  machines 1:2
+  local i list="[" log="$TB/first-up.log" rc
+  # Three fresh, compressible inputs of about 4.9 MB each.
+  for i in 1 2 3; do { echo "first $i $(date +%s%N)"; seq 1 700000; } > "$TB/fm-$i"; list="$list $TB/fm-$i"; done
+  echo "$list ]" > "$TB/fm.nix"
+  # First contact (no health record, no shared connection) on a slow link:
+  # the upload starts raw while the builder is probed, and once the probe
+  # says the link is slow the paths left go compressed.
+  reset_health; close_shared_connections
+  tb_shape 1 30mbit
+  nb "$REPO/bench/transfer.nix" --arg inputsFile "$TB/fm.nix" --argstr nonce "$(nonce fm)" -v >"$log" 2>&1; rc=$?
+  tb_unshape 1
+  [ $rc = 0 ] || { tail "$log"; fail "the build failed"; }
+  grep "build-hook: \(copying\|copied\|the probe\)" "$log"
+  assert_contains "$log" "uncompressed while the link is measured"
+  assert_contains "$log" "go compressed"
+  grep -q "copied [12] paths to 'ssh://root@10.201.1.2': .* (zstd -" "$log" || fail "the paths left were not compressed"
+  [ "$(health_field 1 zstd)" = yes ] || fail "the probe beside the upload recorded no capabilities"
+  # (This slow link's learned level must not reach the tests after this one.)
+  reset_health
+}
+
 # The ciphers negotiated by new SSH connections to builder I since line N of its log.
 ciphers_since() { tail -n +"$(( $2 + 1 ))" "$TB/b$1/sshd.log" | sed -n 's/.*kex: client->server cipher: \([^ ]*\).*/\1/p'; }
 close_shared_connections() {
@@ -736,6 +759,7 @@ main() {
     corrupted_or_truncated_streams_are_detected_and_nothing_is_registered sigterm_ends_the_job_cleanly
     stale_shared_connection_socket_is_replaced check_command_says_why
     new_connections_prefer_aes_gcm_unless_the_user_chose incompressible_inputs_are_copied_uncompressed
+    a_first_upload_goes_raw_while_the_link_is_measured
     fixed_output_is_checked_and_registered_with_its_content_address_and_signatures
     percent_signs_and_long_uris_in_key_uri_and_load_dir operators_see_history_status_drain_and_explain
     a_closure_of_5000_missing_paths_copies_both_ways a_user_builds_through_nix_daemon_and_our_hook

@@ -163,11 +163,14 @@ pub struct Context<'a> {
 /// first copy already uses the right level. If ssh fails the answers stay
 /// unknown and are asked again next time.
 pub fn builder_caps(health: &HealthStore, m: &Machine, ssh: &SshConfig, limit: Duration) -> Health {
-    probe_builder(health, m, ssh, limit, &std::sync::atomic::AtomicBool::new(false))
+    probe_builder(health, m, ssh, limit, None)
 }
 
-/// [`builder_caps`], skipping the link probe once `cancel` is set.
-fn probe_builder(health: &HealthStore, m: &Machine, ssh: &SshConfig, limit: Duration, cancel: &std::sync::atomic::AtomicBool) -> Health {
+/// [`builder_caps`]; with `beside` (a flag that cancels the link probe
+/// once set) it runs beside an upload sharing the link, so the rate it
+/// measures is a share of the link's: only the level it chooses is kept,
+/// not the rate (the transfers then measure it).
+fn probe_builder(health: &HealthStore, m: &Machine, ssh: &SshConfig, limit: Duration, beside: Option<&std::sync::atomic::AtomicBool>) -> Health {
     let h = health.get(&m.uri);
     if transport::is_local(m) {
         // Between two processes on this host nothing is worth compressing
@@ -185,12 +188,15 @@ fn probe_builder(health: &HealthStore, m: &Machine, ssh: &SshConfig, limit: Dura
     // An ssh-ng builder's bulk sessions run its nix-store (with the
     // daemon's trust when the user is not root), so they need one.
     let zstd = transport::bulk_allowed(m, &caps);
-    let link = if zstd && h.raw_mbps.is_none() && !cancel.load(std::sync::atomic::Ordering::Relaxed) { session::probe_link(m, ssh, limit) } else { None };
+    let cancelled = beside.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed));
+    let link = if zstd && h.raw_mbps.is_none() && !cancelled { session::probe_link(m, ssh, limit) } else { None };
     health.update(&m.uri, |h| {
         h.zstd = Some(zstd);
         h.aes = Some(caps.aes);
         if let (Some((mbps, idle)), None) = (link, h.raw_mbps) {
-            h.raw_mbps = Some(mbps);
+            if beside.is_none() {
+                h.raw_mbps = Some(mbps);
+            }
             h.compress = Some(health::level_for_probed_rate(mbps, idle));
         }
     })
@@ -423,7 +429,7 @@ impl<'a> Job<'a> {
             let (tx, rx) = std::sync::mpsc::channel();
             let cancel = &cancel;
             sc.spawn(move || {
-                let _ = tx.send(compress::bulk_level(&probe_builder(ctx.health, m, ctx.ssh, limit, cancel), ctx.forced_level));
+                let _ = tx.send(compress::bulk_level(&probe_builder(ctx.health, m, ctx.ssh, limit, Some(cancel)), ctx.forced_level));
             });
             let res = self.raw_until_probed(ordered, &rx, limit);
             if res.is_err() {
