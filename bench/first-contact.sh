@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# First contact, traced: each round builds the transfer benchmark's closure
+# (20 inputs, 100 MB, copied back) three ways on a fresh builder store:
+# build-hook from an empty load directory (first contact), build-hook with a
+# new connection but a known builder, and Nix's built-in hook. Prints the
+# three times per round and build-hook's copy lines (-v) for each of its
+# builds, so a misjudged link or a wait shows.
+# Usage (root): bash bench/first-contact.sh [ROUNDS=3] [DATA=mixed|random]
+#   BH_BENCH_SHAPE=100mbit shapes the builder's link (tbf) first.
+set -eu
+ROUNDS=${1:-3}; KIND=${2:-mixed}
+cd "$(dirname "$0")/.."
+source bench/lib.sh
+bench_one_builder
+bash bench/make-data.sh "$DATA" 20 5 "$KIND" > "$DATA/first-contact.nix"
+[ -n "${BH_BENCH_SHAPE:-}" ] && tb_shape 1 "$BH_BENCH_SHAPE"
+LOGS=$(mktemp -d /tmp/bh-first-contact.XXXXXX)
+
+# one HOOK LABEL -> seconds; the build's -v log (timestamped) in $LOGS/LABEL.log
+one() {
+  tb_wipe_store 1 >/dev/null
+  local t0; t0=$(date +%s.%N)
+  nix-build bench/transfer.nix --arg inputsFile "$DATA/first-contact.nix" --argstr nonce "t$(date +%s%N)" \
+    --max-jobs 0 --builders "@$TB/machines" --option build-hook "$1" --no-out-link -v 2>&1 \
+    | perl -MTime::HiRes=time -ne 'BEGIN{$t0=time} printf("%7.3f %s", time-$t0, $_)' > "$LOGS/$2.log"
+  python3 -c "print(f'{$(date +%s.%N)-$t0:.2f}')"
+}
+
+echo "== $KIND closure, ${BH_BENCH_SHAPE:-unshaped} link; seconds per build"
+printf '%6s %14s %15s %10s %8s\n' round "first contact" "new connection" "nix hook" ratio
+for r in $(seq 1 "$ROUNDS"); do
+  export NIX_CURRENT_LOAD; NIX_CURRENT_LOAD=$(mktemp -d /tmp/bh-bench-load.XXXXXX)
+  fc=$(one "$OURS" "first-$r")
+  nc=$(one "$OURS" "new-$r")
+  rm -rf "$NIX_CURRENT_LOAD"; unset NIX_CURRENT_LOAD
+  nx=$(one "$BUILTIN" "nix-$r")
+  printf '%6s %12s s %13s s %8s s %7.2fx\n' "$r" "$fc" "$nc" "$nx" "$(python3 -c "print($nx/$fc)")"
+done
+tb_unshape 1
+for r in $(seq 1 "$ROUNDS"); do
+  echo "-- round $r, first contact:"; grep "build-hook:" "$LOGS/first-$r.log" || true
+done
+echo "(logs: $LOGS)"
