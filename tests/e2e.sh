@@ -470,7 +470,7 @@ test_a_first_upload_goes_raw_while_the_link_is_measured() {
   nb "$REPO/bench/transfer.nix" --arg inputsFile "$TB/fm.nix" --argstr nonce "$(nonce fm)" -v >"$log" 2>&1; rc=$?
   tb_unshape 1
   [ $rc = 0 ] || { tail "$log"; fail "the build failed"; }
-  grep "build-hook: \(copying\|copied\|the probe\)" "$log"
+  grep "build-hook: \(copying\|copied\|the link\)" "$log"
   assert_contains "$log" "uncompressed while the link is measured"
   assert_contains "$log" "go compressed"
   grep -q "copied [12] paths to 'ssh://root@10.201.1.2': .* (zstd -" "$log" || fail "the paths left were not compressed"

@@ -458,7 +458,8 @@ impl<'a> Job<'a> {
         if level.is_none() && sent < ordered.len() {
             level = Some(probed.recv_timeout(limit).unwrap_or(0));
         }
-        let level = level.unwrap_or(0);
+        let raw_rate = (nar >= health::RAW_START_MEASURES && secs > 0.0).then(|| (nar as f64 / 1e6 / secs, idle));
+        let level = health::level_after_raw_start(level.unwrap_or(0), raw_rate);
         let left: u64 = ordered[sent..].iter().map(|i| i.nar_size).sum();
         // A few paths left are not worth a compressed session.
         let compress_rest = level > 0 && left >= compress::SMALL_DOWNLOAD;
@@ -477,7 +478,7 @@ impl<'a> Job<'a> {
         }
         self.ev.log(
             Level::Talkative,
-            &format!("build-hook: the probe of '{}' chose zstd -{level}: the other {} paths ({:.1} MB) go compressed", self.m.uri, ordered.len() - sent, left as f64 / 1e6),
+            &format!("build-hook: the link to '{}' measured slow: the other {} paths ({:.1} MB) go compressed (zstd -{level})", self.m.uri, ordered.len() - sent, left as f64 / 1e6),
         );
         Ok(Some((level, sent)))
     }
