@@ -478,7 +478,12 @@ impl<'a> Job<'a> {
         }
         self.ev.log(
             Level::Talkative,
-            &format!("build-hook: the link to '{}' measured slow: the other {} paths ({:.1} MB) go compressed (zstd -{level})", self.m.uri, ordered.len() - sent, left as f64 / 1e6),
+            &format!(
+                "build-hook: the link to '{}' measured slow: the other {} paths ({:.1} MB) go compressed (zstd -{level})",
+                self.m.uri,
+                ordered.len() - sent,
+                left as f64 / 1e6
+            ),
         );
         Ok(Some((level, sent)))
     }
