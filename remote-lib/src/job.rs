@@ -386,20 +386,8 @@ impl<'a> Job<'a> {
             let res = self.local.nars().and_then(|mut nars| copy::upload_bulk(&mut *nars, w, r, ordered, level));
             bulk.finish("a bulk upload", res)?
         } else {
-            self.session().phase("AddToStoreNar");
-            let Some(s) = self.session.as_mut() else { unreachable!("open") };
-            let up = self.local.nars().and_then(|mut nars| {
-                let nars = &mut *nars;
-                if m.ssh.daemon {
-                    copy::upload_multiple(nars, &mut s.serve, ordered)
-                } else {
-                    copy::upload(nars, &mut s.serve, ordered)
-                }
-            });
-            match up {
-                Ok(nar) => Moved { nar, wire: nar },
-                Err(e) => return Err(self.copy_err("uploading inputs", e)),
-            }
+            let (nar, ..) = self.raw_part(ordered, &mut |_| true)?;
+            Moved { nar, wire: nar }
         };
         drop(lock);
         self.local.idle();
@@ -488,14 +476,23 @@ impl<'a> Job<'a> {
         Ok(Some((level, sent)))
     }
 
-    /// Uploads `paths` raw on the serve session while `go_on` says so
-    /// ([`copy::upload_while`]): bytes of NAR, paths sent, seconds and idle
-    /// CPUs meanwhile.
+    /// Uploads `paths` raw on the session while `go_on` says so
+    /// ([`copy::upload_while`]; to an `ssh-ng://` builder all of them in one
+    /// request, `go_on` not asked): bytes of NAR, paths sent, seconds and
+    /// idle CPUs meanwhile.
     fn raw_part(&mut self, paths: &[PathInfo], go_on: &mut dyn FnMut(&PathInfo) -> bool) -> Result<(u64, usize, f64, Option<f64>), JobError> {
         let t = cpu::Stopwatch::start();
+        let daemon = self.m.ssh.daemon;
         self.session().phase("AddToStoreNar");
         let Some(s) = self.session.as_mut() else { unreachable!("open") };
-        let res = self.local.nars().and_then(|mut nars| copy::upload_while(&mut *nars, &mut s.serve, paths, go_on));
+        let res = self.local.nars().and_then(|mut nars| {
+            let nars = &mut *nars;
+            if daemon {
+                copy::upload_multiple(nars, &mut s.serve, paths).map(|nar| (nar, paths.len()))
+            } else {
+                copy::upload_while(nars, &mut s.serve, paths, go_on)
+            }
+        });
         let (nar, sent) = match res {
             Ok(r) => r,
             Err(e) => return Err(self.copy_err("uploading inputs", e)),
@@ -531,22 +528,15 @@ impl<'a> Job<'a> {
         // one the serve session can stop between two paths, and its NARs
         // come from the files (a local serve session reads ahead).
         let beside = !caps_known(ctx.health, m) && !m.ssh.daemon && self.local.reads_files();
-        let mut by_probe = false;
-        let (level, ratio) = compress::upload_level(&parts, || {
-            by_probe = beside;
-            if beside {
-                0
-            } else {
-                self.bulk_level()
+        let (level, ratio) = compress::upload_level(&parts, || if beside { 0 } else { self.bulk_level() });
+        match ratio {
+            Some(r) => {
+                self.ev.log(Level::Talkative, &format!("build-hook: the paths for '{}' look incompressible (sampled zstd ratio {r:.2}); copying them uncompressed", m.uri));
+                UploadLevel::Known(level)
             }
-        });
-        if let Some(r) = ratio {
-            self.ev.log(Level::Talkative, &format!("build-hook: the paths for '{}' look incompressible (sampled zstd ratio {r:.2}); copying them uncompressed", m.uri));
-        }
-        if by_probe {
-            UploadLevel::RawWhileProbing
-        } else {
-            UploadLevel::Known(level)
+            // Compressible: the level was asked for.
+            None if beside => UploadLevel::RawWhileProbing,
+            None => UploadLevel::Known(level),
         }
     }
 
