@@ -2,9 +2,16 @@
 # Closure-scale benchmark: copy time and hook peak memory against the number
 # of paths (N small inputs, missing on the builder, and an output that
 # references all of them) and against bytes (one path of 10 MB, 100 MB, 1 GB,
-# up and back), our hook and Nix's built-in hook in the same run, a fresh
-# builder store every time (the builder stays up, so build-hook's shared
-# connection is reused, as in repeated use). Prints the per-path cost.
+# up and back), our hook and Nix's built-in hook in the same run (the builder
+# stays up, so build-hook's shared connection is reused, as in repeated use).
+# Prints the per-path cost.
+# The N inputs are new paths every run (made untimed, by evaluation), so the
+# builder lacks them without its store being emptied. Deleting thousands of
+# store paths right before a run makes ext4 scan past every recently freed
+# inode when it creates the next ones (`recently_deleted`, seen with perf):
+# up to ~1.5 ms per path, for both hooks, for minutes; that measures the
+# disk's recent past, not the copy. BH_BENCH_WIPE=1 empties the builder's
+# store before every run instead (the same inputs every run, as before).
 # Every row is warm state: build-hook's shared connection is open and its
 # compression level learned (one untimed build first); the median of ROUNDS
 # runs, alternating the hooks (the builder's disk makes single runs noisy).
@@ -23,42 +30,58 @@ wrap() { # wrap NAME HOOK
 }
 wrap ours "$OURS"; wrap nix "$BUILTIN"
 
-# run NAME EXPR ARGS... -> "seconds peak_rss_kib" for one fresh build
+# run NAME DRV | run NAME EXPR ARGS... -> "seconds peak_rss_kib" for one
+# build whose inputs the builder lacks: a .drv made by `closure`, or an
+# expression whose inputs are the same every run (the builder's store is
+# emptied first, and a nonce makes the output new).
 run() {
   local name=$1; shift
-  tb_empty_store 1 >/dev/null
+  local more=()
+  case $1 in
+    *.drv) ;;
+    *) tb_empty_store 1 >/dev/null; more=(--argstr nonce "c$(date +%s%N)") ;;
+  esac
   : > "$TB/rss-$name.txt"
   local t0; t0=$(date +%s.%N)
-  nix-build "$@" --argstr nonce "c$(date +%s%N)" --max-jobs 0 --builders "@$TB/machines" \
+  nix-build "$@" "${more[@]}" --max-jobs 0 --builders "@$TB/machines" \
     --option build-hook "$TB/hook-$name" --no-out-link >/dev/null 2>"$TB/closure.err" \
     || { tail -5 "$TB/closure.err"; echo "build failed with $name"; exit 1; }
   echo "$(python3 -c "print(f'{$(date +%s.%N)-$t0:.2f}')") $(sort -n "$TB/rss-$name.txt" | tail -1)"
 }
 
-# runs EXPR ARGS... -> "ours_median ours_rss nix_median nix_rss" over ROUNDS
-# runs, alternating the hooks (RSS: the largest seen).
+# closure N -> what `run` builds for N small inputs the builder lacks: a new
+# .drv whose inputs have fresh names (evaluated now, untimed, so they are in
+# the local store), or with BH_BENCH_WIPE=1 the fixed inputs' expression.
+closure() {
+  if [ "${BH_BENCH_WIPE:-0}" = 1 ]; then echo bench/closure.nix --arg n "$1"; return; fi
+  nix-instantiate bench/closure.nix --arg n "$1" --arg fresh true --argstr nonce "f$(date +%s%N)" 2>/dev/null
+}
+
+# runs MAKE ARGS... -> "ours_median ours_rss nix_median nix_rss" over ROUNDS
+# runs, alternating the hooks (RSS: the largest seen); every run builds what
+# `MAKE ARGS...` prints, called anew for each run.
 runs() {
   local r a b ot=() nt=() orss=0 nrss=0
   for r in $(seq 1 "$ROUNDS"); do
-    read -r a b < <(run ours "$@"); ot+=("$a"); [ "$b" -gt "$orss" ] && orss=$b
-    read -r a b < <(run nix "$@"); nt+=("$a"); [ "$b" -gt "$nrss" ] && nrss=$b
+    read -r a b < <(run ours $("$@")); ot+=("$a"); [ "$b" -gt "$orss" ] && orss=$b
+    read -r a b < <(run nix $("$@")); nt+=("$a"); [ "$b" -gt "$nrss" ] && nrss=$b
   done
   python3 -c "import statistics,sys; o=[float(x) for x in sys.argv[1].split()]; n=[float(x) for x in sys.argv[2].split()]; print(f'{statistics.median(o):.2f} $orss {statistics.median(n):.2f} $nrss')" "${ot[*]}" "${nt[*]}"
 }
 
 # One untimed build each first: the ssh connection, the builder's capability
 # probe and a first learned level exist in real use after the first build.
-nix-instantiate bench/closure.nix --arg n 10 --argstr nonce warm >/dev/null 2>&1
-run ours bench/closure.nix --arg n 10 >/dev/null; run nix bench/closure.nix --arg n 10 >/dev/null
+run ours $(closure 10) >/dev/null; run nix $(closure 10) >/dev/null
 
 echo "== warm (connection open); median of $ROUNDS run(s) per hook"
 [ -n "$COUNTS" ] && echo "== paths: N small inputs missing on the builder; the output references all N"
 [ -n "$COUNTS" ] && printf '%8s %12s %12s %8s %14s %14s\n' paths build-hook nix ratio "hook RSS" "nix hook RSS"
 declare -A T
 for n in $COUNTS; do
-  # evaluate once, untimed, so the inputs exist locally in every timed run
-  nix-instantiate bench/closure.nix --arg n "$n" --argstr nonce warm >/dev/null 2>&1
-  read -r to ro tn rn < <(runs bench/closure.nix --arg n "$n")
+  # with BH_BENCH_WIPE=1: evaluate once, untimed, so the fixed inputs exist
+  # locally in every timed run
+  [ "${BH_BENCH_WIPE:-0}" = 1 ] && nix-instantiate bench/closure.nix --arg n "$n" --argstr nonce warm >/dev/null 2>&1
+  read -r to ro tn rn < <(runs closure "$n")
   T[$n]=$to
   printf '%8s %10.2f s %10.2f s %7.2fx %11s KiB %11s KiB\n' "$n" "$to" "$tn" "$(python3 -c "print($tn/$to)")" "$ro" "$rn"
 done
@@ -76,18 +99,23 @@ if [ -n "$COUNTS" ]; then
   t0=$(date +%s.%N)
   nix-store --store "local?root=$TB/floor" --import < "$TB/floor.nar" >/dev/null
   python3 -c "import sys; t=$(date +%s.%N)-$t0; print(f'floor: Nix imports the {$n} paths into a fresh store on this disk in {t:.2f} s ({t/$n*1e6:.0f} us per path)')"
-  rm -rf "$TB/floor" "$TB/floor.nar"
+  # deleted at the end, not now: deleting its paths would slow the next runs
+  rm -f "$TB/floor.nar"; trap 'rm -rf "$TB/floor"; tb_down' EXIT
 fi
 
 # First contact: the builder restarted, an empty load directory.
 if [ -n "$COUNTS" ] && [ "${BH_BENCH_FIRST:-1}" = 1 ]; then
   set -- $COUNTS; n=$1; [ $# -ge 2 ] && n=$2
-  tb_wipe_store 1 >/dev/null
+  restart() { # builder 1 restarted (no connection, no Nix process left)
+    if [ "${BH_BENCH_WIPE:-0}" = 1 ]; then tb_wipe_store 1 >/dev/null; return; fi
+    tb_kill_all 1; tb_start_sshd 1
+  }
+  restart
   export NIX_CURRENT_LOAD; NIX_CURRENT_LOAD=$(mktemp -d /tmp/bh-bench-load.XXXXXX)
-  read -r to ro < <(run ours bench/closure.nix --arg n "$n")
+  read -r to ro < <(run ours $(closure "$n"))
   rm -rf "$NIX_CURRENT_LOAD"; unset NIX_CURRENT_LOAD
-  tb_wipe_store 1 >/dev/null
-  read -r tn rn < <(run nix bench/closure.nix --arg n "$n")
+  restart
+  read -r tn rn < <(run nix $(closure "$n"))
   printf 'first contact, %s paths: build-hook %.2f s (RSS %s KiB), nix %.2f s (RSS %s KiB), ratio %.2fx\n' "$n" "$to" "$ro" "$tn" "$rn" "$(python3 -c "print($tn/$to)")"
 fi
 
@@ -101,6 +129,6 @@ fi
 [ -n "$SIZES" ] && printf '%8s %12s %12s %8s %14s %14s\n' MB build-hook nix ratio "hook RSS" "nix hook RSS"
 for mb in $SIZES; do
   bash bench/make-data.sh "$DATA" 1 "$mb" random > "$DATA/size-$mb.nix"
-  read -r to ro tn rn < <(runs bench/transfer.nix --arg inputsFile "$DATA/size-$mb.nix")
+  read -r to ro tn rn < <(runs echo bench/transfer.nix --arg inputsFile "$DATA/size-$mb.nix")
   printf '%8s %10.2f s %10.2f s %7.2fx %11s KiB %11s KiB\n' "$mb" "$to" "$tn" "$(python3 -c "print($tn/$to)")" "$ro" "$rn"
 done
