@@ -643,6 +643,25 @@ W
   slots_free 1 2 || fail "slot left locked"
 }
 
+# Four builds taking the same 300 new inputs start at once on one builder:
+# their hooks share the builder's upload lock (a hook that finds it busy asks
+# again under it), so every input is uploaded exactly once and no stream of
+# uploads meets a path the builder already has.
+test_builds_sharing_inputs_upload_each_path_once() {
+  reset_health
+  machines 1:4
+  nb "$NIX/chain.nix" -A dep --argstr nonce "$(nonce siwarm)" >/dev/null 2>&1 || fail "warm-up build failed"
+  local outs
+  outs=$(nb "$NIX/shared-inputs.nix" --arg n 300 --arg k 4 --argstr nonce "$(nonce si)" -v 2>"$TB/si.err") || { tail -5 "$TB/si.err"; fail "the builds failed"; }
+  [ "$(echo "$outs" | wc -l)" = 4 ] || fail "expected 4 outputs"
+  for o in $outs; do [ "$(nix-store -q --references "$o" | wc -l)" = 300 ] || fail "$o does not reference the 300 inputs"; done
+  local sent
+  sent=$(sed -n "s/.*build-hook: copied \([0-9]*\) paths to .*/\1/p" "$TB/si.err" | awk '{ s += $1 } END { print s + 0 }')
+  echo "paths uploaded by the four hooks together: $sent"
+  [ "$sent" = 300 ] || fail "the 300 shared inputs were uploaded $sent times in all, not once each"
+  slots_free 1 4 || fail "slot left locked"
+}
+
 # Learned speeds: a history in which b2 built the same derivations twice as
 # fast as b1 makes the hook pick b2 (listed second) when both are free;
 # without it Nix's rule (list order on a tie) picks b1. `explain` says which
@@ -762,7 +781,8 @@ main() {
     a_first_upload_goes_raw_while_the_link_is_measured
     fixed_output_is_checked_and_registered_with_its_content_address_and_signatures
     percent_signs_and_long_uris_in_key_uri_and_load_dir operators_see_history_status_drain_and_explain
-    a_closure_of_5000_missing_paths_copies_both_ways a_user_builds_through_nix_daemon_and_our_hook
+    a_closure_of_5000_missing_paths_copies_both_ways builds_sharing_inputs_upload_each_path_once
+    a_user_builds_through_nix_daemon_and_our_hook
     ssh_ng_builders_chain_fan_out_and_a_failure learned_speeds_send_the_build_to_the_faster_machine
   )
   local sel=("$@"); [ ${#sel[@]} -eq 0 ] && sel=("${all[@]}")

@@ -18,7 +18,7 @@ use crate::path_info::FixedHash;
 use crate::sample;
 use crate::serve::{BuildStatus, PathInfo};
 use crate::session::{self, BulkSession, Fault, Session, SessionError};
-use crate::slots::LoadDir;
+use crate::slots::{FileLock, LoadDir};
 use crate::store_path::StorePath;
 use crate::transport::{self, SshConfig};
 use std::path::Path;
@@ -333,6 +333,12 @@ impl<'a> Job<'a> {
                 }
             }
         }
+        // A lock free now is taken before the question: every uploader holds
+        // it while it uploads, so the answer stands until our upload ends and
+        // is asked once. A busy lock is waited for after the local work, and
+        // the question asked again (where an error taking it is reported,
+        // if there is anything to upload).
+        let early = ctx.load.upload_lock_until(&m.uri, Instant::now()).unwrap_or(None);
         self.session().phase("QueryValidPaths");
         let valid = match self.session().serve.query_valid_paths(&inputs, true, ctx.substitute) {
             Ok(v) => v,
@@ -344,30 +350,29 @@ impl<'a> Job<'a> {
         if missing.is_empty() {
             return Ok(());
         }
-        // Everything that needs only the local store happens before the lock.
+        // Everything that needs only the local store happens before waiting
+        // for a busy lock.
         let ordered = copy::local_infos(&mut self.local, &missing).map_err(|e| JobError::Local { during: "reading the inputs", why: session::chain(&e) })?;
         let level = self.upload_level(&ordered);
-        let stall = self.session().timeouts().stall;
-        let lock = {
-            let _wait = Act::start(self.ev, Level::Talkative, &format!("waiting for the upload lock to '{}'", m.uri));
-            // The lock only saves duplicate uploads: after the stall timeout, go on without it.
-            ctx.load.upload_lock_until(&m.uri, Instant::now() + stall).map_err(|e| JobError::Local { during: "taking the upload lock", why: session::chain(&e) })?
+        let (lock, ordered) = match early {
+            Some(lock) => (Some(lock), ordered),
+            None => {
+                let lock = self.wait_upload_lock()?;
+                // Another hook may have uploaded some of them while we waited.
+                self.session().phase("QueryValidPaths");
+                let valid = match self.session().serve.query_valid_paths(&missing, true, false) {
+                    Ok(v) => v,
+                    Err(e) => return Err(self.fail("QueryValidPaths", Fault::from(&e))),
+                };
+                self.session().idle();
+                let valid: std::collections::HashSet<String> = valid.into_iter().collect();
+                (lock, ordered.into_iter().filter(|i| !valid.contains(&i.path)).collect::<Vec<PathInfo>>())
+            }
         };
-        if lock.is_none() {
-            self.ev.log(Level::Talkative, &format!("build-hook: the upload lock of '{}' is still held after {} s; uploading without it", m.uri, stall.as_secs()));
-        }
-        // Another hook may have uploaded some of them while we waited.
-        self.session().phase("QueryValidPaths");
-        let valid = match self.session().serve.query_valid_paths(&missing, true, false) {
-            Ok(v) => v,
-            Err(e) => return Err(self.fail("QueryValidPaths", Fault::from(&e))),
-        };
-        self.session().idle();
-        let valid: std::collections::HashSet<String> = valid.into_iter().collect();
-        let ordered: Vec<PathInfo> = ordered.into_iter().filter(|i| !valid.contains(&i.path)).collect();
         if ordered.is_empty() {
             return Ok(());
         }
+        let stall = self.session().timeouts().stall;
         let _act = Act::start(self.ev, Level::Info, &format!("copying {} paths to '{}'", ordered.len(), m.uri));
         let (level, ordered) = match level {
             UploadLevel::Known(level) => (level, &ordered[..]),
@@ -396,6 +401,22 @@ impl<'a> Job<'a> {
         self.stats.upload_secs += t.elapsed().as_secs_f64();
         self.learn(level, moved, t.secs(), t.idle_cores(), &format!("copied {} paths to", ordered.len()));
         Ok(())
+    }
+
+    /// Waits for the builder's upload lock, up to the stall timeout: the
+    /// lock only saves duplicate uploads, so after that the upload goes on
+    /// without it (`None`).
+    fn wait_upload_lock(&mut self) -> Result<Option<FileLock>, JobError> {
+        let (ctx, m) = (self.ctx, self.m);
+        let stall = self.session().timeouts().stall;
+        let lock = {
+            let _wait = Act::start(self.ev, Level::Talkative, &format!("waiting for the upload lock to '{}'", m.uri));
+            ctx.load.upload_lock_until(&m.uri, Instant::now() + stall).map_err(|e| JobError::Local { during: "taking the upload lock", why: session::chain(&e) })?
+        };
+        if lock.is_none() {
+            self.ev.log(Level::Talkative, &format!("build-hook: the upload lock of '{}' is still held after {} s; uploading without it", m.uri, stall.as_secs()));
+        }
+        Ok(lock)
     }
 
     /// The first upload to a builder not probed yet, whose paths sampled
