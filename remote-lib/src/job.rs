@@ -296,7 +296,7 @@ impl<'a> Job<'a> {
         built();
         self.fetch_outputs()?;
         if let Some(s) = self.session.take() {
-            s.close();
+            s.close_after_success();
         }
         self.local.close();
         Ok(())

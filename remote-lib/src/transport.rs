@@ -1167,6 +1167,25 @@ mod tests {
     }
 
     #[test]
+    fn end_within_keeps_a_quick_exit_and_kills_a_lingering_process() {
+        // Exits once its input closes: reaped with its own status.
+        let mut p = RemoteProcess::spawn(Command::new("cat"), StderrTap::default()).unwrap();
+        drop(p.stdin.take());
+        let ended = p.end_within(Duration::from_secs(5));
+        assert!(ended.status.unwrap().success() && !ended.killed, "{ended:?}");
+        // Lingers after its input closed (a remote store committing): killed
+        // after the grace, not waited for.
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "cat >/dev/null; sleep 30"]);
+        let mut p = RemoteProcess::spawn(cmd, StderrTap::default()).unwrap();
+        drop(p.stdin.take());
+        let t = Instant::now();
+        let ended = p.end_within(Duration::from_millis(20));
+        assert!(t.elapsed() < Duration::from_secs(3), "took {:?}", t.elapsed());
+        assert!(ended.killed, "{ended:?}");
+    }
+
+    #[test]
     fn a_held_session_whose_holder_vanished_ended_as_if_killed() {
         use std::os::fd::OwnedFd;
         use std::os::unix::process::ExitStatusExt;
