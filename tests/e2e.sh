@@ -522,6 +522,20 @@ test_new_connections_prefer_aes_gcm_unless_the_user_chose() {
   [ "$got" = chacha20-poly1305@openssh.com ] || fail "OpenSSH's first choice was not kept: '$got'"
 }
 
+# A first build with nothing to upload and a small output does not wait for
+# the builder to be probed: its capabilities are asked beside the build, and
+# its link is not measured, as nothing needed a compression level.
+test_a_first_build_with_nothing_to_upload_asks_the_builder_beside_it() {
+  reset_health
+  machines 1:2
+  close_shared_connections
+  nb "$NIX/par.nix" --arg n 1 --argstr seconds 1 --argstr events "$TB/events.fc" --argstr nonce "$(nonce fcnone)" --argstr tag f >/dev/null 2>"$TB/fc.err" || { tail -5 "$TB/fc.err"; fail "the build failed"; }
+  echo "after the first build: zstd=$(health_field 1 zstd) aes=$(health_field 1 aes) raw_mbps=$(health_field 1 raw_mbps) compress=$(health_field 1 compress)"
+  [ "$(health_field 1 zstd)" = yes ] || fail "the builder's zstd was not recorded"
+  [ "$(health_field 1 aes)" != unknown ] || fail "the builder's AES instructions were not recorded"
+  [ "$(health_field 1 raw_mbps)" = unknown ] && [ "$(health_field 1 compress)" = unknown ] || fail "the link was measured for a build that needed no level"
+}
+
 db_field() { # db_field PATH COLUMN: a column of the local store's ValidPaths row
   python3 -c "import sqlite3,sys; r=sqlite3.connect('/nix/var/nix/db/db.sqlite').execute('select $2 from ValidPaths where path=?',(sys.argv[1],)).fetchone(); print(r[0] if r and r[0] else '')" "$1"
 }
@@ -777,7 +791,8 @@ main() {
     racing_hooks_keep_the_health_state_readable dead_builder_mid_run_is_skipped_then_used_again
     corrupted_or_truncated_streams_are_detected_and_nothing_is_registered sigterm_ends_the_job_cleanly
     stale_shared_connection_socket_is_replaced check_command_says_why
-    new_connections_prefer_aes_gcm_unless_the_user_chose incompressible_inputs_are_copied_uncompressed
+    new_connections_prefer_aes_gcm_unless_the_user_chose a_first_build_with_nothing_to_upload_asks_the_builder_beside_it
+    incompressible_inputs_are_copied_uncompressed
     a_first_upload_goes_raw_while_the_link_is_measured
     fixed_output_is_checked_and_registered_with_its_content_address_and_signatures
     percent_signs_and_long_uris_in_key_uri_and_load_dir operators_see_history_status_drain_and_explain

@@ -163,14 +163,32 @@ pub struct Context<'a> {
 /// first copy already uses the right level. If ssh fails the answers stay
 /// unknown and are asked again next time.
 pub fn builder_caps(health: &HealthStore, m: &Machine, ssh: &SshConfig, limit: Duration) -> Health {
-    probe_builder(health, m, ssh, limit, None)
+    probe_builder(health, m, ssh, limit, Probe::All)
 }
 
-/// [`builder_caps`]; with `beside` (a flag that cancels the link probe
-/// once set) it runs beside an upload sharing the link, so the rate it
-/// measures is a share of the link's: only the level it chooses is kept,
-/// not the rate (the transfers then measure it).
-fn probe_builder(health: &HealthStore, m: &Machine, ssh: &SshConfig, limit: Duration, beside: Option<&std::sync::atomic::AtomicBool>) -> Health {
+/// What [`probe_builder`] asks, of what is not known yet.
+#[derive(Clone, Copy)]
+enum Probe<'f> {
+    /// Capabilities and the link's rate.
+    All,
+    /// The same, beside an upload sharing the link (the flag cancels the
+    /// link probe once set): the rate it measures is a share of the link's,
+    /// so only the level it chooses is kept, not the rate (the transfers
+    /// then measure it).
+    BesideUpload(&'f std::sync::atomic::AtomicBool),
+    /// Capabilities only, beside a build: a busy builder says what it has
+    /// as well as an idle one, but its link would measure slow.
+    CapsOnly,
+}
+
+/// Whether the link's rate or a level for it is known, or not needed (a
+/// builder without zstd is copied raw).
+fn link_known(h: &Health) -> bool {
+    h.zstd == Some(false) || h.raw_mbps.is_some() || h.compress.is_some()
+}
+
+/// [`builder_caps`], asking what `probe` says.
+fn probe_builder(health: &HealthStore, m: &Machine, ssh: &SshConfig, limit: Duration, probe: Probe) -> Health {
     let h = health.get(&m.uri);
     if transport::is_local(m) {
         // Between two processes on this host nothing is worth compressing
@@ -181,20 +199,27 @@ fn probe_builder(health: &HealthStore, m: &Machine, ssh: &SshConfig, limit: Dura
         });
         return Health { zstd: Some(zstd), aes: Some(false), compress: Some(0), ..h };
     }
-    if h.zstd.is_some() && h.aes.is_some() {
+    let caps_known = h.zstd.is_some() && h.aes.is_some();
+    let want_link = !matches!(probe, Probe::CapsOnly) && !link_known(&h);
+    if caps_known && !want_link {
         return h;
     }
-    let Some(caps) = session::probe_caps(m, ssh, limit) else { return h };
-    // An ssh-ng builder's bulk sessions run its nix-store (with the
-    // daemon's trust when the user is not root), so they need one.
-    let zstd = transport::bulk_allowed(m, &caps);
-    let cancelled = beside.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed));
-    let link = if zstd && h.raw_mbps.is_none() && !cancelled { session::probe_link(m, ssh, limit) } else { None };
+    let (zstd, aes) = match (h.zstd, h.aes) {
+        (Some(z), Some(a)) => (z, a),
+        _ => match session::probe_caps(m, ssh, limit) {
+            // An ssh-ng builder's bulk sessions run its nix-store (with the
+            // daemon's trust when the user is not root), so they need one.
+            Some(caps) => (transport::bulk_allowed(m, &caps), caps.aes),
+            None => return h,
+        },
+    };
+    let cancelled = matches!(probe, Probe::BesideUpload(c) if c.load(std::sync::atomic::Ordering::Relaxed));
+    let link = if zstd && want_link && !cancelled { session::probe_link(m, ssh, limit) } else { None };
     health.update(&m.uri, |h| {
         h.zstd = Some(zstd);
-        h.aes = Some(caps.aes);
+        h.aes = Some(aes);
         if let (Some((mbps, idle)), None) = (link, h.raw_mbps) {
-            if beside.is_none() {
+            if !matches!(probe, Probe::BesideUpload(_)) {
                 h.raw_mbps = Some(mbps);
             }
             h.compress = Some(health::level_for_probed_rate(mbps, idle));
@@ -216,7 +241,7 @@ pub const RAW_BEFORE_PROBED: u64 = 8 << 20;
 /// Whether [`builder_caps`] would answer without asking the builder.
 fn caps_known(health: &HealthStore, m: &Machine) -> bool {
     let h = health.get(&m.uri);
-    transport::is_local(m) || (h.zstd.is_some() && h.aes.is_some())
+    transport::is_local(m) || (h.zstd.is_some() && h.aes.is_some() && link_known(&h))
 }
 
 /// sshd allows 10 sessions per connection by default (`MaxSessions`); with
@@ -438,7 +463,7 @@ impl<'a> Job<'a> {
             let (tx, rx) = std::sync::mpsc::channel();
             let cancel = &cancel;
             sc.spawn(move || {
-                let _ = tx.send(compress::bulk_level(&probe_builder(ctx.health, m, ctx.ssh, limit, Some(cancel)), ctx.forced_level));
+                let _ = tx.send(compress::bulk_level(&probe_builder(ctx.health, m, ctx.ssh, limit, Probe::BesideUpload(cancel)), ctx.forced_level));
             });
             let res = self.raw_until_probed(ordered, &rx, limit);
             if res.is_err() {
@@ -577,10 +602,13 @@ impl<'a> Job<'a> {
     /// registration started, so that both are ready when the build ends.
     pub fn build(&mut self) -> Result<(), JobError> {
         let (ctx, m, plan) = (self.ctx, self.m, self.plan);
-        // Asks the builder (once, on first contact) what it has, while it is
-        // idle: probing while it builds would measure a busy machine and
-        // leave the build's result unread meanwhile.
-        let level = self.bulk_level();
+        // A builder not asked about itself yet (a first contact with nothing
+        // to upload) is not asked now, before the build: that took 0.25-0.3 s
+        // per build in a fan-out's first round. Its capabilities are asked
+        // beside the build (a busy builder says what it has as well as an
+        // idle one); its link only if a large download needs a level, once
+        // the build has ended (a busy builder's link would measure slow).
+        let level = caps_known(ctx.health, m).then(|| self.bulk_level());
         self.session().building();
         let t = Instant::now();
         let sent = if self.by_path {
@@ -596,17 +624,27 @@ impl<'a> Job<'a> {
         // not before: its start-up (processes here and on the builder) then
         // overlaps the build instead of delaying it. Both are best-effort (a
         // failure here must not end a build that is running; the download
-        // starts what is missing). The builder was asked about itself before
-        // (above), not while it builds.
-        if compress::spare_worth_opening(level, ctx.forced_level, plan.expected_download) && m.max_jobs <= MAX_JOBS_FOR_SPARE_SESSION {
-            self.spare = BulkSession::open(m, ctx.ssh, transport::Bulk::Download { level }, self.ctx_stall()).ok();
+        // starts what is missing). No level known, no session ahead.
+        if let Some(level) = level {
+            if compress::spare_worth_opening(level, ctx.forced_level, plan.expected_download) && m.max_jobs <= MAX_JOBS_FOR_SPARE_SESSION {
+                self.spare = BulkSession::open(m, ctx.ssh, transport::Bulk::Download { level }, self.ctx_stall()).ok();
+            }
         }
         if ctx.local.on_disk() {
             // If no output needs fetching it is dropped, which registers
             // nothing.
             self.registrar = ctx.local.start_registrar().ok();
         }
-        let res = self.session().serve.read_build_result();
+        // Bounded like a connection: a failed build must not wait long for it.
+        let limit = self.session().timeouts().handshake;
+        let res = std::thread::scope(|sc| {
+            let caps = level.is_none().then(|| sc.spawn(move || probe_builder(ctx.health, m, ctx.ssh, limit, Probe::CapsOnly)));
+            let res = self.session().serve.read_build_result();
+            // (A short build waits for the rest of the probe: never longer
+            // than asking before the build did.)
+            drop(caps.map(|c| c.join()));
+            res
+        });
         self.stats.build_secs = t.elapsed().as_secs_f64();
         let res = match res {
             Ok(r) => r,
