@@ -523,13 +523,29 @@ test_new_connections_prefer_aes_gcm_unless_the_user_chose() {
 }
 
 # A first build with nothing to upload and a small output does not wait for
-# the builder to be probed: its capabilities are asked beside the build, and
-# its link is not measured, as nothing needed a compression level.
+# the builder to be probed: its capabilities are asked beside the build (the
+# probe is slowed to 2 s here, so a build that waited for it would start
+# after it answered), and its link is not measured, as nothing needed a
+# compression level.
 test_a_first_build_with_nothing_to_upload_asks_the_builder_beside_it() {
   reset_health
   machines 1:2
   close_shared_connections
-  nb "$NIX/par.nix" --arg n 1 --argstr seconds 1 --argstr events "$TB/events.fc" --argstr nonce "$(nonce fcnone)" --argstr tag f >/dev/null 2>"$TB/fc.err" || { tail -5 "$TB/fc.err"; fail "the build failed"; }
+  cat > "$TB/ssh-slow-probe" <<'W'
+#!/usr/bin/env bash
+case "$*" in
+  *"echo zstd"*) s=$(date +%s.%N); sleep 2; /usr/bin/ssh "$@"; rc=$?; echo "$s $(date +%s.%N) $rc" >> "$PROBE_CALLS"; exit $rc ;;
+esac
+exec /usr/bin/ssh "$@"
+W
+  chmod +x "$TB/ssh-slow-probe"
+  export PROBE_CALLS="$TB/probe-calls"; : > "$PROBE_CALLS"
+  local ev="$TB/events.fc"; : > "$ev"
+  BUILD_HOOK_SSH="$TB/ssh-slow-probe" nb "$NIX/par.nix" --arg n 1 --argstr seconds 1 --argstr events "$ev" --argstr nonce "$(nonce fcnone)" --argstr tag f >/dev/null 2>"$TB/fc.err" || { tail -5 "$TB/fc.err"; fail "the build failed"; }
+  [ "$(wc -l < "$PROBE_CALLS")" = 1 ] || fail "expected one capability probe, saw: $(cat "$PROBE_CALLS")"
+  local started probed; started=$(awk '$2 == "start" { print $3 }' "$ev"); probed=$(awk '{ print $2 }' "$PROBE_CALLS")
+  echo "the build started $(python3 -c "print(f'{$probed - $started:.2f}')") s before the capability probe answered"
+  python3 -c "import sys; sys.exit(0 if $started < $probed else 1)" || fail "the build waited for the capability probe"
   echo "after the first build: zstd=$(health_field 1 zstd) aes=$(health_field 1 aes) raw_mbps=$(health_field 1 raw_mbps) compress=$(health_field 1 compress)"
   [ "$(health_field 1 zstd)" = yes ] || fail "the builder's zstd was not recorded"
   [ "$(health_field 1 aes)" != unknown ] || fail "the builder's AES instructions were not recorded"

@@ -64,6 +64,12 @@ fault_in() {
   local pid=$! i
   for i in $(seq 1 300); do grep -qF "$trigger" "$log" "$ev" 2>/dev/null && break; sleep 0.1; done
   grep -qF "$trigger" "$log" "$ev" || { kill $pid; wait $pid; cat "$log"; fail "the $phase phase did not start on b1"; }
+  # On first contact the download first measures the link (a few seconds at
+  # 30 Mbit/s), then streams through a compressed session: wait for its zstd.
+  if [ "$phase" = download ]; then
+    for i in $(seq 1 100); do tb_pids_named 1 zstd | grep -q . && break; sleep 0.1; done
+    tb_pids_named 1 zstd | grep -q . || { kill $pid; wait $pid; cat "$log"; fail "no compressed download started on b1"; }
+  fi
   sleep 0.5
   local t0; t0=$(now)
   case $action in

@@ -157,13 +157,14 @@ pub struct Context<'a> {
     pub substitute: bool,
 }
 
-/// The builder's health record, after asking it once (remembered) whether
-/// it has zstd and AES instructions and, when it has zstd and nothing was
-/// learned yet, how fast the link is ([`session::probe_link`]), so that the
-/// first copy already uses the right level. If ssh fails the answers stay
-/// unknown and are asked again next time.
+/// The builder's health record, after asking it (once, remembered) whether
+/// it has zstd and AES instructions and, when it has zstd and no level was
+/// learned or measured yet, how fast the link is ([`session::probe_link`]),
+/// so that the first copy already uses the right level. If ssh fails the
+/// capabilities stay unknown and are asked again next time; a link probe
+/// that fails leaves the default level, which the first copy then corrects.
 pub fn builder_caps(health: &HealthStore, m: &Machine, ssh: &SshConfig, limit: Duration) -> Health {
-    probe_builder(health, m, ssh, limit, Probe::All)
+    probe_builder(health, m, ssh, limit, Probe::All, None)
 }
 
 /// What [`probe_builder`] asks, of what is not known yet.
@@ -182,13 +183,15 @@ enum Probe<'f> {
 }
 
 /// Whether the link's rate or a level for it is known, or not needed (a
-/// builder without zstd is copied raw).
-fn link_known(h: &Health) -> bool {
-    h.zstd == Some(false) || h.raw_mbps.is_some() || h.compress.is_some()
+/// builder without zstd is copied raw; a level the user forced is used
+/// whatever the link).
+fn link_known(h: &Health, forced: Option<i32>) -> bool {
+    forced.is_some() || h.zstd == Some(false) || h.raw_mbps.is_some() || h.compress.is_some()
 }
 
-/// [`builder_caps`], asking what `probe` says.
-fn probe_builder(health: &HealthStore, m: &Machine, ssh: &SshConfig, limit: Duration, probe: Probe) -> Health {
+/// [`builder_caps`], asking what `probe` says (and never the link when the
+/// user forced a level).
+fn probe_builder(health: &HealthStore, m: &Machine, ssh: &SshConfig, limit: Duration, probe: Probe, forced: Option<i32>) -> Health {
     let h = health.get(&m.uri);
     if transport::is_local(m) {
         // Between two processes on this host nothing is worth compressing
@@ -200,7 +203,7 @@ fn probe_builder(health: &HealthStore, m: &Machine, ssh: &SshConfig, limit: Dura
         return Health { zstd: Some(zstd), aes: Some(false), compress: Some(0), ..h };
     }
     let caps_known = h.zstd.is_some() && h.aes.is_some();
-    let want_link = !matches!(probe, Probe::CapsOnly) && !link_known(&h);
+    let want_link = !matches!(probe, Probe::CapsOnly) && !link_known(&h, forced);
     if caps_known && !want_link {
         return h;
     }
@@ -214,15 +217,22 @@ fn probe_builder(health: &HealthStore, m: &Machine, ssh: &SshConfig, limit: Dura
         },
     };
     let cancelled = matches!(probe, Probe::BesideUpload(c) if c.load(std::sync::atomic::Ordering::Relaxed));
-    let link = if zstd && want_link && !cancelled { session::probe_link(m, ssh, limit) } else { None };
+    let asked_link = zstd && want_link && !cancelled;
+    let link = if asked_link { session::probe_link(m, ssh, limit) } else { None };
     health.update(&m.uri, |h| {
         h.zstd = Some(zstd);
         h.aes = Some(aes);
-        if let (Some((mbps, idle)), None) = (link, h.raw_mbps) {
-            if !matches!(probe, Probe::BesideUpload(_)) {
-                h.raw_mbps = Some(mbps);
+        match (link, h.raw_mbps) {
+            (Some((mbps, idle)), None) => {
+                if !matches!(probe, Probe::BesideUpload(_)) {
+                    h.raw_mbps = Some(mbps);
+                }
+                h.compress = Some(health::level_for_probed_rate(mbps, idle));
             }
-            h.compress = Some(health::level_for_probed_rate(mbps, idle));
+            // Not asked again on every copy: the default level until a
+            // transfer measures the link.
+            (None, None) if asked_link && h.compress.is_none() => h.compress = Some(health::DEFAULT_LEVEL),
+            _ => {}
         }
     })
 }
@@ -238,10 +248,10 @@ enum UploadLevel {
 /// many bytes of NAR are sent before the measurement has answered.
 pub const RAW_BEFORE_PROBED: u64 = 8 << 20;
 
-/// Whether [`builder_caps`] would answer without asking the builder.
-fn caps_known(health: &HealthStore, m: &Machine) -> bool {
+/// Whether [`Job::bulk_level`] would answer without asking the builder.
+fn caps_known(health: &HealthStore, m: &Machine, forced: Option<i32>) -> bool {
     let h = health.get(&m.uri);
-    transport::is_local(m) || (h.zstd.is_some() && h.aes.is_some() && link_known(&h))
+    transport::is_local(m) || (h.zstd.is_some() && h.aes.is_some() && link_known(&h, forced))
 }
 
 /// sshd allows 10 sessions per connection by default (`MaxSessions`); with
@@ -362,8 +372,10 @@ impl<'a> Job<'a> {
         // it while it uploads, so the answer stands until our upload ends and
         // is asked once. A busy lock is waited for after the local work, and
         // the question asked again (where an error taking it is reported,
-        // if there is anything to upload).
-        let early = ctx.load.upload_lock_until(&m.uri, Instant::now()).unwrap_or(None);
+        // if there is anything to upload). Not when the builder may
+        // substitute: the question can then take minutes, and the lock would
+        // hold every other upload to the builder back meanwhile.
+        let early = if ctx.substitute { None } else { ctx.load.upload_lock_until(&m.uri, Instant::now()).unwrap_or(None) };
         self.session().phase("QueryValidPaths");
         let valid = match self.session().serve.query_valid_paths(&inputs, true, ctx.substitute) {
             Ok(v) => v,
@@ -444,8 +456,8 @@ impl<'a> Job<'a> {
         Ok(lock)
     }
 
-    /// The first upload to a builder not probed yet, whose paths sampled
-    /// compressible: instead of measuring the link before it (two ssh
+    /// The first upload to a builder whose link is not known yet (nor,
+    /// perhaps, its capabilities), whose paths sampled compressible: instead of measuring the link before it (two ssh
     /// sessions and a few megabytes, ≈0.1 s on a fast link), the paths go
     /// raw at once while the probes run beside them ([`builder_caps`]).
     /// Once they have answered, a fast link keeps the raw copy going; on a
@@ -463,7 +475,7 @@ impl<'a> Job<'a> {
             let (tx, rx) = std::sync::mpsc::channel();
             let cancel = &cancel;
             sc.spawn(move || {
-                let _ = tx.send(compress::bulk_level(&probe_builder(ctx.health, m, ctx.ssh, limit, Probe::BesideUpload(cancel)), ctx.forced_level));
+                let _ = tx.send(compress::bulk_level(&probe_builder(ctx.health, m, ctx.ssh, limit, Probe::BesideUpload(cancel), None), ctx.forced_level));
             });
             let res = self.raw_until_probed(ordered, &rx, limit);
             if res.is_err() {
@@ -556,7 +568,7 @@ impl<'a> Job<'a> {
     /// itself measures the link).
     fn upload_level(&mut self, ordered: &[PathInfo]) -> UploadLevel {
         let (ctx, m) = (self.ctx, self.m);
-        if ctx.forced_level.is_some() || (caps_known(ctx.health, m) && self.bulk_level() == 0) {
+        if ctx.forced_level.is_some() || (caps_known(ctx.health, m, None) && self.bulk_level() == 0) {
             return UploadLevel::Known(self.bulk_level());
         }
         // One path's sample at a time: only its ratio is kept; the largest
@@ -573,7 +585,7 @@ impl<'a> Job<'a> {
         // Measured beside the copy when nothing was asked yet, the copy is
         // one the serve session can stop between two paths, and its NARs
         // come from the files (a local serve session reads ahead).
-        let beside = !caps_known(ctx.health, m) && !m.ssh.daemon && self.local.reads_files();
+        let beside = !caps_known(ctx.health, m, None) && !m.ssh.daemon && self.local.reads_files();
         let (level, ratio) = compress::upload_level(&parts, || if beside { 0 } else { self.bulk_level() });
         match ratio {
             Some(r) => {
@@ -587,9 +599,11 @@ impl<'a> Job<'a> {
     }
 
     /// The level for bulk copies with this builder ([`compress::bulk_level`]
-    /// of what [`builder_caps`] knows or asks).
+    /// of what [`builder_caps`] knows or asks; with a forced level only the
+    /// capabilities are asked).
     fn bulk_level(&self) -> i32 {
-        compress::bulk_level(&builder_caps(self.ctx.health, self.m, self.ctx.ssh, self.ctx_stall()), self.ctx.forced_level)
+        let h = probe_builder(self.ctx.health, self.m, self.ctx.ssh, self.ctx_stall(), Probe::All, self.ctx.forced_level);
+        compress::bulk_level(&h, self.ctx.forced_level)
     }
 
     fn ctx_stall(&self) -> Duration {
@@ -597,9 +611,11 @@ impl<'a> Job<'a> {
     }
 
     /// Step 2: `BuildDerivation`, the log streaming to Nix meanwhile. Once
-    /// it is sent, a compressed download session is opened (unless that could
-    /// take more sessions than sshd allows on one connection) and the local
-    /// registration started, so that both are ready when the build ends.
+    /// it is sent, the local registration is started and, when the level is
+    /// known, a compressed download session opened (unless that could take
+    /// more sessions than sshd allows on one connection), so that both are
+    /// ready when the build ends; a builder not asked about itself yet is
+    /// asked for its capabilities meanwhile.
     pub fn build(&mut self) -> Result<(), JobError> {
         let (ctx, m, plan) = (self.ctx, self.m, self.plan);
         // A builder not asked about itself yet (a first contact with nothing
@@ -608,7 +624,7 @@ impl<'a> Job<'a> {
         // beside the build (a busy builder says what it has as well as an
         // idle one); its link only if a large download needs a level, once
         // the build has ended (a busy builder's link would measure slow).
-        let level = caps_known(ctx.health, m).then(|| self.bulk_level());
+        let level = caps_known(ctx.health, m, ctx.forced_level).then(|| self.bulk_level());
         self.session().building();
         let t = Instant::now();
         let sent = if self.by_path {
@@ -638,7 +654,7 @@ impl<'a> Job<'a> {
         // Bounded like a connection: a failed build must not wait long for it.
         let limit = self.session().timeouts().handshake;
         let res = std::thread::scope(|sc| {
-            let caps = level.is_none().then(|| sc.spawn(move || probe_builder(ctx.health, m, ctx.ssh, limit, Probe::CapsOnly)));
+            let caps = level.is_none().then(|| sc.spawn(move || probe_builder(ctx.health, m, ctx.ssh, limit, Probe::CapsOnly, None)));
             let res = self.session().serve.read_build_result();
             // (A short build waits for the rest of the probe: never longer
             // than asking before the build did.)

@@ -284,12 +284,16 @@ impl Session {
     }
 
     /// Ends the session after a job that succeeded: closes its input, so
-    /// the builder's nix-store exits by itself, and waits [`SUCCESS_GRACE`]
-    /// at most for that before stopping our end. Everything the job needed
-    /// was answered; what the builder's nix-store does while it exits
-    /// (committing its database, 0.1 s after 5,000 registrations) is not
-    /// worth the build's waiting, and it goes on without us (no terminal,
-    /// so closing the channel sends it no signal).
+    /// that the process at the other end can exit by itself, and waits
+    /// [`SUCCESS_GRACE`] at most for that before killing our end (over a
+    /// real link an exit rarely makes it back that soon, so in practice this
+    /// is a kill after 20 ms). Every request was answered before: what is
+    /// left is the builder's nix-store exiting (committing its database,
+    /// 0.1 s after 5,000 registrations), which is not worth the build's
+    /// waiting. Over ssh it goes on without us (no terminal, so the closed
+    /// channel sends it no signal); a local `nix-store --serve` and the
+    /// ssh-ng bridge are our own children and are killed, which SQLite
+    /// survives (the next opener finishes an interrupted checkpoint).
     pub fn close_after_success(self) {
         drop(self.serve);
         let _ = self.proc.end_within(SUCCESS_GRACE);

@@ -173,6 +173,13 @@ tb_wipe_store() {
 # Empty builder I's store but keep its sshd and open ssh sessions (as a
 # builder that is up and reachable but lacks the closure): only Nix
 # processes are stopped.
+tb_pids_named() { # tb_pids_named I NAME: the processes named NAME in builder I's namespace
+  local p
+  for p in $(ip netns pids "$(tb_ns "$1")" 2>/dev/null); do
+    [ "$(cat "/proc/$p/comm" 2>/dev/null)" = "$2" ] && echo "$p"
+  done
+  return 0
+}
 tb_nix_pids() { # the Nix processes running in builder I's namespace
   local p
   for p in $(ip netns pids "$(tb_ns "$1")" 2>/dev/null); do
