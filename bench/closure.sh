@@ -23,7 +23,11 @@ COUNTS=${1:-100 1000 5000 20000}; SIZES=${2:-10 100 1000}; ROUNDS=${3:-1}
 cd "$(dirname "$0")/.."
 source bench/lib.sh
 bench_one_builder
-# A hook wrapped to record its peak RSS (KiB).
+# A hook wrapped to record its peak RSS (KiB): GNU time's %M, the largest
+# of the hook and the processes it waited for. For build-hook that is the
+# local `nix-store --load-db` it starts to register the outputs (≈25 MB at
+# any size, 32-35 MB at 20,000 paths), not build-hook itself (7.4 MB at 100
+# paths, 26 MB at 20,000: see docs/benchmarks.md); Nix's hook likewise.
 wrap() { # wrap NAME HOOK
   printf '#!/bin/sh\nexec /usr/bin/time -f "%%M" -a -o "%s" "%s" "$@"\n' "$TB/rss-$1.txt" "$2" > "$TB/hook-$1"
   chmod +x "$TB/hook-$1"

@@ -509,7 +509,7 @@ impl Dispatcher {
     /// is recorded as failing and the job moves to another eligible builder;
     /// each builder is tried at most once.
     pub fn run_job(&mut self, req: &TryRequest, acc: Accept, sets: Accepted) -> i32 {
-        let mut plan = match Plan::new(&self.local, &req.drv_path, &sets) {
+        let mut plan = match Plan::new(&self.local, &req.drv_path, sets) {
             Ok(p) => p,
             Err(e) => {
                 out::msg(Level::Error, &format!("build-hook: cannot build '{}': {e}", req.drv_path));

@@ -91,12 +91,16 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Reads the `.drv` and checks every path Nix sent.
-    pub fn new(store: &LocalStore, drv_path: &str, sets: &Accepted) -> Result<Plan, JobError> {
+    /// Reads the `.drv` and checks every path Nix sent (kept, not copied:
+    /// the input closure can hold tens of thousands of paths).
+    pub fn new(store: &LocalStore, drv_path: &str, sets: Accepted) -> Result<Plan, JobError> {
         let bad = |e: &dyn std::error::Error| JobError::Local { during: "reading the request", why: e.to_string() };
         let sd = &store.store_dir;
         let drv_path = StorePath::parse(sd, drv_path).map_err(|e| bad(&e))?;
-        let inputs = sets.inputs.iter().map(|p| StorePath::parse(sd, p).map(|p| p.to_string())).collect::<Result<Vec<_>, _>>().map_err(|e| bad(&e))?;
+        let mut inputs = sets.inputs;
+        for p in inputs.iter_mut() {
+            *p = StorePath::parse(sd, p).map_err(|e| bad(&e))?.to_string();
+        }
         let drv = store.read_drv(&drv_path).map_err(local("reading the derivation"))?;
         let mut wanted = Vec::new();
         let mut floating = Vec::new();
@@ -360,11 +364,12 @@ impl<'a> Job<'a> {
     /// the builder's upload lock in dependency order.
     pub fn upload_inputs(&mut self) -> Result<(), JobError> {
         let (ctx, m, plan) = (self.ctx, self.m, self.plan);
-        let mut inputs = plan.inputs.clone();
+        // Only a build by path adds to the closure Nix sent (no copy else).
+        let mut inputs = std::borrow::Cow::Borrowed(&plan.inputs);
         if self.by_path {
             for p in self.drv_closure()? {
                 if !inputs.contains(&p) {
-                    inputs.push(p);
+                    inputs.to_mut().push(p);
                 }
             }
         }

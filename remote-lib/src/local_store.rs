@@ -361,7 +361,7 @@ impl StoreDb {
         let tx = self.conn.unchecked_transaction().map_err(&sql)?;
         let mut info = tx.prepare_cached(PATH_INFO_SQL).map_err(&sql)?;
         let mut refs = tx.prepare_cached(REFS_SQL).map_err(&sql)?;
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(paths.len());
         for p in paths {
             use rusqlite::OptionalExtension;
             type Row = (i64, String, Option<String>, Option<i64>, Option<String>, Option<String>);

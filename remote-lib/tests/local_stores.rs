@@ -488,7 +488,7 @@ fn run_job(level: i32, tag: &str, db: Db) -> (String, Vec<String>) {
     let log = s.path().join("local-nix-store.log");
     let mut local = local_store(&b);
     local.nix_store = logged_nix_store(&s, &log);
-    let plan = Plan::new(&local, &drv, &Accepted { inputs: inputs.clone(), wanted_outputs: vec!["out".into()] }).expect("plan");
+    let plan = Plan::new(&local, &drv, Accepted { inputs: inputs.clone(), wanted_outputs: vec!["out".into()] }).expect("plan");
     assert_eq!(plan.wanted.len(), 1);
     let out = plan.wanted[0].to_string();
     let m = machine(&a, &builder_program(&s));
@@ -552,7 +552,7 @@ fn a_builder_killed_mid_job_is_a_lost_connection() {
     init_store(&a);
     let (drv, inputs, _) = derivation(&b, "lost");
     let local = local_store(&b);
-    let plan = Plan::new(&local, &drv, &Accepted { inputs: inputs.clone(), wanted_outputs: vec!["out".into()] }).expect("plan");
+    let plan = Plan::new(&local, &drv, Accepted { inputs: inputs.clone(), wanted_outputs: vec!["out".into()] }).expect("plan");
     let m = machine(&a, &builder_program(&s));
     let ssh = ssh_config(&s);
     let (load, health) = (LoadDir::new(s.path().join("load")), HealthStore::new(s.path().join("health")));
