@@ -675,8 +675,7 @@ W
 
 # Four builds taking the same 300 new inputs start at once on one builder:
 # their hooks share the builder's upload lock (a hook that finds it busy asks
-# again under it), so every input is uploaded exactly once and no stream of
-# uploads meets a path the builder already has.
+# again under it), so every input is uploaded exactly once.
 test_builds_sharing_inputs_upload_each_path_once() {
   reset_health
   machines 1:4

@@ -167,8 +167,9 @@ pub struct Context<'a> {
 /// so that the first copy already uses the right level. If ssh fails the
 /// capabilities stay unknown and are asked again next time; a link probe
 /// that fails leaves the default level, which the first copy then corrects.
-pub fn builder_caps(health: &HealthStore, m: &Machine, ssh: &SshConfig, limit: Duration) -> Health {
-    probe_builder(health, m, ssh, limit, Probe::All, None)
+/// With a level the user forced (`forced`) the link is not asked.
+pub fn builder_caps(health: &HealthStore, m: &Machine, ssh: &SshConfig, limit: Duration, forced: Option<i32>) -> Health {
+    probe_builder(health, m, ssh, limit, Probe::All, forced)
 }
 
 /// What [`probe_builder`] asks, of what is not known yet.
@@ -206,9 +207,9 @@ fn probe_builder(health: &HealthStore, m: &Machine, ssh: &SshConfig, limit: Dura
         });
         return Health { zstd: Some(zstd), aes: Some(false), compress: Some(0), ..h };
     }
-    let caps_known = h.zstd.is_some() && h.aes.is_some();
+    let have_caps = h.zstd.is_some() && h.aes.is_some();
     let want_link = !matches!(probe, Probe::CapsOnly) && !link_known(&h, forced);
-    if caps_known && !want_link {
+    if have_caps && !want_link {
         return h;
     }
     let (zstd, aes) = match (h.zstd, h.aes) {
@@ -252,8 +253,9 @@ enum UploadLevel {
 /// many bytes of NAR are sent before the measurement has answered.
 pub const RAW_BEFORE_PROBED: u64 = 8 << 20;
 
-/// Whether [`Job::bulk_level`] would answer without asking the builder.
-fn caps_known(health: &HealthStore, m: &Machine, forced: Option<i32>) -> bool {
+/// Whether [`builder_caps`] would answer without asking the builder (its
+/// capabilities known, and its link or a level for it).
+fn nothing_to_ask(health: &HealthStore, m: &Machine, forced: Option<i32>) -> bool {
     let h = health.get(&m.uri);
     transport::is_local(m) || (h.zstd.is_some() && h.aes.is_some() && link_known(&h, forced))
 }
@@ -462,8 +464,9 @@ impl<'a> Job<'a> {
     }
 
     /// The first upload to a builder whose link is not known yet (nor,
-    /// perhaps, its capabilities), whose paths sampled compressible: instead of measuring the link before it (two ssh
-    /// sessions and a few megabytes, ≈0.1 s on a fast link), the paths go
+    /// perhaps, its capabilities), whose paths sampled compressible:
+    /// instead of measuring the link before it (two ssh sessions and a few
+    /// megabytes, ≈0.1 s on a fast link), the paths go
     /// raw at once while the probes run beside them ([`builder_caps`]).
     /// Once they have answered, a fast link keeps the raw copy going; on a
     /// slow one the paths not yet sent go compressed instead. Before the
@@ -573,7 +576,7 @@ impl<'a> Job<'a> {
     /// itself measures the link).
     fn upload_level(&mut self, ordered: &[PathInfo]) -> UploadLevel {
         let (ctx, m) = (self.ctx, self.m);
-        if ctx.forced_level.is_some() || (caps_known(ctx.health, m, None) && self.bulk_level() == 0) {
+        if ctx.forced_level.is_some() || (nothing_to_ask(ctx.health, m, None) && self.bulk_level() == 0) {
             return UploadLevel::Known(self.bulk_level());
         }
         // One path's sample at a time: only its ratio is kept; the largest
@@ -590,7 +593,7 @@ impl<'a> Job<'a> {
         // Measured beside the copy when nothing was asked yet, the copy is
         // one the serve session can stop between two paths, and its NARs
         // come from the files (a local serve session reads ahead).
-        let beside = !caps_known(ctx.health, m, None) && !m.ssh.daemon && self.local.reads_files();
+        let beside = !nothing_to_ask(ctx.health, m, None) && !m.ssh.daemon && self.local.reads_files();
         let (level, ratio) = compress::upload_level(&parts, || if beside { 0 } else { self.bulk_level() });
         match ratio {
             Some(r) => {
@@ -607,8 +610,7 @@ impl<'a> Job<'a> {
     /// of what [`builder_caps`] knows or asks; with a forced level only the
     /// capabilities are asked).
     fn bulk_level(&self) -> i32 {
-        let h = probe_builder(self.ctx.health, self.m, self.ctx.ssh, self.ctx_stall(), Probe::All, self.ctx.forced_level);
-        compress::bulk_level(&h, self.ctx.forced_level)
+        compress::bulk_level(&builder_caps(self.ctx.health, self.m, self.ctx.ssh, self.ctx_stall(), self.ctx.forced_level), self.ctx.forced_level)
     }
 
     fn ctx_stall(&self) -> Duration {
@@ -629,7 +631,7 @@ impl<'a> Job<'a> {
         // beside the build (a busy builder says what it has as well as an
         // idle one); its link only if a large download needs a level, once
         // the build has ended (a busy builder's link would measure slow).
-        let level = caps_known(ctx.health, m, ctx.forced_level).then(|| self.bulk_level());
+        let level = nothing_to_ask(ctx.health, m, ctx.forced_level).then(|| self.bulk_level());
         self.session().building();
         let t = Instant::now();
         let sent = if self.by_path {

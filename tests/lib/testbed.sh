@@ -170,22 +170,19 @@ tb_wipe_store() {
   tb_start_sshd "$i"
 }
 
-# Empty builder I's store but keep its sshd and open ssh sessions (as a
-# builder that is up and reachable but lacks the closure): only Nix
-# processes are stopped.
-tb_pids_named() { # tb_pids_named I NAME: the processes named NAME in builder I's namespace
-  local p
-  for p in $(ip netns pids "$(tb_ns "$1")" 2>/dev/null); do
-    [ "$(cat "/proc/$p/comm" 2>/dev/null)" = "$2" ] && echo "$p"
+tb_pids_named() { # tb_pids_named I NAME...: the processes with one of these names in builder I's namespace
+  local p i=$1 c n; shift
+  for p in $(ip netns pids "$(tb_ns "$i")" 2>/dev/null); do
+    c=$(cat "/proc/$p/comm" 2>/dev/null) || continue
+    for n in "$@"; do [ "$c" = "$n" ] && echo "$p"; done
   done
   return 0
 }
-tb_nix_pids() { # the Nix processes running in builder I's namespace
-  local p
-  for p in $(ip netns pids "$(tb_ns "$1")" 2>/dev/null); do
-    case "$(cat "/proc/$p/comm" 2>/dev/null)" in nix-store|nix-daemon|nix) echo "$p" ;; esac
-  done
-}
+tb_nix_pids() { tb_pids_named "$1" nix-store nix-daemon nix; } # the Nix processes running in builder I's namespace
+
+# Empty builder I's store but keep its sshd and open ssh sessions (as a
+# builder that is up and reachable but lacks the closure): only Nix
+# processes are stopped.
 tb_empty_store() {
   local pids
   tb_drop_held "$1"
