@@ -479,6 +479,38 @@ test_a_first_upload_goes_raw_while_the_link_is_measured() {
   reset_health
 }
 
+# First contact on a slow link with inputs that are half incompressible:
+# those go first, raw, and measure the link themselves (no link probe beside
+# them, whose bytes would share the slow link); the compressible ones follow
+# compressed at the slow link's level.
+test_incompressible_inputs_go_first_and_measure_the_link() {
+  machines 1:2
+  local i list="[" log="$TB/incomp-first.log" rc
+  for i in 1 2; do { echo "text $i $(date +%s%N)"; seq 1 700000; } > "$TB/ic-t$i"; head -c 3000000 /dev/urandom > "$TB/ic-r$i"; list="$list $TB/ic-t$i $TB/ic-r$i"; done
+  echo "$list ]" > "$TB/ic.nix"
+  cat > "$TB/ssh-link-probe-log" <<'W'
+#!/usr/bin/env bash
+case "$*" in *"echo warm"*) echo "$(date +%s.%N)" >> "$LINK_PROBES" ;; esac
+exec /usr/bin/ssh "$@"
+W
+  chmod +x "$TB/ssh-link-probe-log"
+  export LINK_PROBES="$TB/link-probes"; : > "$LINK_PROBES"
+  reset_health; close_shared_connections
+  tb_shape 1 30mbit
+  BUILD_HOOK_SSH="$TB/ssh-link-probe-log" nb "$REPO/bench/transfer.nix" --arg inputsFile "$TB/ic.nix" --argstr nonce "$(nonce ic)" -v >"$log" 2>&1; rc=$?
+  tb_unshape 1
+  [ $rc = 0 ] || { tail "$log"; fail "the build failed"; }
+  grep "build-hook: \(copying\|copied\|the link\)" "$log"
+  grep "build-hook: copied .* paths to" "$log" | head -1 | grep -q "copied 2 paths to 'ssh://root@10.201.1.2': 6.0 MB of NAR .*(uncompressed)" \
+    || fail "the first copy was not the two random inputs, raw"
+  grep -q "copied 2 paths to 'ssh://root@10.201.1.2': .* (zstd -6" "$log" || fail "the compressible inputs did not follow at the slow link's level"
+  [ ! -s "$LINK_PROBES" ] || fail "the link was probed beside a raw start that measured it: $(cat "$LINK_PROBES")"
+  echo "recorded: zstd=$(health_field 1 zstd) raw_mbps=$(health_field 1 raw_mbps) compress=$(health_field 1 compress)"
+  [ "$(health_field 1 zstd)" = yes ] || fail "the capabilities were not recorded"
+  python3 -c "import sys; sys.exit(0 if 1 < float('$(health_field 1 raw_mbps)') < 5 else 1)" 2>/dev/null || fail "the raw start's rate was not recorded as the link's"
+  reset_health
+}
+
 # The ciphers negotiated by new SSH connections to builder I since line N of its log.
 ciphers_since() { tail -n +"$(( $2 + 1 ))" "$TB/b$1/sshd.log" | sed -n 's/.*kex: client->server cipher: \([^ ]*\).*/\1/p'; }
 close_shared_connections() {

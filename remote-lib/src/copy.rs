@@ -130,6 +130,24 @@ pub fn topo_sort(infos: Vec<PathInfo>) -> Vec<PathInfo> {
     infos
 }
 
+/// Moves to the front of `ordered` (in dependency order, see
+/// [`topo_sort`]) the paths marked in `front` whose references in
+/// `ordered` are all moved too, keeping the relative order of both parts,
+/// so the result is in dependency order still. Returns how many moved.
+pub fn to_front(ordered: &mut [PathInfo], front: &[bool]) -> usize {
+    let index: std::collections::HashMap<&str, usize> = ordered.iter().enumerate().map(|(i, p)| (p.path.as_str(), i)).collect();
+    let mut moved = vec![false; ordered.len()];
+    for (i, info) in ordered.iter().enumerate() {
+        // References come first, so theirs is already decided.
+        moved[i] = front.get(i).copied().unwrap_or(false) && info.references.iter().all(|r| index.get(r.as_str()).is_none_or(|&j| j == i || moved[j]));
+    }
+    drop(index);
+    let mut order: Vec<usize> = (0..ordered.len()).filter(|&i| moved[i]).chain((0..ordered.len()).filter(|&i| !moved[i])).collect();
+    let n = moved.iter().filter(|&&m| m).count();
+    permute(ordered, &mut order);
+    n
+}
+
 /// Reorders `v` so that `v[k]` becomes what `v[order[k]]` was (`order` a
 /// permutation of `0..v.len()`, used up), by swaps along each cycle.
 fn permute<T>(v: &mut [T], order: &mut [usize]) {
@@ -693,6 +711,18 @@ mod tests {
         let sorted = topo_sort(vec![info("a", &["b", "c", "a"]), info("b", &["c", "z"]), info("c", &[])]);
         let order: Vec<_> = sorted.iter().map(|i| i.path.as_str()).collect();
         assert_eq!(order, ["c", "b", "a"]);
+    }
+
+    #[test]
+    fn to_front_keeps_dependency_order() {
+        // d refs c (not marked); b refs a; e refs itself and a path outside.
+        let mut v = vec![info("a", &[]), info("c", &[]), info("b", &["a"]), info("d", &["c"]), info("e", &["e", "zz"])];
+        let n = to_front(&mut v, &[true, false, true, true, true]);
+        let order: Vec<_> = v.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!((n, order), (3, vec!["a", "b", "e", "c", "d"]));
+        let mut none = vec![info("a", &[]), info("b", &["a"])];
+        assert_eq!(to_front(&mut none, &[false, true]), 0, "b's reference stays behind, so b does");
+        assert_eq!(none.iter().map(|i| i.path.as_str()).collect::<Vec<_>>(), ["a", "b"]);
     }
 
     #[test]

@@ -245,8 +245,10 @@ fn probe_builder(health: &HealthStore, m: &Machine, ssh: &SshConfig, limit: Dura
 /// How an upload's level is decided ([`Job::upload_level`]).
 enum UploadLevel {
     Known(i32),
-    /// Raw at first, while the builder is probed ([`Job::upload_raw_while_probing`]).
-    RawWhileProbing,
+    /// Raw at first, while the builder is probed ([`Job::upload_raw_while_probing`]);
+    /// the first `n` paths sampled incompressible (moved to the front) go
+    /// raw whatever the probes say.
+    RawWhileProbing(usize),
 }
 
 /// In a first upload copied raw while the link is measured, at most this
@@ -396,10 +398,10 @@ impl<'a> Job<'a> {
         }
         // Everything that needs only the local store happens before waiting
         // for a busy lock.
-        let ordered = copy::local_infos(&mut self.local, &missing).map_err(|e| JobError::Local { during: "reading the inputs", why: session::chain(&e) })?;
-        let level = self.upload_level(&ordered);
-        let (lock, ordered) = match early {
-            Some(lock) => (Some(lock), ordered),
+        let mut ordered = copy::local_infos(&mut self.local, &missing).map_err(|e| JobError::Local { during: "reading the inputs", why: session::chain(&e) })?;
+        let level = self.upload_level(&mut ordered);
+        let (lock, level, ordered) = match early {
+            Some(lock) => (Some(lock), level, ordered),
             None => {
                 let lock = self.wait_upload_lock()?;
                 // Another hook may have uploaded some of them while we waited.
@@ -410,7 +412,11 @@ impl<'a> Job<'a> {
                 };
                 self.session().idle();
                 let valid: std::collections::HashSet<String> = valid.into_iter().collect();
-                (lock, ordered.into_iter().filter(|i| !valid.contains(&i.path)).collect::<Vec<PathInfo>>())
+                let level = match level {
+                    UploadLevel::RawWhileProbing(n) => UploadLevel::RawWhileProbing(ordered[..n].iter().filter(|i| !valid.contains(&i.path)).count()),
+                    known => known,
+                };
+                (lock, level, ordered.into_iter().filter(|i| !valid.contains(&i.path)).collect::<Vec<PathInfo>>())
             }
         };
         if ordered.is_empty() {
@@ -420,7 +426,7 @@ impl<'a> Job<'a> {
         let _act = Act::start(self.ev, Level::Info, &format!("copying {} paths to '{}'", ordered.len(), m.uri));
         let (level, ordered) = match level {
             UploadLevel::Known(level) => (level, &ordered[..]),
-            UploadLevel::RawWhileProbing => match self.upload_raw_while_probing(&ordered)? {
+            UploadLevel::RawWhileProbing(raw_first) => match self.upload_raw_while_probing(&ordered, raw_first)? {
                 Some((level, sent)) => (level, &ordered[sent..]),
                 None => {
                     drop(lock);
@@ -472,20 +478,28 @@ impl<'a> Job<'a> {
     /// slow one the paths not yet sent go compressed instead. Before the
     /// answer at most [`RAW_BEFORE_PROBED`] go raw: the raw copy then stops
     /// (every path sent acknowledged, the session idle) and the answer is
-    /// awaited, for at most the stall timeout (then raw). Returns the level
-    /// for the paths left and how many were sent, or `None` when all were.
-    fn upload_raw_while_probing(&mut self, ordered: &[PathInfo]) -> Result<Option<(i32, usize)>, JobError> {
+    /// awaited, for at most the stall timeout (then raw). The first
+    /// `raw_first` paths, sampled incompressible, go raw whatever the
+    /// answer (a slow link loses nothing on them while it is measured).
+    /// Returns the level for the paths left and how many were sent, or
+    /// `None` when all were.
+    fn upload_raw_while_probing(&mut self, ordered: &[PathInfo], raw_first: usize) -> Result<Option<(i32, usize)>, JobError> {
         let (ctx, m) = (self.ctx, self.m);
         let limit = self.ctx_stall();
         self.ev.log(Level::Talkative, &format!("build-hook: copying to '{}' uncompressed while the link is measured", m.uri));
+        // Enough incompressible bytes in front measure the link themselves:
+        // only the capabilities are asked then (the link probe's few
+        // megabytes would share a slow link with them).
+        let caps_only = ordered[..raw_first].iter().map(|i| i.nar_size).sum::<u64>() >= health::RAW_START_MEASURES;
         let cancel = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|sc| {
             let (tx, rx) = std::sync::mpsc::channel();
             let cancel = &cancel;
+            let probe = if caps_only { Probe::CapsOnly } else { Probe::BesideUpload(cancel) };
             sc.spawn(move || {
-                let _ = tx.send(compress::bulk_level(&probe_builder(ctx.health, m, ctx.ssh, limit, Probe::BesideUpload(cancel), None), ctx.forced_level));
+                let _ = tx.send(compress::bulk_level(&probe_builder(ctx.health, m, ctx.ssh, limit, probe, None), ctx.forced_level));
             });
-            let res = self.raw_until_probed(ordered, &rx, limit);
+            let res = self.raw_until_probed(ordered, raw_first, caps_only, &rx, limit);
             if res.is_err() {
                 // The job fails: no link probe after the capabilities.
                 cancel.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -494,11 +508,22 @@ impl<'a> Job<'a> {
         })
     }
 
-    fn raw_until_probed(&mut self, ordered: &[PathInfo], probed: &std::sync::mpsc::Receiver<i32>, limit: Duration) -> Result<Option<(i32, usize)>, JobError> {
-        let (mut level, mut raw) = (None, 0u64);
+    fn raw_until_probed(
+        &mut self,
+        ordered: &[PathInfo],
+        raw_first: usize,
+        caps_only: bool,
+        probed: &std::sync::mpsc::Receiver<i32>,
+        limit: Duration,
+    ) -> Result<Option<(i32, usize)>, JobError> {
+        let (mut level, mut raw, mut asked) = (None, 0u64, 0usize);
         let mut go_on = |info: &PathInfo| {
             if level.is_none() {
                 level = probed.try_recv().ok();
+            }
+            asked += 1;
+            if asked <= raw_first {
+                return true;
             }
             match level {
                 Some(l) => l == 0,
@@ -513,7 +538,12 @@ impl<'a> Job<'a> {
             level = Some(probed.recv_timeout(limit).unwrap_or(0));
         }
         let raw_rate = (nar >= health::RAW_START_MEASURES && secs > 0.0).then(|| (nar as f64 / 1e6 / secs, idle));
-        let level = health::level_after_raw_start(level.unwrap_or(0), raw_rate);
+        let level = match raw_rate {
+            // Only the capabilities were asked: with zstd there (a level
+            // above 0), the raw start alone chooses.
+            Some((mbps, idle)) if caps_only && level.unwrap_or(0) > 0 => health::level_for_link(mbps, idle),
+            _ => health::level_after_raw_start(level.unwrap_or(0), raw_rate),
+        };
         let left: u64 = ordered[sent..].iter().map(|i| i.nar_size).sum();
         // A few paths left are not worth a compressed session.
         let compress_rest = level > 0 && left >= compress::SMALL_DOWNLOAD;
@@ -574,7 +604,11 @@ impl<'a> Job<'a> {
     /// asking the builder anything (the capability and link probes then run
     /// with the build, when the download needs them, and the raw upload
     /// itself measures the link).
-    fn upload_level(&mut self, ordered: &[PathInfo]) -> UploadLevel {
+    ///
+    /// When the copy starts raw beside the probes, the paths sampled
+    /// incompressible are moved to its front ([`copy::to_front`]): they
+    /// lose nothing raw, and measure the link meanwhile.
+    fn upload_level(&mut self, ordered: &mut [PathInfo]) -> UploadLevel {
         let (ctx, m) = (self.ctx, self.m);
         if ctx.forced_level.is_some() || (nothing_to_ask(ctx.health, m, None) && self.bulk_level() == 0) {
             return UploadLevel::Known(self.bulk_level());
@@ -582,9 +616,10 @@ impl<'a> Job<'a> {
         // One path's sample at a time: only its ratio is kept; the largest
         // paths only ([`compress::to_sample`]).
         let sizes: Vec<u64> = ordered.iter().map(|i| i.nar_size).collect();
-        let parts: Vec<(u64, f64)> = compress::to_sample(&sizes)
-            .into_iter()
-            .map(|k| &ordered[k])
+        let sampled = compress::to_sample(&sizes);
+        let parts: Vec<(u64, f64)> = sampled
+            .iter()
+            .map(|&k| &ordered[k])
             .map(|i| {
                 let s = StorePath::parse(&ctx.local.store_dir, &i.path).map(|p| sample::sample_path(&ctx.local.real_path(&p))).unwrap_or_default();
                 (i.nar_size, sample::ratio(&s, 1))
@@ -601,7 +636,13 @@ impl<'a> Job<'a> {
                 UploadLevel::Known(level)
             }
             // Compressible: the level was asked for.
-            None if beside => UploadLevel::RawWhileProbing,
+            None if beside => {
+                let mut front = vec![false; ordered.len()];
+                for (&k, &(_, r)) in sampled.iter().zip(&parts) {
+                    front[k] = r < sample::WORTH_COMPRESSING;
+                }
+                UploadLevel::RawWhileProbing(copy::to_front(ordered, &front))
+            }
             None => UploadLevel::Known(level),
         }
     }
