@@ -6,7 +6,9 @@
 # three times per round and build-hook's copy lines (-v) for each of its
 # builds, so a misjudged link or a wait shows.
 # Usage (root): bash bench/first-contact.sh [ROUNDS=3] [DATA=mixed|random]
-#   BH_BENCH_SHAPE=100mbit shapes the builder's link (tbf) first.
+#   BH_BENCH_SHAPE=100mbit shapes the builder's link (tbf) first, and then
+#   also prints the wire floor: what the link needs to carry the closure up
+#   and down at zstd -19, and the best ratio against Nix's hook it allows.
 set -eu
 ROUNDS=${1:-3}; KIND=${2:-mixed}
 cd "$(dirname "$0")/.."
@@ -36,6 +38,27 @@ for r in $(seq 1 "$ROUNDS"); do
   nx=$(one "$BUILTIN" "nix-$r")
   printf '%6s %12s s %13s s %8s s %7.2fx\n' "$r" "$fc" "$nc" "$nx" "$(python3 -c "print($nx/$fc)")"
 done
+if [ -n "${BH_BENCH_SHAPE:-}" ]; then
+  # The wire floor on this link: the fewest bytes zstd makes of the closure
+  # (-19, long window; cached beside the data, it takes ~30 s), once up and
+  # once down, at the rate the shaped link carries (20 MB of random bytes
+  # through ssh, the last 19 MB timed at the builder). No hook compressing
+  # the stream can do better.
+  fb="$DATA/first-contact-$KIND.zstd19-bytes"
+  [ -s "$fb" ] || cat $(sed -n 's/.*storePath "\(.*\)".*/\1/p' "$DATA/first-contact.nix") | zstd -19 -T0 --long=27 -c | wc -c > "$fb"
+  head -c 20000000 /dev/urandom > "$TB/probe-20mb"
+  ns=$(ssh -x -T -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -i "$TB/client_key" \
+    root@10.201.1.2 'head -c 1000000 >/dev/null; s=$(date +%s%N); cat >/dev/null; echo $(( $(date +%s%N) - s ))' < "$TB/probe-20mb")
+  python3 - "$(cat "$fb")" "$ns" "$nx" <<'PY'
+import sys
+b, ns, nx = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+rate = 19.0 / (ns / 1e9)
+floor = 2 * b / 1e6 / rate
+print(f"wire floor: {b/1e6:.1f} MB each way at zstd -19; this link carries {rate:.1f} MB/s through ssh;"
+      f" {floor:.2f} s of wire up and down. Against Nix's hook's last {nx:.2f} s, no hook that compresses"
+      f" the stream can exceed {nx/floor:.2f}x (before connecting, building and registering)")
+PY
+fi
 tb_unshape 1
 for r in $(seq 1 "$ROUNDS"); do
   echo "-- round $r, first contact:"; grep "build-hook:" "$LOGS/first-$r.log" || true
