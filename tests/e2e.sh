@@ -486,7 +486,7 @@ test_a_first_upload_goes_raw_while_the_link_is_measured() {
 test_incompressible_inputs_go_first_and_measure_the_link() {
   machines 1:2
   local i list="[" log="$TB/incomp-first.log" rc
-  for i in 1 2; do { echo "text $i $(date +%s%N)"; seq 1 700000; } > "$TB/ic-t$i"; head -c 3000000 /dev/urandom > "$TB/ic-r$i"; list="$list $TB/ic-t$i $TB/ic-r$i"; done
+  for i in 1 2; do { echo "text $i $(date +%s%N)"; seq 1 700000; } > "$TB/ic-t$i"; head -c 4500000 /dev/urandom > "$TB/ic-r$i"; list="$list $TB/ic-t$i $TB/ic-r$i"; done
   echo "$list ]" > "$TB/ic.nix"
   cat > "$TB/ssh-link-probe-log" <<'W'
 #!/usr/bin/env bash
@@ -501,7 +501,7 @@ W
   tb_unshape 1
   [ $rc = 0 ] || { tail "$log"; fail "the build failed"; }
   grep "build-hook: \(copying\|copied\|the link\)" "$log"
-  grep "build-hook: copied .* paths to" "$log" | head -1 | grep -q "copied 2 paths to 'ssh://root@10.201.1.2': 6.0 MB of NAR .*(uncompressed)" \
+  grep "build-hook: copied .* paths to" "$log" | head -1 | grep -q "copied 2 paths to 'ssh://root@10.201.1.2': 9.0 MB of NAR .*(uncompressed)" \
     || fail "the first copy was not the two random inputs, raw"
   grep -q "copied 2 paths to 'ssh://root@10.201.1.2': .* (zstd -6" "$log" || fail "the compressible inputs did not follow at the slow link's level"
   [ ! -s "$LINK_PROBES" ] || fail "the link was probed beside a raw start that measured it: $(cat "$LINK_PROBES")"

@@ -540,8 +540,16 @@ impl<'a> Job<'a> {
         let raw_rate = (nar >= health::RAW_START_MEASURES && secs > 0.0).then(|| (nar as f64 / 1e6 / secs, idle));
         let level = match raw_rate {
             // Only the capabilities were asked: with zstd there (a level
-            // above 0), the raw start alone chooses.
-            Some((mbps, idle)) if caps_only && level.unwrap_or(0) > 0 => health::level_for_link(mbps, idle),
+            // above 0), the raw start alone chooses, as any transfer does
+            // from [`health::MIN_SAMPLE_BYTES`] on; a smaller one as cautiously
+            // as the link probe (a busy moment is not a slow link).
+            Some((mbps, idle)) if caps_only && level.unwrap_or(0) > 0 => {
+                if nar >= health::MIN_SAMPLE_BYTES {
+                    health::level_for_link(mbps, idle)
+                } else {
+                    health::level_for_probed_rate(mbps, idle)
+                }
+            }
             _ => health::level_after_raw_start(level.unwrap_or(0), raw_rate),
         };
         let left: u64 = ordered[sent..].iter().map(|i| i.nar_size).sum();
