@@ -171,14 +171,14 @@ fn permute<T>(v: &mut [T], order: &mut [usize]) {
 /// `QueryPathInfos` answer).
 pub trait PathMeta {
     fn query_valid(&mut self, paths: &[String]) -> Result<Vec<String>, CopyError>;
-    fn query_path_infos(&mut self, paths: &[String]) -> Result<Vec<PathInfo>, CopyError>;
+    fn query_path_infos(&mut self, paths: &[&str]) -> Result<Vec<PathInfo>, CopyError>;
 }
 
 impl<R: Read, W: Write> PathMeta for ServeConn<R, W> {
     fn query_valid(&mut self, paths: &[String]) -> Result<Vec<String>, CopyError> {
         self.query_valid_paths(paths, false, false).map_err(local_serve("QueryValidPaths"))
     }
-    fn query_path_infos(&mut self, paths: &[String]) -> Result<Vec<PathInfo>, CopyError> {
+    fn query_path_infos(&mut self, paths: &[&str]) -> Result<Vec<PathInfo>, CopyError> {
         ServeConn::query_path_infos(self, paths).map_err(local_serve("QueryPathInfos"))
     }
 }
@@ -187,19 +187,20 @@ impl PathMeta for StoreDb {
     fn query_valid(&mut self, paths: &[String]) -> Result<Vec<String>, CopyError> {
         Ok(StoreDb::query_valid(self, paths)?)
     }
-    fn query_path_infos(&mut self, paths: &[String]) -> Result<Vec<PathInfo>, CopyError> {
+    fn query_path_infos(&mut self, paths: &[&str]) -> Result<Vec<PathInfo>, CopyError> {
         Ok(StoreDb::query_path_infos(self, paths)?)
     }
 }
 
 /// Asks the local store for the metadata of `missing` (one question), every
 /// one of which must be valid there, in dependency order.
-pub fn local_infos(local: &mut dyn PathMeta, missing: &[String]) -> Result<Vec<PathInfo>, CopyError> {
-    let infos = local.query_path_infos(missing)?;
+pub fn local_infos<S: AsRef<str>>(local: &mut dyn PathMeta, missing: &[S]) -> Result<Vec<PathInfo>, CopyError> {
+    let missing: Vec<&str> = missing.iter().map(AsRef::as_ref).collect();
+    let infos = local.query_path_infos(&missing)?;
     if infos.len() != missing.len() {
         let have: BTreeSet<&str> = infos.iter().map(|i| i.path.as_str()).collect();
-        if let Some(p) = missing.iter().find(|p| !have.contains(p.as_str())) {
-            return Err(CopyError::MissingLocally { path: p.clone() });
+        if let Some(p) = missing.iter().find(|p| !have.contains(*p)) {
+            return Err(CopyError::MissingLocally { path: p.to_string() });
         }
     }
     Ok(topo_sort(infos))

@@ -84,30 +84,52 @@ impl<'a> Parser<'a> {
     }
     fn string(&mut self) -> Result<String, DerivationError> {
         self.lit("\"").map_err(|_| self.err("'\"' starting a string"))?;
-        let mut out = Vec::new();
+        // The closing quote first, so the text is allocated once at its size
+        // (a `.drv` can list tens of thousands of paths, twice).
+        let start = self.pos;
+        let mut end = start;
+        let mut escaped = false;
         loop {
-            match self.s.get(self.pos) {
-                None => return Err(self.err("'\"' ending a string")),
-                Some(b'"') => {
-                    self.pos += 1;
-                    break;
+            match self.s.get(end) {
+                None => {
+                    self.pos = end;
+                    return Err(self.err("'\"' ending a string"));
                 }
+                Some(b'"') => break,
                 Some(b'\\') => {
-                    let c = *self.s.get(self.pos + 1).ok_or_else(|| self.err("a character after '\\'"))?;
-                    out.push(match c {
+                    if end + 1 >= self.s.len() {
+                        self.pos = end;
+                        return Err(self.err("a character after '\\'"));
+                    }
+                    escaped = true;
+                    end += 2;
+                }
+                Some(_) => end += 1,
+            }
+        }
+        let raw = &self.s[start..end];
+        let out = if escaped {
+            let mut out = Vec::with_capacity(raw.len());
+            let mut i = 0;
+            while i < raw.len() {
+                if raw[i] == b'\\' {
+                    out.push(match raw[i + 1] {
                         b'n' => b'\n',
                         b'r' => b'\r',
                         b't' => b'\t',
                         c => c,
                     });
-                    self.pos += 2;
-                }
-                Some(&c) => {
-                    out.push(c);
-                    self.pos += 1;
+                    i += 2;
+                } else {
+                    out.push(raw[i]);
+                    i += 1;
                 }
             }
-        }
+            out
+        } else {
+            raw.to_vec()
+        };
+        self.pos = end + 1;
         String::from_utf8(out).map_err(|_| self.err("UTF-8 text in a string"))
     }
     fn path(&mut self) -> Result<String, DerivationError> {
@@ -133,6 +155,7 @@ impl<'a> Parser<'a> {
                 self.pos += 1;
             } else {
                 self.lit("]").map_err(|_| self.err("',' or ']'"))?;
+                v.shrink_to_fit();
                 return Ok(v);
             }
         }

@@ -391,7 +391,8 @@ impl<'a> Job<'a> {
             Err(e) => return Err(self.fail("QueryValidPaths", Fault::from(&e))),
         };
         let valid: std::collections::HashSet<String> = valid.into_iter().collect();
-        let missing: Vec<String> = inputs.iter().filter(|p| !valid.contains(*p)).cloned().collect();
+        // Borrowed: the closure can hold tens of thousands of paths.
+        let missing: Vec<&str> = inputs.iter().map(String::as_str).filter(|p| !valid.contains(*p)).collect();
         self.session().idle();
         if missing.is_empty() {
             return Ok(());
@@ -1020,7 +1021,7 @@ impl PathMeta for LocalSide<'_> {
         self.ask("QueryValidPaths", |db| db.query_valid(paths), |serve| serve.query_valid(paths))
     }
 
-    fn query_path_infos(&mut self, paths: &[String]) -> Result<Vec<PathInfo>, CopyError> {
+    fn query_path_infos(&mut self, paths: &[&str]) -> Result<Vec<PathInfo>, CopyError> {
         self.ask("QueryPathInfos", |db| db.query_path_infos(paths), |serve| serve.query_path_infos(paths))
     }
 }

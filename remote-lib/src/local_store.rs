@@ -260,6 +260,10 @@ impl LocalStore {
         let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = rusqlite::Connection::open_with_flags(&path, flags).map_err(sql)?;
         conn.busy_timeout(DB_BUSY).map_err(sql)?;
+        // SQLite's page cache is 2 MB by default, filled by a closure of
+        // tens of thousands of paths looked up once each; the pages it would
+        // keep are in the kernel's cache anyway. The index's upper levels fit.
+        conn.pragma_update(None, "cache_size", -512).map_err(sql)?;
         // Reads the schema (a shared lock, and the WAL index): the columns
         // asked for later exist in every Nix 2.x and Lix schema.
         conn.prepare_cached(PATH_INFO_SQL).map_err(sql)?;
@@ -355,7 +359,7 @@ impl StoreDb {
     /// as a local `nix-store --serve` answers `QueryPathInfos`: the NAR hash
     /// as `sha256:<nix32>` (the database has `sha256:<base16>`), references
     /// sorted, signatures sorted and without repeats, no deriver as "".
-    pub fn query_path_infos(&self, paths: &[String]) -> Result<Vec<PathInfo>, LocalStoreError> {
+    pub fn query_path_infos<S: AsRef<str>>(&self, paths: &[S]) -> Result<Vec<PathInfo>, LocalStoreError> {
         let sql = self.sql();
         let bad = |path: &str, why: String| LocalStoreError::DbEntry { db: self.path.clone(), path: path.to_string(), why };
         let tx = self.conn.unchecked_transaction().map_err(&sql)?;
@@ -363,6 +367,7 @@ impl StoreDb {
         let mut refs = tx.prepare_cached(REFS_SQL).map_err(&sql)?;
         let mut out = Vec::with_capacity(paths.len());
         for p in paths {
+            let p = p.as_ref();
             use rusqlite::OptionalExtension;
             type Row = (i64, String, Option<String>, Option<i64>, Option<String>, Option<String>);
             let row: Option<Row> = info.query_row([p], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))).optional().map_err(&sql)?;
@@ -376,7 +381,7 @@ impl StoreDb {
             let references = refs.query_map([id], |r| r.get::<_, String>(0)).map_err(&sql)?.collect::<Result<Vec<_>, _>>().map_err(&sql)?;
             let sigs: std::collections::BTreeSet<&str> = sigs.as_deref().unwrap_or("").split(' ').filter(|s| !s.is_empty()).collect();
             out.push(PathInfo {
-                path: p.clone(),
+                path: p.to_string(),
                 deriver: deriver.unwrap_or_default(),
                 references,
                 nar_size,

@@ -284,7 +284,7 @@ impl<R: Read, W: Write> ServeConn<R, W> {
     }
 
     /// cmd 1: which of `paths` are valid.
-    pub fn query_valid_paths(&mut self, paths: &[String], lock: bool, substitute: bool) -> Result<Vec<String>, ServeError> {
+    pub fn query_valid_paths<S: AsRef<str>>(&mut self, paths: &[S], lock: bool, substitute: bool) -> Result<Vec<String>, ServeError> {
         let d = "QueryValidPaths";
         (|| {
             wire::write_u64(&mut self.w, 1)?;
@@ -299,7 +299,7 @@ impl<R: Read, W: Write> ServeConn<R, W> {
         if n > paths.len() as u64 {
             return Err(ServeError::Reply { during: d, why: format!("{n} valid paths for {} asked", paths.len()) });
         }
-        let asked: std::collections::HashSet<&str> = paths.iter().map(String::as_str).collect();
+        let asked: std::collections::HashSet<&str> = paths.iter().map(AsRef::as_ref).collect();
         let mut out = Vec::with_capacity(n as usize);
         for _ in 0..n {
             let p = wire::read_string(&mut self.r, MAX_PATH, "valid path").map_err(wire_err(d))?;
@@ -312,7 +312,7 @@ impl<R: Read, W: Write> ServeConn<R, W> {
     }
 
     /// cmd 2: metadata of the valid ones among `paths`.
-    pub fn query_path_infos(&mut self, paths: &[String]) -> Result<Vec<PathInfo>, ServeError> {
+    pub fn query_path_infos<S: AsRef<str>>(&mut self, paths: &[S]) -> Result<Vec<PathInfo>, ServeError> {
         let d = "QueryPathInfos";
         (|| {
             wire::write_u64(&mut self.w, 2)?;
@@ -324,7 +324,7 @@ impl<R: Read, W: Write> ServeConn<R, W> {
         let budget = path_infos_budget(paths.len());
         let r = &mut Limited { inner: &mut self.r, left: budget, limit: budget, what: d };
         let e = wire_err(d);
-        let mut asked: std::collections::HashSet<&str> = paths.iter().map(String::as_str).collect();
+        let mut asked: std::collections::HashSet<&str> = paths.iter().map(AsRef::as_ref).collect();
         let mut out = Vec::new();
         loop {
             let path = wire::read_string(r, MAX_PATH, "path").map_err(&e)?;
@@ -598,7 +598,7 @@ mod tests {
         .unwrap();
         let mut c = ServeConn::handshake(&bytes[..], io::sink()).unwrap();
         assert_eq!(c.server_version, ServeVersion(2, 7));
-        assert_eq!(c.query_valid_paths(&[], false, false).unwrap(), Vec::<String>::new());
+        assert_eq!(c.query_valid_paths::<String>(&[], false, false).unwrap(), Vec::<String>::new());
         let res = c.build_derivation("/nix/store/x.drv", &drv, &[], &BuildOptions::default()).unwrap();
         assert!(res.success(), "{res:?}");
         assert_eq!(res.times_built, 1);
