@@ -23,18 +23,28 @@ COUNTS=${1:-100 1000 5000 20000}; SIZES=${2:-10 100 1000}; ROUNDS=${3:-1}
 cd "$(dirname "$0")/.."
 source bench/lib.sh
 bench_one_builder
-# A hook wrapped to record its peak RSS (KiB): GNU time's %M, the largest
-# of the hook and the processes it waited for. For build-hook that is the
-# local `nix-store --load-db` it starts to register the outputs (≈25 MB at
-# any size, 32-35 MB at 20,000 paths), not build-hook itself (7.4 MB at 100
-# paths, 26 MB at 20,000: see docs/benchmarks.md); Nix's hook likewise.
+# A hook wrapped to record two peaks (KiB): the hook's own (VmHWM, sampled
+# every 20 ms by a watcher that holds none of Nix's pipes), and GNU time's
+# %M, the largest of the hook and the processes it waited for. For
+# build-hook the second is the local `nix-store --load-db` it starts to
+# register the outputs (≈25 MB at any size, 32-35 MB at 20,000 paths), not
+# build-hook itself; Nix's hook does that work in its own process.
 wrap() { # wrap NAME HOOK
-  printf '#!/bin/sh\nexec /usr/bin/time -f "%%M" -a -o "%s" "%s" "$@"\n' "$TB/rss-$1.txt" "$2" > "$TB/hook-$1"
-  chmod +x "$TB/hook-$1"
+  cat > "$TB/own-$1" <<W
+#!/bin/bash
+( exec </dev/null >/dev/null 2>&1 3>&- 4>&- 5>&- 6>&- 7>&- 8>&- 9>&-
+  while grep -q '^State:.*[RSD]' /proc/\$\$/status 2>/dev/null; do
+    awk '/VmHWM/ { print \$2 }' /proc/\$\$/status >> "$TB/hwm-$1.txt"; sleep 0.02
+  done ) &
+exec "$2" "\$@"
+W
+  printf '#!/bin/sh\nexec /usr/bin/time -f "%%M" -a -o "%s" "%s" "$@"\n' "$TB/rss-$1.txt" "$TB/own-$1" > "$TB/hook-$1"
+  chmod +x "$TB/hook-$1" "$TB/own-$1"
 }
 wrap ours "$OURS"; wrap nix "$BUILTIN"
 
-# run NAME DRV | run NAME EXPR ARGS... -> "seconds peak_rss_kib" for one
+# run NAME DRV | run NAME EXPR ARGS... -> "seconds own/with-helpers" (peak
+# RSS in KiB, see wrap) for one
 # build whose inputs the builder lacks: a .drv made by `closure`, or an
 # expression whose inputs are the same every run (the builder's store is
 # emptied first, and a nonce makes the output new).
@@ -45,12 +55,14 @@ run() {
     *.drv) ;;
     *) tb_empty_store 1 >/dev/null; more=(--argstr nonce "c$(date +%s%N)") ;;
   esac
-  : > "$TB/rss-$name.txt"
+  : > "$TB/rss-$name.txt"; : > "$TB/hwm-$name.txt"
   local t0; t0=$(date +%s.%N)
   nix-build "$@" "${more[@]}" --max-jobs 0 --builders "@$TB/machines" \
     --option build-hook "$TB/hook-$name" --no-out-link >/dev/null 2>"$TB/closure.err" \
     || { tail -5 "$TB/closure.err"; echo "build failed with $name"; exit 1; }
-  echo "$(python3 -c "print(f'{$(date +%s.%N)-$t0:.2f}')") $(sort -n "$TB/rss-$name.txt" | tail -1)"
+  local secs; secs=$(python3 -c "print(f'{$(date +%s.%N)-$t0:.2f}')")
+  sleep 0.05 # the watcher's last sample
+  echo "$secs $(sort -n "$TB/hwm-$name.txt" | tail -1)/$(sort -n "$TB/rss-$name.txt" | tail -1)"
 }
 
 # closure N -> what `run` builds for N small inputs the builder lacks: a new
@@ -62,13 +74,14 @@ closure() {
 }
 
 # runs MAKE ARGS... -> "ours_median ours_rss nix_median nix_rss" over ROUNDS
-# runs, alternating the hooks (RSS: the largest seen); every run builds what
+# runs, alternating the hooks (RSS: the largest of each seen); every run builds what
 # `MAKE ARGS...` prints, called anew for each run.
 runs() {
-  local r a b ot=() nt=() orss=0 nrss=0
+  local r a b ot=() nt=() orss=0/0 nrss=0/0
+  maxpair() { echo "$(( ${1%/*} > ${2%/*} ? ${1%/*} : ${2%/*} ))/$(( ${1#*/} > ${2#*/} ? ${1#*/} : ${2#*/} ))"; }
   for r in $(seq 1 "$ROUNDS"); do
-    read -r a b < <(run ours $("$@")); ot+=("$a"); [ "$b" -gt "$orss" ] && orss=$b
-    read -r a b < <(run nix $("$@")); nt+=("$a"); [ "$b" -gt "$nrss" ] && nrss=$b
+    read -r a b < <(run ours $("$@")); ot+=("$a"); orss=$(maxpair "$orss" "$b")
+    read -r a b < <(run nix $("$@")); nt+=("$a"); nrss=$(maxpair "$nrss" "$b")
   done
   python3 -c "import statistics,sys; o=[float(x) for x in sys.argv[1].split()]; n=[float(x) for x in sys.argv[2].split()]; print(f'{statistics.median(o):.2f} $orss {statistics.median(n):.2f} $nrss')" "${ot[*]}" "${nt[*]}"
 }
@@ -79,7 +92,7 @@ run ours $(closure 10) >/dev/null; run nix $(closure 10) >/dev/null
 
 echo "== warm (connection open); median of $ROUNDS run(s) per hook"
 [ -n "$COUNTS" ] && echo "== paths: N small inputs missing on the builder; the output references all N"
-[ -n "$COUNTS" ] && printf '%8s %12s %12s %8s %14s %14s\n' paths build-hook nix ratio "hook RSS" "nix hook RSS"
+[ -n "$COUNTS" ] && printf '%8s %12s %12s %8s %20s %20s\n' paths build-hook nix ratio "hook RSS own/all" "nix hook own/all"
 declare -A T
 for n in $COUNTS; do
   # with BH_BENCH_WIPE=1: evaluate once, untimed, so the fixed inputs exist
@@ -87,7 +100,7 @@ for n in $COUNTS; do
   [ "${BH_BENCH_WIPE:-0}" = 1 ] && nix-instantiate bench/closure.nix --arg n "$n" --argstr nonce warm >/dev/null 2>&1
   read -r to ro tn rn < <(runs closure "$n")
   T[$n]=$to
-  printf '%8s %10.2f s %10.2f s %7.2fx %11s KiB %11s KiB\n' "$n" "$to" "$tn" "$(python3 -c "print($tn/$to)")" "$ro" "$rn"
+  printf '%8s %10.2f s %10.2f s %7.2fx %16s KiB %16s KiB\n' "$n" "$to" "$tn" "$(python3 -c "print($tn/$to)")" "$ro" "$rn"
 done
 # The floor under both hooks: the same N paths imported by Nix itself
 # (`nix-store --import`, one process, no network) into a fresh store on the
@@ -130,9 +143,9 @@ if [ $# -ge 2 ]; then
 fi
 
 [ -n "$SIZES" ] && echo "== bytes: one random path of S MB up, the same bytes back down"
-[ -n "$SIZES" ] && printf '%8s %12s %12s %8s %14s %14s\n' MB build-hook nix ratio "hook RSS" "nix hook RSS"
+[ -n "$SIZES" ] && printf '%8s %12s %12s %8s %20s %20s\n' MB build-hook nix ratio "hook RSS own/all" "nix hook own/all"
 for mb in $SIZES; do
   bash bench/make-data.sh "$DATA" 1 "$mb" random > "$DATA/size-$mb.nix"
   read -r to ro tn rn < <(runs echo bench/transfer.nix --arg inputsFile "$DATA/size-$mb.nix")
-  printf '%8s %10.2f s %10.2f s %7.2fx %11s KiB %11s KiB\n' "$mb" "$to" "$tn" "$(python3 -c "print($tn/$to)")" "$ro" "$rn"
+  printf '%8s %10.2f s %10.2f s %7.2fx %16s KiB %16s KiB\n' "$mb" "$to" "$tn" "$(python3 -c "print($tn/$to)")" "$ro" "$rn"
 done
