@@ -33,7 +33,7 @@ wrap() { # wrap NAME HOOK
   cat > "$TB/own-$1" <<W
 #!/bin/bash
 ( exec </dev/null >/dev/null 2>&1 3>&- 4>&- 5>&- 6>&- 7>&- 8>&- 9>&-
-  while grep -q '^State:.*[RSD]' /proc/\$\$/status 2>/dev/null; do
+  while grep -q '^State:[[:space:]]*[RSD]' /proc/\$\$/status 2>/dev/null; do
     awk '/VmHWM/ { print \$2 }' /proc/\$\$/status >> "$TB/hwm-$1.txt"; sleep 0.02
   done ) &
 exec "$2" "\$@"
@@ -62,7 +62,8 @@ run() {
     || { tail -5 "$TB/closure.err"; echo "build failed with $name"; exit 1; }
   local secs; secs=$(python3 -c "print(f'{$(date +%s.%N)-$t0:.2f}')")
   sleep 0.05 # the watcher's last sample
-  echo "$secs $(sort -n "$TB/hwm-$name.txt" | tail -1)/$(sort -n "$TB/rss-$name.txt" | tail -1)"
+  local hwm rss; hwm=$(sort -n "$TB/hwm-$name.txt" | tail -1); rss=$(sort -n "$TB/rss-$name.txt" | tail -1)
+  echo "$secs ${hwm:-0}/${rss:-0}"
 }
 
 # closure N -> what `run` builds for N small inputs the builder lacks: a new

@@ -508,6 +508,7 @@ W
   echo "recorded: zstd=$(health_field 1 zstd) raw_mbps=$(health_field 1 raw_mbps) compress=$(health_field 1 compress)"
   [ "$(health_field 1 zstd)" = yes ] || fail "the capabilities were not recorded"
   python3 -c "import sys; sys.exit(0 if 1 < float('$(health_field 1 raw_mbps)') < 5 else 1)" 2>/dev/null || fail "the raw start's rate was not recorded as the link's"
+  unset LINK_PROBES
   reset_health
 }
 

@@ -182,8 +182,9 @@ enum Probe<'f> {
     /// so only the level it chooses is kept, not the rate (the transfers
     /// then measure it).
     BesideUpload(&'f std::sync::atomic::AtomicBool),
-    /// Capabilities only, beside a build: a busy builder says what it has
-    /// as well as an idle one, but its link would measure slow.
+    /// Capabilities only: beside a build (a busy builder says what it has
+    /// as well as an idle one, but its link would measure slow), or beside
+    /// an upload whose raw start measures the link itself.
     CapsOnly,
 }
 
@@ -252,7 +253,9 @@ enum UploadLevel {
 }
 
 /// In a first upload copied raw while the link is measured, at most this
-/// many bytes of NAR are sent before the measurement has answered.
+/// many bytes of NAR are sent before the measurement has answered (besides
+/// the paths sampled incompressible, moved to the front, which go raw
+/// whatever it says).
 pub const RAW_BEFORE_PROBED: u64 = 8 << 20;
 
 /// Whether [`builder_caps`] would answer without asking the builder (its
@@ -548,7 +551,18 @@ impl<'a> Job<'a> {
                 if nar >= health::MIN_SAMPLE_BYTES {
                     health::level_for_link(mbps, idle)
                 } else {
-                    health::level_for_probed_rate(mbps, idle)
+                    // Too small for the transfer to be learned from: its
+                    // level is kept, as a probe beside an upload's is, so
+                    // the download does not probe the link again.
+                    let l = health::level_for_probed_rate(mbps, idle);
+                    if self.ctx.forced_level.is_none() {
+                        self.ctx.health.update(&self.m.uri, |h| {
+                            if h.compress.is_none() {
+                                h.compress = Some(l);
+                            }
+                        });
+                    }
+                    l
                 }
             }
             _ => health::level_after_raw_start(level.unwrap_or(0), raw_rate),
@@ -626,14 +640,17 @@ impl<'a> Job<'a> {
         // paths only ([`compress::to_sample`]).
         let sizes: Vec<u64> = ordered.iter().map(|i| i.nar_size).collect();
         let sampled = compress::to_sample(&sizes);
-        let parts: Vec<(u64, f64)> = sampled
+        // (NAR size, ratio, whether any byte was sampled: a symlink farm or
+        // an unreadable path has nothing to say about itself.)
+        let samples: Vec<(u64, f64, bool)> = sampled
             .iter()
             .map(|&k| &ordered[k])
             .map(|i| {
                 let s = StorePath::parse(&ctx.local.store_dir, &i.path).map(|p| sample::sample_path(&ctx.local.real_path(&p))).unwrap_or_default();
-                (i.nar_size, sample::ratio(&s, 1))
+                (i.nar_size, sample::ratio(&s, 1), !s.is_empty())
             })
             .collect();
+        let parts: Vec<(u64, f64)> = samples.iter().map(|&(n, r, _)| (n, r)).collect();
         // Measured beside the copy when nothing was asked yet, the copy is
         // one the serve session can stop between two paths, and its NARs
         // come from the files (a local serve session reads ahead).
@@ -647,8 +664,8 @@ impl<'a> Job<'a> {
             // Compressible: the level was asked for.
             None if beside => {
                 let mut front = vec![false; ordered.len()];
-                for (&k, &(_, r)) in sampled.iter().zip(&parts) {
-                    front[k] = r < sample::WORTH_COMPRESSING;
+                for (&k, &(_, r, seen)) in sampled.iter().zip(&samples) {
+                    front[k] = seen && r < sample::WORTH_COMPRESSING;
                 }
                 UploadLevel::RawWhileProbing(copy::to_front(ordered, &front))
             }
