@@ -266,6 +266,19 @@ pub fn level_after_raw_start(probed: i32, raw: Option<(f64, Option<f64>)>) -> i3
     }
 }
 
+/// As [`level_after_raw_start`] when only the builder's capabilities were
+/// asked beside the raw start (`caps`: 0 without zstd there): the raw start
+/// (`nar` bytes at `raw`) alone chooses, as any transfer does from
+/// [`MIN_SAMPLE_BYTES`] on, and a smaller one as cautiously as the link
+/// probe ([`level_for_probed_rate`]: a busy moment is not a slow link).
+pub fn level_after_measuring_start(caps: i32, nar: u64, raw: Option<(f64, Option<f64>)>) -> i32 {
+    match raw {
+        Some((mbps, idle)) if caps > 0 && nar >= MIN_SAMPLE_BYTES => level_for_link(mbps, idle),
+        Some((mbps, idle)) if caps > 0 => level_for_probed_rate(mbps, idle),
+        _ => level_after_raw_start(caps, raw),
+    }
+}
+
 impl Health {
     /// Learns from one bulk transfer which level to use next.
     ///
@@ -553,5 +566,15 @@ mod tests {
         assert_eq!(level_after_raw_start(PROBED_SLOW_LEVEL, None), PROBED_SLOW_LEVEL, "no raw start to measure with");
         assert_eq!(level_after_raw_start(0, Some((11.9, None))), 0, "a probe that said fast is not overruled");
         assert_eq!(level_after_raw_start(DEFAULT_LEVEL, Some((11.9, None))), DEFAULT_LEVEL);
+    }
+
+    #[test]
+    fn a_raw_start_that_measured_alone_chooses_cautiously_when_small() {
+        let slow = Some((11.9, Some(1.7)));
+        assert_eq!(level_after_measuring_start(DEFAULT_LEVEL, MIN_SAMPLE_BYTES, slow), SLOW_LINK_LEVEL);
+        assert_eq!(level_after_measuring_start(DEFAULT_LEVEL, MIN_SAMPLE_BYTES - 1, slow), PROBED_SLOW_LEVEL);
+        assert_eq!(level_after_measuring_start(DEFAULT_LEVEL, MIN_SAMPLE_BYTES, Some((FAST_LINK_MBPS, Some(1.7)))), 0);
+        assert_eq!(level_after_measuring_start(0, MIN_SAMPLE_BYTES, slow), 0, "no zstd on the builder");
+        assert_eq!(level_after_measuring_start(DEFAULT_LEVEL, 0, None), DEFAULT_LEVEL, "nothing measured");
     }
 }

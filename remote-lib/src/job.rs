@@ -542,30 +542,22 @@ impl<'a> Job<'a> {
             level = Some(probed.recv_timeout(limit).unwrap_or(0));
         }
         let raw_rate = (nar >= health::RAW_START_MEASURES && secs > 0.0).then(|| (nar as f64 / 1e6 / secs, idle));
-        let level = match raw_rate {
-            // Only the capabilities were asked: with zstd there (a level
-            // above 0), the raw start alone chooses, as any transfer does
-            // from [`health::MIN_SAMPLE_BYTES`] on; a smaller one as cautiously
-            // as the link probe (a busy moment is not a slow link).
-            Some((mbps, idle)) if caps_only && level.unwrap_or(0) > 0 => {
-                if nar >= health::MIN_SAMPLE_BYTES {
-                    health::level_for_link(mbps, idle)
-                } else {
-                    // Too small for the transfer to be learned from: its
-                    // level is kept, as a probe beside an upload's is, so
-                    // the download does not probe the link again.
-                    let l = health::level_for_probed_rate(mbps, idle);
-                    if self.ctx.forced_level.is_none() {
-                        self.ctx.health.update(&self.m.uri, |h| {
-                            if h.compress.is_none() {
-                                h.compress = Some(l);
-                            }
-                        });
+        let level = if caps_only {
+            let caps = level.unwrap_or(0);
+            let l = health::level_after_measuring_start(caps, nar, raw_rate);
+            // Too small for the transfer to be learned from: its level is
+            // kept, as a probe beside an upload's is, so the download does
+            // not probe the link again.
+            if caps > 0 && raw_rate.is_some() && nar < health::MIN_SAMPLE_BYTES && self.ctx.forced_level.is_none() {
+                self.ctx.health.update(&self.m.uri, |h| {
+                    if h.compress.is_none() {
+                        h.compress = Some(l);
                     }
-                    l
-                }
+                });
             }
-            _ => health::level_after_raw_start(level.unwrap_or(0), raw_rate),
+            l
+        } else {
+            health::level_after_raw_start(level.unwrap_or(0), raw_rate)
         };
         let left: u64 = ordered[sent..].iter().map(|i| i.nar_size).sum();
         // A few paths left are not worth a compressed session.
